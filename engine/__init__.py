@@ -1,0 +1,36 @@
+"""Anvil's in-house Llama-family inference engine: `engine.load(path) -> LoadedModel` (model, config, tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.model import LoadedModel
+
+__all__ = ["LoadedModel", "load"]
+
+
+def _tokenizer(path: Path):
+    """engine.tokenizer.Tokenizer for the folder, or None when that module is absent or the folder has none."""
+    try:
+        from engine.tokenizer import Tokenizer
+    except ModuleNotFoundError as e:
+        if e.name == "engine.tokenizer":
+            return None
+        raise
+    return Tokenizer.from_dir(path)
+
+
+def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
+    """Load an HF-layout checkpoint folder (or a name engine.hub.resolve knows, such as 'tiny')."""
+    from engine.config import ModelConfig
+    from engine.hub import resolve
+    from engine.weights import load_model
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        p = resolve(str(path))
+    config = ModelConfig.from_dir(p)
+    model = load_model(p, config, dtype, device)
+    return LoadedModel(model=model, config=config, tokenizer=_tokenizer(p))

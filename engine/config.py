@@ -1,0 +1,242 @@
+"""ModelConfig: the shape and numerics of a Llama-family model, read from an HF config.json (llama, mistral, qwen2)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling ("rope_type": "llama3"); see engine.model.rope_inv_freq."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str  # llama | mistral | qwen2
+    vocab_size: int
+    dim: int  # hidden_size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int  # intermediate_size
+    head_dim: int = 0  # 0 = dim // n_heads (filled in by __post_init__)
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # qwen2: q/k/v projections carry a bias
+    sliding_window: int = 0  # 0 = full attention
+    # Layers that use the sliding window (None = every layer). Qwen2 windows only layers >= max_window_layers.
+    sliding_layers: tuple[int, ...] | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}: Anvil supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ValueError(f"hidden_size {self.dim} is not divisible by num_attention_heads {self.n_heads}")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"num_attention_heads {self.n_heads} is not a multiple of num_key_value_heads {self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    # ---- derived values ----
+    @property
+    def q_size(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def qkv_size(self) -> int:
+        """Rows of the fused [q; k; v] projection."""
+        return self.q_size + 2 * self.kv_size
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head (grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def attn_scale(self) -> float:
+        return self.head_dim**-0.5
+
+    def window(self, layer: int) -> int:
+        """Sliding-window size for one layer (0 = full causal attention)."""
+        if self.sliding_window <= 0:
+            return 0
+        if self.sliding_layers is not None and layer not in self.sliding_layers:
+            return 0
+        return self.sliding_window
+
+    @property
+    def num_params(self) -> int:
+        per_layer = self.dim * self.qkv_size + self.q_size * self.dim + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        if self.qkv_bias:
+            per_layer += self.qkv_size
+        emb = self.vocab_size * self.dim * (1 if self.tie_word_embeddings else 2)
+        return self.n_layers * per_layer + emb + self.dim
+
+    # ---- HF config.json ----
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelConfig:
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"no config.json in {path}")
+        try:
+            d = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: invalid JSON: {e}") from e
+        try:
+            return cls.from_hf(d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{file}: {e}") from e
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}: Anvil supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"config lacks required key(s): {', '.join(missing)}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (only silu)")
+        if d.get("mlp_bias") or (model_type != "qwen2" and d.get("attention_bias")):
+            raise ValueError("unsupported: attention_bias / mlp_bias on a llama/mistral model")
+        n_layers = int(d["num_hidden_layers"])
+        n_heads = int(d["num_attention_heads"])
+        theta, scaling = _parse_rope(d)
+        window, layers = _parse_window(d, model_type, n_layers)
+        eos = d.get("eos_token_id")
+        eos_ids = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+        return cls(
+            model_type=model_type,
+            vocab_size=int(d["vocab_size"]),
+            dim=int(d["hidden_size"]),
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+            ffn_dim=int(d["intermediate_size"]),
+            head_dim=int(d.get("head_dim") or 0),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2",
+            sliding_window=window,
+            sliding_layers=layers,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF config.json this config round-trips through (used to write test and random checkpoints)."""
+        d: dict[str, Any] = {
+            "architectures": [_ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "intermediate_size": self.ffn_dim,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_scaling is None else {"rope_type": "llama3", **asdict(self.rope_scaling)},
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+            "torch_dtype": "float32",
+        }
+        if not self.eos_token_ids:
+            d["eos_token_id"] = None
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window or None
+        if self.model_type == "qwen2":
+            d["use_sliding_window"] = self.sliding_window > 0
+            d["sliding_window"] = self.sliding_window or None
+            d["max_window_layers"] = min(self.sliding_layers) if self.sliding_layers else self.n_layers
+            if self.sliding_window and self.sliding_layers is None:
+                d["max_window_layers"] = 0
+        return d
+
+
+def _parse_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """rope_theta and Llama-3 scaling from either the legacy (rope_theta + rope_scaling) or the
+    transformers>=5 (rope_parameters) form."""
+    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ValueError("unsupported: partial_rotary_factor != 1")
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ValueError(f"unsupported rope_scaling type {rope_type!r} (supported: default, llama3)")
+    lacking = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
+    if lacking:
+        raise ValueError(f"llama3 rope_scaling lacks {', '.join(lacking)}")
+    scaling = RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", d.get("max_position_embeddings", 8192))
+        ),
+    )
+    return theta, scaling
+
+
+def _parse_window(d: dict[str, Any], model_type: str, n_layers: int) -> tuple[int, tuple[int, ...] | None]:
+    """(window, layers using it) as HF applies them: Mistral windows every layer when sliding_window is set;
+    Qwen2 only when use_sliding_window, and then only layers >= max_window_layers (or those that layer_types
+    marks "sliding_attention")."""
+    if model_type == "llama":
+        return 0, None
+    window = d.get("sliding_window")
+    if model_type == "qwen2" and not d.get("use_sliding_window", False):
+        window = None
+    if not window:
+        return 0, None
+    if model_type == "mistral":
+        return int(window), None
+    layer_types = d.get("layer_types")
+    if layer_types:
+        layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+    else:
+        start = int(d.get("max_window_layers", 28))
+        layers = tuple(range(start, n_layers))
+    if len(layers) == n_layers:
+        return int(window), None
+    return (int(window), layers) if layers else (0, None)
