@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class GenResult:
     def itl(self) -> list[float]:
         """Inter-token latencies, seconds (len = tokens - 1)."""
         t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in zip(t, t[1:], strict=False)]
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,14 @@ class Adapter(ABC):
     def stream(self, request: GenRequest) -> Iterator[tuple[int, float]]:
         """Yield (token id, host time) as tokens arrive. Default: one-request generate, replayed."""
         (res,) = self.generate([request])
-        yield from zip(res.output_ids, res.token_times)
+        yield from zip(res.output_ids, res.token_times, strict=False)
 
-    def close(self) -> None:
-        pass
+    def info(self) -> dict[str, Any]:
+        """Facts recorded beside each result once loaded (e.g. kernel backend, attention implementation)."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release the engine (memory, processes). Default: nothing to release."""
 
 
 def package_version(module: str) -> tuple[bool, str]:

@@ -1,0 +1,102 @@
+"""Hardware / software snapshot recorded with every result: GPUs, driver, CUDA, torch, Python, CPU, commit."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _nvml() -> dict[str, Any]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pynvml
+        pynvml.nvmlInit()
+    except Exception as exc:  # not installed, or no driver
+        return {"nvml": f"unavailable ({type(exc).__name__})"}
+    try:
+        drv = pynvml.nvmlSystemGetDriverVersion()
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            gpus.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+                         "memory_gib": round(mem.total / 2**30, 1)})
+        return {"driver": drv.decode() if isinstance(drv, bytes) else drv, "nvml_gpus": gpus}
+    except Exception as exc:
+        return {"nvml": f"error ({type(exc).__name__}: {exc})"}
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def snapshot() -> dict[str, Any]:
+    """A JSON-able dict describing this machine and checkout. Never raises."""
+    return {**_static(), "commit": _git("rev-parse", "HEAD"),
+            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+
+
+@functools.cache
+def _static() -> dict[str, Any]:
+    """The parts that cannot change while this process lives (imports torch once)."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import torch
+
+        env["torch"] = str(torch.__version__)  # plain str: TorchVersion would drag torch into unpicklers
+        env["cuda"] = torch.version.cuda
+        env["cuda_available"] = torch.cuda.is_available()
+        env["gpus"] = [
+            {"index": i, "name": torch.cuda.get_device_name(i),
+             "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1),
+             "capability": ".".join(map(str, torch.cuda.get_device_capability(i)))}
+            for i in range(torch.cuda.device_count())
+        ] if env["cuda_available"] else []
+    except Exception as exc:
+        env["torch"] = f"unavailable ({type(exc).__name__}: {exc})"
+    if env.get("cuda_available"):
+        env.update(_nvml())
+    else:
+        env["driver"] = None
+    try:
+        env["transformers"] = importlib.metadata.version("transformers")  # metadata only: no 3 s import
+    except importlib.metadata.PackageNotFoundError:
+        env["transformers"] = None
+    return env

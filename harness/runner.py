@@ -1,0 +1,257 @@
+"""Runs a suite: each (engine, model) group of cells in its own spawned worker process; records stream back.
+
+A crash or OOM kill of a worker costs only that group's remaining cells (marked failed with the exit code or
+signal); an engine that is not installed gives skipped cells; an exception in one cell fails that cell only.
+Records are appended and flushed to <out>/records.jsonl as they arrive, so everything received survives.
+Groups run one after another (never two engines on the machine at once); engines that serve as a parity
+reference run first so their outputs exist when the others compare against them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters import base
+from harness import envinfo
+from harness.results import Record, RecordWriter, new_run_id
+from harness.suite import Cell, Suite
+
+POLL_S = 0.2
+LOAD_TIMEOUT_S = 900.0  # process start + engine load may take this long before the first cell
+
+
+@dataclass
+class RunOutput:
+    run_id: str
+    out_dir: Path
+    records: list[Record]
+
+    @property
+    def failed(self) -> list[Record]:
+        return [r for r in self.records if r.status == "failed"]
+
+
+def default_out_dir(suite: Suite, root: str | Path = "results/runs") -> Path:
+    return Path(root) / f"{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _groups(suite: Suite) -> list[tuple[str, int, list[Cell]]]:
+    groups: dict[tuple[str, int], list[Cell]] = {}
+    for cell in suite.cells:
+        groups.setdefault((cell.engine, cell.model_index), []).append(cell)
+    refs = {dict(sc.params).get("reference") for sc in suite.scenarios if sc.type == "parity"}
+    order = sorted(groups, key=lambda k: (k[0] not in refs, k[1], suite.engines.index(k[0])))
+    return [(e, m, groups[(e, m)]) for e, m in order]
+
+
+def _base(run_id: str, suite: Suite, env: dict, engine: str, version: str, cell: Cell) -> dict[str, Any]:
+    return {
+        "run_id": run_id, "suite": suite.name, "cell_id": cell.cell_id, "scenario": cell.scenario,
+        "engine": engine, "engine_version": version, "model": cell.model.name, "dtype": cell.model.dtype,
+        "device": cell.model.device, "params": cell.param_dict, "env": env,
+    }
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "worker did not exit"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"worker killed by signal {name}{hint}"
+    return f"worker exited with code {code}"
+
+
+def _availability(engine: str) -> tuple[bool, str]:
+    try:
+        return base.adapter_class(engine).available()
+    except Exception as exc:
+        return False, f"adapter failed to import: {type(exc).__name__}: {exc}"
+
+
+def run_suite(suite: Suite, out_dir: str | Path | None = None,
+              on_event: Callable[[str, Any], None] | None = None) -> RunOutput:
+    """Run every cell; return the records (also in out_dir/records.jsonl). on_event(kind, payload) gets
+    ('start', Cell) before a cell runs and ('record', Record) after, for progress display."""
+    out = Path(out_dir) if out_dir else default_out_dir(suite)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("records.jsonl", "table.md", "table.csv"):
+        (out / stale).unlink(missing_ok=True)
+    shutil.rmtree(out / "artifacts", ignore_errors=True)
+    (out / "suite.toml").write_text(suite.text, encoding="utf-8")
+    notify = on_event or (lambda kind, payload: None)
+    run_id, env = new_run_id(), envinfo.snapshot()
+    records: list[Record] = []
+    ctx = mp.get_context("spawn")
+    with RecordWriter(out / "records.jsonl") as writer:
+
+        def emit(rec: Record) -> None:
+            writer.write(rec)
+            records.append(rec)
+            notify("record", rec)
+
+        for engine, _, cells in _groups(suite):
+            ok, version = _availability(engine)
+            if ok and cells[0].model.device == "cuda" and not env.get("cuda_available"):
+                ok, version = False, "needs a CUDA GPU (device = 'cuda'); torch.cuda.is_available() is False here"
+            if not ok:
+                for cell in cells:
+                    emit(Record(**_base(run_id, suite, env, engine, "unavailable", cell), status="skipped",
+                                reason=version))
+                continue
+            _run_group(ctx, suite, engine, version, cells, run_id, env, out, emit, notify)
+    return RunOutput(run_id, out, records)
+
+
+def _run_group(ctx, suite: Suite, engine: str, version: str, cells: list[Cell], run_id: str, env: dict,
+               out: Path, emit: Callable[[Record], None], notify: Callable[[str, Any], None]) -> None:
+    by_id = {c.cell_id: c for c in cells}
+    payload = {
+        "engine": engine, "registry_entry": base.REGISTRY[engine], "model": cells[0].model.spec,
+        "opts": suite.options.get(engine, {}), "out_dir": str(out), "warmup_s": suite.warmup_s(cells[0].model),
+        "cells": [(c.cell_id, c.case_id, c.scenario, c.param_dict, _base(run_id, suite, env, engine, version, c))
+                  for c in cells],
+    }
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=worker_main, args=(payload, send), name=f"bench-{engine}", daemon=True)
+    proc.start()
+    send.close()  # the child holds the only write end: recv() raises EOFError once it is gone
+    pending = dict(by_id)
+    last = time.monotonic()
+    started = False  # a cell is running (else the worker is still starting / loading the engine)
+    limit = suite.cell_timeout_s
+    reason = None
+    try:
+        while True:  # until 'done', EOF or death: the worker may still be releasing the engine
+            if recv.poll(POLL_S):
+                try:
+                    kind, data = recv.recv()
+                except (EOFError, OSError):
+                    break
+                last = time.monotonic()
+                if kind == "start":
+                    started = True
+                    notify("start", by_id[data])
+                elif kind == "record":
+                    rec = Record.from_dict(data)
+                    pending.pop(rec.cell_id, None)
+                    emit(rec)
+                elif kind == "done":
+                    break
+            elif not proc.is_alive() and not recv.poll(0):
+                break
+            elif time.monotonic() - last > (limit if started else max(limit, LOAD_TIMEOUT_S)):
+                what = "the cell" if started else "the engine to load"
+                reason = f"timed out: waited {time.monotonic() - last:.0f} s for {what}; worker killed"
+                proc.kill()
+                break
+    finally:
+        recv.close()
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=10)
+    if pending:
+        reason = reason or _exit_reason(proc.exitcode)
+        for cell in pending.values():
+            emit(Record(**_base(run_id, suite, env, engine, version, cell), status="failed", reason=reason))
+
+
+def _short(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def worker_main(payload: dict, conn) -> None:
+    """Entry point of a worker process: load the engine once, run its cells, send each record."""
+    from harness import scenarios
+    from harness.workload import Context, vocab_size
+
+    engine = payload["engine"]
+    base.REGISTRY[engine] = payload["registry_entry"]  # adapters registered at run time (tests) reach the child
+
+    def send(kind: str, data: Any) -> None:
+        conn.send((kind, data))
+
+    adapter = None
+    load_error = None
+    try:
+        adapter = base.get(engine)
+        adapter.load(payload["model"], dict(payload["opts"]))
+        try:
+            vocab = vocab_size(payload["model"])
+        except Exception:  # e.g. an HTTP engine's model name: scenarios that need ids will say so
+            vocab = 0
+        info = adapter.info()
+    except Exception as exc:
+        load_error = f"load failed: {_short(exc)}"
+        traceback.print_exc()
+    if load_error is None:
+        try:
+            _engine_warmup(adapter, vocab, payload["warmup_s"])
+        except Exception as exc:
+            load_error = f"engine warm-up failed: {_short(exc)}"
+            traceback.print_exc()
+    for cell_id, case_id, scenario, params, rec in payload["cells"]:
+        send("start", cell_id)
+        if load_error:
+            send("record", Record(**rec, status="failed", reason=load_error).to_dict())
+            continue
+        t0 = time.perf_counter()
+        try:
+            ctx = Context(engine=engine, case_id=case_id, vocab_size=vocab, out_dir=Path(payload["out_dir"]),
+                          model=payload["model"], opts=dict(payload["opts"]))
+            metrics, samples = scenarios.get(scenario).run(adapter, dict(params), ctx)
+            out = Record(**rec, status="ok", metrics=metrics, samples=samples, engine_info=info)
+        except Exception as exc:
+            traceback.print_exc()
+            out = Record(**rec, status="failed", reason=_short(exc), engine_info=info)
+            _free_device_memory()
+        out.duration_s = round(time.perf_counter() - t0, 4)
+        send("record", out.to_dict())
+    if adapter is not None:
+        try:
+            adapter.close()
+        except Exception:
+            traceback.print_exc()
+    try:
+        send("done", None)
+        conn.close()
+    except OSError:  # the parent stopped listening (it had every record already)
+        pass
+
+
+def _engine_warmup(adapter, vocab: int, seconds: float) -> None:
+    """Small generate calls (at least 2) for `seconds` after load, so the first cell does not pay for clock
+    ramp-up, lazy kernel loading or autotuning. Each cell still runs its own warm-up on its own shapes."""
+    from harness.workload import random_prompts, run_batch
+
+    if seconds <= 0 or vocab <= 0:
+        return
+    end, n = time.perf_counter() + seconds, 0
+    while n < 2 or time.perf_counter() < end:
+        run_batch(adapter, random_prompts(vocab, 1, 32, 990_000 + n), 16)
+        n += 1
+
+
+def _free_device_memory() -> None:
+    """After a failed cell (often an OOM) give cached blocks back so the next cell starts clean."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass

@@ -1,0 +1,59 @@
+"""Throughput: batch x prompt_len x gen_len sweep -> prefill tok/s, decode tok/s, TTFT, end-to-end latency.
+
+Per repeat, for a batch submitted at t0 (host perf_counter after device sync, inside the adapter):
+  ttft    = (last request's first token time) - t0            prefill_tok_s = batch * prompt_len / ttft
+  decode  = (last token time) - (last first-token time)       decode_tok_s  = sum(output - 1) / decode
+  e2e     = (last token time) - t0                            gen_tok_s     = sum(output) / e2e
+Rates are the median over repeats; times are summarised (mean, p50, p90, p99) over repeats. Each repeat (and each
+warm-up) uses fresh prompts (seed + repeat index, identical across engines) so prefix caches cannot help.
+Warm-up runs are excluded.
+"""
+
+from __future__ import annotations
+
+from harness import metrics as M
+from harness.scenarios import Param
+from harness.workload import Context, random_prompts, run_batch
+
+PARAMS = {
+    "batch": Param(int, 1, sweep=True, min=1, help="requests per batch"),
+    "prompt_len": Param(int, 128, sweep=True, min=1, help="prompt tokens per request"),
+    "gen_len": Param(int, 128, sweep=True, min=1, help="generated tokens per request (EOS ignored)"),
+    "warmup": Param(int, 1, min=0, help="untimed runs before measuring"),
+    "repeats": Param(int, 3, min=1, help="timed runs"),
+    "seed": Param(int, 0, help="prompt seed"),
+}
+KEY_METRICS = ("prefill_tok_s", "decode_tok_s", "gen_tok_s", "ttft_p50_ms", "e2e_p50_ms", "itl_p50_ms")
+
+
+def run(adapter, params: dict, ctx: Context) -> tuple[dict, dict]:
+    b, p, g = params["batch"], params["prompt_len"], params["gen_len"]
+    seed = params["seed"] * 1_000_003
+    for w in range(params["warmup"]):
+        run_batch(adapter, random_prompts(ctx.vocab_size, b, p, seed + 10_000 + w), g)
+    ttft, decode, e2e, prefill_rate, decode_rate, gen_rate, itl, out_tokens = [], [], [], [], [], [], [], []
+    for r in range(params["repeats"]):
+        res = run_batch(adapter, random_prompts(ctx.vocab_size, b, p, seed + r), g)
+        t0 = min(x.submit_time for x in res)
+        first = max(x.first_token_time for x in res)
+        last = max(x.token_times[-1] for x in res)
+        n_out = sum(len(x.output_ids) for x in res)
+        ttft.append(first - t0)
+        decode.append(last - first)
+        e2e.append(last - t0)
+        prefill_rate.append(M.rate(b * p, first - t0))
+        decode_rate.append(M.rate(n_out - len(res), last - first))
+        gen_rate.append(M.rate(n_out, last - t0))
+        itl.extend(res[0].itl)
+        out_tokens.append(n_out)
+    metrics = {
+        "prefill_tok_s": M.percentile(prefill_rate, 50),
+        "decode_tok_s": M.percentile(decode_rate, 50),
+        "gen_tok_s": M.percentile(gen_rate, 50),
+        **M.summarize("ttft", ttft, "ms", 1e3),
+        **M.summarize("e2e", e2e, "ms", 1e3),
+        **{k: v for k, v in M.summarize("itl", itl, "ms", 1e3).items() if "_std_" not in k},
+        "output_tokens_per_request": sum(out_tokens) / (len(out_tokens) * b),
+    }
+    samples = {"ttft_s": ttft, "decode_s": decode, "e2e_s": e2e, "itl_s_request0": itl, "output_tokens": out_tokens}
+    return M.clean(metrics), samples

@@ -1,0 +1,55 @@
+"""The bench CLI: list, env, and `bench run suites/smoke.toml` end to end (anvil vs hf on the tiny model)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from harness.cli import app
+from harness.results import load_records
+from harness.suite import load
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_list_shows_every_registered_engine():
+    from adapters.base import REGISTRY
+
+    res = CliRunner().invoke(app, ["list"], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    for name in REGISTRY:
+        assert name in res.output
+    assert "available" in res.output
+
+
+def test_env_json():
+    res = CliRunner().invoke(app, ["env", "--json"])
+    assert res.exit_code == 0, res.output
+    snap = json.loads(res.output[res.output.index("{"):])
+    for key in ("python", "cpu", "cpu_count", "torch", "cuda", "gpus", "commit"):
+        assert key in snap
+
+
+@pytest.mark.slow
+def test_smoke_suite_end_to_end(tmp_path):
+    out = tmp_path / "smoke"
+    res = CliRunner().invoke(app, ["run", str(REPO / "suites" / "smoke.toml"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    suite = load(REPO / "suites" / "smoke.toml")
+    records = load_records(out / "records.jsonl")
+    assert sorted(r.cell_id for r in records) == sorted(c.cell_id for c in suite.cells)
+    assert all(r.status == "ok" for r in records), [(r.cell_id, r.reason) for r in records if r.status != "ok"]
+    parity = [r for r in records if r.scenario == "parity" and r.engine == "anvil"]
+    assert parity and all(r.metrics["first_mismatch"] is None for r in parity)
+    assert all(r.metrics["max_logit_diff"] < 1e-3 for r in parity)
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(suite.cells)
+    assert {(r["engine"]) for r in rows} == {"anvil", "hf"}
+    md = (out / "table.md").read_text()
+    assert md.count("| anvil |") == md.count("| hf |") == len(suite.cells) // 2
+    assert (out / "suite.toml").read_text() == (REPO / "suites" / "smoke.toml").read_text()
