@@ -1,0 +1,74 @@
+// Device helpers shared by the kernels: dtype conversion, 16-byte vectors, compile-time switches, PTX wrappers.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+#include "anvil_kernels.h"
+
+namespace anvil {
+
+// Turns a runtime value into a template constant (flash-attention static_switch.h style).
+#define ANVIL_DTYPE_SWITCH(DT, T, ...)                                   \
+  [&]() -> cudaError_t {                                                 \
+    switch (DT) {                                                        \
+      case DType::F32: { using T = float; return __VA_ARGS__(); }        \
+      case DType::F16: { using T = __half; return __VA_ARGS__(); }       \
+      case DType::BF16: { using T = __nv_bfloat16; return __VA_ARGS__(); } \
+    }                                                                    \
+    return cudaErrorInvalidValue;                                        \
+  }()
+
+#define ANVIL_HALF_SWITCH(DT, T, ...)                                    \
+  [&]() -> cudaError_t {                                                 \
+    switch (DT) {                                                        \
+      case DType::F16: { using T = __half; return __VA_ARGS__(); }       \
+      case DType::BF16: { using T = __nv_bfloat16; return __VA_ARGS__(); } \
+      default: return cudaErrorInvalidValue;                             \
+    }                                                                    \
+  }()
+
+#define ANVIL_BOOL_SWITCH(COND, NAME, ...)                               \
+  [&]() -> cudaError_t {                                                 \
+    if (COND) { constexpr static bool NAME = true; return __VA_ARGS__(); } \
+    constexpr static bool NAME = false; return __VA_ARGS__();            \
+  }()
+
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Round-trip through T: what torch does when an op's result is stored in T.
+template <typename T> __device__ __forceinline__ float round_to(float x) { return to_f<T>(from_f<T>(x)); }
+
+// 16 bytes of T, read/written with one vector instruction.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Two floats -> one 32-bit register of two T (low half = a).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+}  // namespace anvil

@@ -1,0 +1,8 @@
+// Prefill attention instance: head_dim 64, __nv_bfloat16 (one .cu per instance so the build parallelises).
+#include "prefill_attn.cuh"
+
+namespace anvil {
+cudaError_t launch_prefill_hd64_bf16(const PrefillParams& p, cudaStream_t st) {
+  return prefill::launch_variant<__nv_bfloat16, 64>(p, st);
+}
+}  // namespace anvil

@@ -1,0 +1,184 @@
+"""Typed Python wrappers over the anvil CUDA ops (same names and signatures as reference.py), their fake impls for
+torch.compile, and loading: an ahead-of-time build (engine/kernels/_C*.so from setup.py) or a cached JIT build."""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from engine.kernels import reference
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"tried": False, "ok": False, "why": "not loaded yet", "how": None}
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations so torch.compile / FakeTensor tracing can see through the ops."""
+    lib = "anvil::"
+
+    @torch.library.register_fake(lib + "rms_norm")
+    def _(x, weight, eps):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(lib + "fused_add_rms_norm")
+    def _(x, residual, weight, eps):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+    @torch.library.register_fake(lib + "silu_and_mul")
+    def _(x):
+        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+    @torch.library.register_fake(lib + "rope_")
+    def _(q, k, positions, cos_sin):
+        return None
+
+    @torch.library.register_fake(lib + "prefill_attention")
+    def _(q, k, v, cu_seqlens, scale, causal, window):
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake(lib + "decode_attention")
+    def _(q, k_cache, v_cache, seq_lens, scale, window):
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake(lib + "write_kv")
+    def _(k_cache, v_cache, k, v, batch_idx, positions):
+        return None
+
+
+def _prebuilt() -> list[str]:
+    return sorted(glob.glob(str(Path(__file__).resolve().parent / "_C*.so")))
+
+
+def _load() -> None:
+    errors: list[str] = []
+    if os.environ.get("ANVIL_EXT", "1") == "0":
+        raise RuntimeError("disabled by ANVIL_EXT=0")
+    if not torch.cuda.is_available():
+        raise RuntimeError("torch.cuda.is_available() is False")
+    if not hasattr(torch.ops, "anvil") or not hasattr(torch.ops.anvil, "rms_norm"):
+        for so in _prebuilt():
+            try:
+                torch.ops.load_library(so)
+                _state["how"] = f"prebuilt {so}"
+                break
+            except Exception as e:  # e.g. built against another torch
+                errors.append(f"prebuilt {Path(so).name}: {e}")
+        else:
+            if os.environ.get("ANVIL_JIT", "1") == "0":
+                raise RuntimeError("; ".join(errors + ["no prebuilt library and JIT disabled by ANVIL_JIT=0"]))
+            from engine.kernels import build
+
+            try:
+                build.load(verbose=os.environ.get("ANVIL_BUILD_VERBOSE") == "1")
+            except Exception as e:
+                raise RuntimeError("; ".join(errors + [f"JIT build failed: {e}"])) from e
+            _state["how"] = f"JIT build under {build.build_dir()}"
+    try:
+        _register_fakes()
+    except RuntimeError as e:  # already registered by an earlier load in this process
+        if "already" not in str(e):
+            raise
+
+
+def is_available() -> bool:
+    """True when the ops are loaded (loading/building on first call); never raises."""
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            try:
+                _load()
+                _state["ok"], _state["why"] = True, f"loaded ({_state['how']})"
+            except Exception as e:
+                _state["ok"], _state["why"] = False, f"{type(e).__name__}: {e}"
+        return bool(_state["ok"])
+
+
+def why_unavailable() -> str:
+    """Why is_available() is False (or how the library was loaded when it is True)."""
+    is_available()
+    return str(_state["why"])
+
+
+def _ops():
+    if torch.compiler.is_compiling():  # dynamo cannot trace the lock below; the ops are loaded by then
+        return torch.ops.anvil
+    if not is_available():
+        raise RuntimeError(f"anvil CUDA extension unavailable: {why_unavailable()}")
+    return torch.ops.anvil
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., N], weight [N] (same dtype) -> [..., N]."""
+    return _ops().rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual), both new tensors."""
+    out, res = _ops().fused_add_rms_norm(x, residual, weight, eps)
+    return out, res
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2F] = [gate | up] -> silu(gate) * up [..., F]."""
+    return _ops().silu_and_mul(x)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, max_pos: int) -> torch.Tensor:
+    """The table is built once per model: the reference is the implementation."""
+    return reference.rope_cos_sin(inv_freq, max_pos)
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q [T, H, D] and k [T, Hkv, D] IN PLACE and returns them (the reference returns copies).
+
+    q/k may be strided views (e.g. of a fused qkv projection) with a contiguous last dim. positions [T] int.
+    """
+    _ops().rope_(q, k, positions.long(), cos_sin)
+    return q, k
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    causal: bool = True,
+    window: int = 0,
+) -> torch.Tensor:
+    """Varlen packed attention: q [T, H, D], k/v [T, Hkv, D] (fp16/bf16, D in {64, 128}), cu_seqlens [B+1] int32."""
+    return _ops().prefill_attention(q, k, v, cu_seqlens, float(scale), bool(causal), int(window))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    """q [B, H, D] against caches [B, Hkv, S_max, D]; seq_lens [B] int32 (values above S_max are clamped)."""
+    return _ops().decode_attention(q, k_cache, v_cache, seq_lens, float(scale), int(window))
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch_idx: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """Scatter k/v [T, Hkv, D] into the caches at (batch_idx[t], :, positions[t]); out-of-range pairs are skipped."""
+    if batch_idx.dtype != positions.dtype:
+        batch_idx, positions = batch_idx.long(), positions.long()
+    _ops().write_kv(k_cache, v_cache, k, v, batch_idx, positions)
