@@ -1,9 +1,13 @@
 """Throughput: batch x prompt_len x gen_len sweep -> prefill tok/s, decode tok/s, TTFT, end-to-end latency.
 
 Per repeat, for a batch submitted at t0 (host perf_counter after device sync, inside the adapter):
-  ttft    = (last request's first token time) - t0            prefill_tok_s = batch * prompt_len / ttft
-  decode  = (last token time) - (last first-token time)       decode_tok_s  = sum(output - 1) / decode
-  e2e     = (last token time) - t0                            gen_tok_s     = sum(output) / e2e
+  decode  = length of the union of [first token, last token] over requests     decode_tok_s  = sum(output - 1) / decode
+  e2e     = (last token time) - t0                                             gen_tok_s     = sum(output) / e2e
+  prefill = e2e - decode (time when no request was decoding)                   prefill_tok_s = batch * prompt_len / prefill
+  ttft    = (last request's first token time) - t0
+For an engine that runs the batch at once, decode = last token - last first token and prefill = ttft; for an engine
+that serves the requests one after another (llama.cpp in process), the union and the difference count each
+request's own decode and prefill, so the rates stay per-engine-busy-time rather than mixing phases.
 Rates are the median over repeats; times are summarised (mean, p50, p90, p99) over repeats. Each repeat (and each
 warm-up) uses fresh prompts (seed + repeat index, identical across engines) so prefix caches cannot help.
 Warm-up runs are excluded.
@@ -26,6 +30,16 @@ PARAMS = {
 KEY_METRICS = ("prefill_tok_s", "decode_tok_s", "gen_tok_s", "ttft_p50_ms", "e2e_p50_ms", "itl_p50_ms")
 
 
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by the intervals (overlaps counted once)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def run(adapter, params: dict, ctx: Context) -> tuple[dict, dict]:
     b, p, g = params["batch"], params["prompt_len"], params["gen_len"]
     seed = params["seed"] * 1_000_003
@@ -39,10 +53,11 @@ def run(adapter, params: dict, ctx: Context) -> tuple[dict, dict]:
         last = max(x.token_times[-1] for x in res)
         n_out = sum(len(x.output_ids) for x in res)
         ttft.append(first - t0)
-        decode.append(last - first)
+        busy = union_length([(x.first_token_time, x.token_times[-1]) for x in res])
+        decode.append(busy)
         e2e.append(last - t0)
-        prefill_rate.append(M.rate(b * p, first - t0))
-        decode_rate.append(M.rate(n_out - len(res), last - first))
+        prefill_rate.append(M.rate(b * p, (last - t0) - busy))
+        decode_rate.append(M.rate(n_out - len(res), busy))
         gen_rate.append(M.rate(n_out, last - t0))
         itl.extend(res[0].itl)
         out_tokens.append(n_out)

@@ -61,3 +61,12 @@ def test_record_rejects_unknown_status_and_other_schema_versions(tmp_path):
     (tmp_path / "records.jsonl").write_text(json.dumps(d) + "\n")
     with pytest.raises(ValueError, match="schema_version 99"):
         load_records(tmp_path)
+
+
+def test_union_length_counts_overlaps_once():
+    from harness.scenarios.throughput import union_length
+
+    assert union_length([(0.0, 2.0), (1.0, 3.0)]) == 3.0  # batched: overlapping decode phases
+    assert union_length([(0.0, 1.0), (2.0, 4.0)]) == 3.0  # serial: disjoint phases add up
+    assert union_length([(0.0, 5.0), (1.0, 2.0)]) == 5.0  # nested
+    assert union_length([]) == 0.0
