@@ -122,6 +122,36 @@ def package_version(module: str) -> tuple[bool, str]:
     return True, str(getattr(mod, "__version__", "unknown"))
 
 
+class LLMClassAdapter(Adapter):
+    """An engine whose Python API is `<package>.LLM(**kwargs)` (vLLM, TensorRT-LLM): availability, load and info
+    are the same; subclasses set `package`, `install_hint` and `llm_kwargs`, and write generate()."""
+
+    package: str = ""
+
+    def __init__(self) -> None:
+        self.llm = None
+        self._kwargs: dict[str, Any] = {}
+
+    @staticmethod
+    def llm_kwargs(model: ModelSpec, opts: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        ok, ver = package_version(cls.package)
+        return (True, f"{cls.package} {ver}") if ok else (False, f"not installed: {cls.install_hint} [{ver}]")
+
+    def load(self, model: ModelSpec, opts: dict[str, Any] | None = None) -> None:
+        ok, why = self.available()
+        if not ok:
+            raise EngineNotAvailable(why)
+        self._kwargs = self.llm_kwargs(model, dict(opts or {}))
+        self.llm = importlib.import_module(self.package).LLM(**self._kwargs)
+
+    def info(self) -> dict[str, Any]:
+        return {k: v for k, v in self._kwargs.items() if k != "model"}
+
+
 # name -> "module:Class"; modules are imported only when the adapter is asked for.
 REGISTRY: dict[str, str] = {
     "anvil": "adapters.anvil:AnvilAdapter",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from adapters.base import Adapter, EngineNotAvailable, GenRequest, GenResult, ModelSpec, now, package_version
+from adapters.base import GenRequest, GenResult, LLMClassAdapter, ModelSpec, now
 
 INSTALL_HINT = "pip install tensorrt_llm  (NVIDIA's index; needs a CUDA GPU)"
 
@@ -56,30 +56,11 @@ def llm_kwargs(model: ModelSpec, opts: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-class TensorRTLLMAdapter(Adapter):
+class TensorRTLLMAdapter(LLMClassAdapter):
     name = "tensorrt_llm"
+    package = "tensorrt_llm"
     install_hint = INSTALL_HINT
-
-    def __init__(self) -> None:
-        self.llm = None
-        self._kwargs: dict[str, Any] = {}
-
-    @classmethod
-    def available(cls) -> tuple[bool, str]:
-        ok, ver = package_version("tensorrt_llm")
-        return (True, f"tensorrt_llm {ver}") if ok else (False, f"not installed: {INSTALL_HINT} [{ver}]")
-
-    def load(self, model: ModelSpec, opts: dict[str, Any] | None = None) -> None:
-        ok, why = self.available()
-        if not ok:
-            raise EngineNotAvailable(why)
-        import tensorrt_llm
-
-        self._kwargs = llm_kwargs(model, dict(opts or {}))
-        self.llm = tensorrt_llm.LLM(**self._kwargs)
-
-    def info(self) -> dict[str, Any]:
-        return {k: v for k, v in self._kwargs.items() if k != "model"}
+    llm_kwargs = staticmethod(llm_kwargs)
 
     async def _one(self, req: GenRequest, submit: float) -> GenResult:
         from tensorrt_llm import SamplingParams

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.base import Adapter, EngineNotAvailable, GenRequest, GenResult, ModelSpec, now, package_version
+from adapters.base import GenRequest, GenResult, LLMClassAdapter, ModelSpec, now
 
 INSTALL_HINT = "pip install vllm  (needs a CUDA GPU)"
 
@@ -53,31 +53,15 @@ def llm_kwargs(model: ModelSpec, opts: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-class VLLMAdapter(Adapter):
+class VLLMAdapter(LLMClassAdapter):
     name = "vllm"
+    package = "vllm"
     install_hint = INSTALL_HINT
+    llm_kwargs = staticmethod(llm_kwargs)
 
     def __init__(self) -> None:
-        self.llm = None
-        self._kwargs: dict[str, Any] = {}
+        super().__init__()
         self._next_id = 0
-
-    @classmethod
-    def available(cls) -> tuple[bool, str]:
-        ok, ver = package_version("vllm")
-        return (True, f"vllm {ver}") if ok else (False, f"not installed: {INSTALL_HINT} [{ver}]")
-
-    def load(self, model: ModelSpec, opts: dict[str, Any] | None = None) -> None:
-        ok, why = self.available()
-        if not ok:
-            raise EngineNotAvailable(why)
-        import vllm
-
-        self._kwargs = llm_kwargs(model, dict(opts or {}))
-        self.llm = vllm.LLM(**self._kwargs)
-
-    def info(self) -> dict[str, Any]:
-        return {k: v for k, v in self._kwargs.items() if k != "model"}
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         if self.llm is None:
