@@ -22,10 +22,10 @@ def test_shipped_suite_validates(path):
 
 def test_smoke_resolves_its_model_and_crosses_engines():
     suite = load(REPO / "suites" / "smoke.toml")
-    assert set(suite.engines) == {"anvil", "hf"}
+    assert set(suite.engines) == {"anvil", "hf", "llamacpp"}
     assert all(m.device == "cpu" and m.dtype == "float32" and m.path for m in suite.models)
     per_engine = {e: [c.case_id for c in suite.cells if c.engine == e] for e in suite.engines}
-    assert per_engine["anvil"] == per_engine["hf"]  # the same cases for every engine
+    assert per_engine["anvil"] == per_engine["hf"] == per_engine["llamacpp"]  # the same cases for every engine
 
 
 GOOD = """
