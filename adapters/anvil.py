@@ -1,4 +1,8 @@
-"""Anvil adapter: our engine (engine.load / engine.presets.synthetic + engine.generator.Generator), timed per token.
+"""Anvil adapter: our engine (engine.load / engine.presets.synthetic + engine.generator.create), timed per token.
+
+On a CUDA model the generator is the GPU fast path (engine/fast_decode.py: paged KV cache, Triton GEMVs, CUDA
+graphs), falling back to the reference loop (engine/generator.py Generator) with the reason logged; load option
+`fast = false` forces the reference loop, `fast = true` asks for the fast path anywhere. info() records which ran.
 
 Per-token times are stamped in Generator's on_token callback, which runs after each step's tokens are on the host
 (a device sync), the same point at which the hf adapter stamps. The KV cache is sized by the load options
@@ -8,6 +12,7 @@ multiple of 256) and reused.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from adapters.base import Adapter, GenRequest, GenResult, ModelSpec, now
@@ -25,6 +30,7 @@ class AnvilAdapter(Adapter):
         self.device = "cpu"
         self.eos_ids: set[int] = set()
         self.fixed: tuple[int, int] | None = None
+        self.fast: bool | None = None
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -49,8 +55,11 @@ class AnvilAdapter(Adapter):
         else:
             self.lm = engine.load(model.path, model.dtype, model.device)
         mb, ms = opts.pop("max_batch_size", None), opts.pop("max_seq_len", None)
+        self.fast = opts.pop("fast", None)  # None: the GPU fast path on CUDA models, the reference loop elsewhere
         if opts:
-            raise ValueError(f"unknown anvil options: {', '.join(sorted(opts))} (known: max_batch_size, max_seq_len, seed)")
+            raise ValueError(
+                f"unknown anvil options: {', '.join(sorted(opts))} (known: max_batch_size, max_seq_len, seed, fast)"
+            )
         self.device = model.device
         tok = self.lm.tokenizer
         self.eos_ids = set(tok.eos_ids) if tok is not None else set(self.lm.config.eos_token_ids)
@@ -63,12 +72,14 @@ class AnvilAdapter(Adapter):
             from engine import ops
 
             backend, why = ops.backend()
-            return {"ops_backend": backend, "ops_reason": why}
+            gen = type(self.gen).__name__ if self.gen is not None else None
+            report = json.loads(json.dumps(getattr(self.gen, "report", None), default=str))  # JSON-safe copy
+            return {"ops_backend": backend, "ops_reason": why, "generator": gen, "fast_path": report}
         except Exception as exc:
             return {"ops_backend": f"unknown ({type(exc).__name__})"}
 
     def _generator(self, batch: int, seq: int):
-        from engine.generator import Generator
+        from engine.generator import create
 
         g = self.gen
         if g is not None and batch <= g.max_batch_size and seq <= g.max_seq_len:
@@ -80,7 +91,7 @@ class AnvilAdapter(Adapter):
         self.gen = None  # free the old cache before allocating the new one
         self._empty_cache()
         seq = -(-seq // SEQ_ROUND) * SEQ_ROUND if self.fixed is None else seq
-        self.gen = Generator(self.lm, max_batch_size=batch, max_seq_len=seq)
+        self.gen = create(self.lm, max_batch_size=batch, max_seq_len=seq, fast=self.fast)
         return self.gen
 
     def _sync(self) -> None:

@@ -134,3 +134,24 @@ class Generator:
         if not host_each_step:
             out = torch.stack(steps, dim=1).tolist()  # [B, max_new_tokens]
         return [Completion(o, r) for o, r in zip(out, reasons, strict=True)]
+
+
+def create(
+    model: LoadedModel | Transformer, max_batch_size: int, max_seq_len: int, fast: bool | None = None, **fast_opts
+):
+    """A generator with this module's API: on a CUDA model (or fast=True) the GPU fast path
+    engine.fast_decode.FastGenerator (paged KV cache, Triton kernels, CUDA graphs); else, or when that cannot be
+    built (the reason is logged), Generator. fast=False always gives Generator."""
+    m = model.model if isinstance(model, LoadedModel) else model
+    if fast is None:
+        fast = m.device.type == "cuda"
+    if fast:
+        try:
+            from engine.fast_decode import FastGenerator
+
+            return FastGenerator(model, max_batch_size, max_seq_len, **fast_opts)
+        except Exception as e:  # any failure of the fast path falls back to the reference loop
+            import logging
+
+            logging.getLogger(__name__).warning("fast path unavailable, using Generator: %s: %s", type(e).__name__, e)
+    return Generator(model, max_batch_size, max_seq_len)

@@ -82,3 +82,21 @@ def test_parity_with_hf(anvil, ckpt):
     assert (a_logits - h_logits).abs().max() < 1e-4
     reqs = [GenRequest(prompt, 24), GenRequest(prompt[:3], 24)]
     assert [r.output_ids for r in anvil.generate(reqs)] == [r.output_ids for r in hf.generate(reqs)]
+
+
+def test_fast_path_generator_gives_the_reference_tokens_on_cpu():
+    """fast=True runs engine.fast_decode.FastGenerator (paged cache, torch ops on the CPU); fast=False the reference
+    loop. Greedy tokens must be identical, and info() says which generator ran."""
+    from adapters.anvil import AnvilAdapter
+    from adapters.base import GenRequest, ModelSpec
+    from engine.hub import resolve
+
+    reqs = [GenRequest([1, 5, 9, 33, 70], 10), GenRequest([1, 200, 7], 10)]
+    out = {}
+    for fast in (True, False):
+        a = AnvilAdapter()
+        a.load(ModelSpec("tiny", str(resolve("tiny"))), {"fast": fast})
+        out[fast] = [r.output_ids for r in a.generate(reqs)]
+        assert a.info()["generator"] == ("FastGenerator" if fast else "Generator")
+    assert out[True] == out[False]
+    assert all(len(t) == 10 for t in out[True])

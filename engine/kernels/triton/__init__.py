@@ -1,0 +1,1 @@
+"""Triton kernels of the GPU fast path (paged decode attention, decode GEMV, fused norm/RoPE/SwiGLU), each beside its launcher."""

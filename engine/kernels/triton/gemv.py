@@ -1,0 +1,249 @@
+"""Skinny GEMM / GEMV y[M, N] = act(x)[M, K] @ W[N, K]^T (+ bias) for decode (M <= 32), in Triton, with launchers.
+
+Decode is bound by reading W once. Two kernels: `fma` (M == 1: [BN, BK] tiles multiplied on the CUDA cores,
+one reduction at the end) and `dot` (M padded to 16/32 on the tensor cores, pipelined loads). ACT=1 fuses
+SwiGLU into the load of x: x is the [M, 2K] gate|up output and the kernel uses silu(gate) * up, rounded as the
+reference silu_and_mul rounds. engine/kernels/triton/tune.py picks, per (M bucket, N, K), the fastest of these
+configs and cuBLAS on the device; nothing here assumes Triton wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _silu_mul(g, u, OUT_TY: tl.constexpr):
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(OUT_TY)  # F.silu in x.dtype
+    return (s.to(tl.float32) * u.to(tl.float32)).to(OUT_TY)  # then the x.dtype multiply
+
+
+@triton.jit
+def _gemv_fma_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, N, K,
+    stride_wn,
+    g_ptr, eps, r_ptr,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    NORM: tl.constexpr, RES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """M == 1. NORM: x -> g * rms_norm(x) on the fly (every program reads all of x once more for the rms, from
+    L2). RES: y -> round(y) + r, written to y (the residual stream, updated in place: r may alias y)."""
+    pid = tl.program_id(0)
+    ty = w_ptr.dtype.element_ty
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    rstd = 1.0
+    if NORM:
+        ss = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xs = tl.load(x_ptr + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0).to(tl.float32)
+            ss += xs * xs
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0, eviction_policy="evict_first")
+            xv = tl.load(x_ptr + kk)
+            if ACT:
+                xv = _silu_mul(xv, tl.load(x_ptr + K + kk), ty)
+            if NORM:
+                xv = (tl.load(g_ptr + kk).to(tl.float32) * (xv.to(tl.float32) * rstd).to(ty).to(tl.float32)).to(ty)
+        else:
+            mk = kk < K
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mk[None, :], other=0.0, eviction_policy="evict_first")
+            xv = tl.load(x_ptr + kk, mask=mk, other=0.0)
+            if ACT:
+                xv = _silu_mul(xv, tl.load(x_ptr + K + kk, mask=mk, other=0.0), ty)
+            if NORM:
+                g = tl.load(g_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+                xv = (g * (xv.to(tl.float32) * rstd).to(ty).to(tl.float32)).to(ty)
+        acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+    y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if RES:  # as F.linear then the x.dtype residual add: round, add, round
+        r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        y = y.to(ty).to(tl.float32) + r
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _gemv_dot_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_K:
+            w = tl.load(
+                w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
+                mask=mask_n[:, None],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
+            xm = mask_m[:, None]
+        else:
+            mk = kk < K
+            w = tl.load(
+                w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0
+            )
+            xm = mask_m[:, None] & mk[None, :]
+        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=xm, other=0.0)
+        if ACT:
+            u = tl.load(x_ptr + offs_m[:, None] * stride_xm + K + kk[None, :], mask=xm, other=0.0)
+            xv = _silu_mul(xv, u, w_ptr.dtype.element_ty)
+        acc += tl.dot(xv.to(w.dtype), tl.trans(w), input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    kind: str  # "fma" (M == 1 only) | "dot" | "cublas"
+    block_n: int = 0
+    block_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __str__(self) -> str:
+        if self.kind == "cublas":
+            return "cublas"
+        return f"{self.kind}:n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+
+
+CUBLAS = GemvConfig("cublas")
+FMA_CONFIGS = [  # (BN, BK): few rows x long K slices (llama.cpp mmvf style) to squarer tiles
+    GemvConfig("fma", 1, 4096, 4, 1),
+    GemvConfig("fma", 2, 2048, 4, 1),
+    GemvConfig("fma", 4, 1024, 4, 1),
+    GemvConfig("fma", 4, 2048, 8, 1),
+    GemvConfig("fma", 8, 512, 4, 1),
+    GemvConfig("fma", 16, 512, 8, 1),
+    GemvConfig("fma", 8, 1024, 8, 1),
+]
+DOT_CONFIGS = [
+    GemvConfig("dot", 16, 256, 4, 4),
+    GemvConfig("dot", 32, 256, 4, 4),
+    GemvConfig("dot", 64, 128, 4, 4),
+    GemvConfig("dot", 64, 256, 8, 3),
+    GemvConfig("dot", 16, 512, 4, 3),
+    GemvConfig("dot", 32, 512, 8, 3),
+]
+
+
+def candidates(m: int) -> list[GemvConfig]:
+    return [CUBLAS] + (FMA_CONFIGS if m == 1 else []) + DOT_CONFIGS
+
+
+def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
+    f = x.shape[-1] // 2
+    return torch.nn.functional.silu(x[..., :f]) * x[..., f:]
+
+
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act: bool = False,
+    cfg: GemvConfig = CUBLAS,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = (silu_and_mul(x) if act else x) @ w.T (+ bias). x [M, K] (or [M, 2K] with act), w [N, K] row-major.
+    (linear_fused below adds the RMSNorm prologue / residual epilogue for M == 1.)"""
+    m = x.shape[0]
+    n, k = w.shape
+    assert x.dim() == 2 and x.stride(-1) == 1 and w.stride(-1) == 1 and w.stride(0) >= k, "row-major x and w"
+    assert x.shape[1] == (2 * k if act else k), f"x {tuple(x.shape)} vs w {tuple(w.shape)} (act={act})"
+    assert x.dtype == w.dtype, f"x {x.dtype} vs w {w.dtype}"
+    if cfg.kind == "cublas" or (cfg.kind == "fma" and m != 1):
+        if act:  # one Triton kernel on the GPU rather than torch's silu + mul
+            from engine.kernels.triton.fused import silu_and_mul
+
+            xin = silu_and_mul(x) if x.is_cuda else silu_and_mul_torch(x)
+        else:
+            xin = x
+        y = torch.nn.functional.linear(xin, w, bias)
+        if out is not None:
+            out.copy_(y)
+            return out
+        return y
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    assert out.shape == (m, n) and out.stride(-1) == 1
+    if bias is not None:
+        assert bias.shape == (n,) and bias.stride(0) == 1
+    even_k = k % cfg.block_k == 0
+    grid = (triton.cdiv(n, cfg.block_n),)
+    b_arg = bias if bias is not None else w
+    if cfg.kind == "fma":
+        _gemv_fma_kernel[grid](
+            x, w, b_arg, out, n, k, w.stride(0), w, 0.0, w,
+            ACT=act, HAS_BIAS=bias is not None, EVEN_K=even_k, NORM=False, RES=False,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    else:
+        assert m <= 32, f"dot GEMV handles M <= 32, got {m}"
+        _gemv_dot_kernel[grid](
+            x, w, b_arg, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+            ACT=act, HAS_BIAS=bias is not None, EVEN_K=even_k,
+            PREC="ieee" if x.dtype == torch.float32 else "tf32",
+            BLOCK_M=16 if m <= 16 else 32, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    return out
+
+
+def linear_fused(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    cfg: GemvConfig,
+    bias: torch.Tensor | None = None,
+    act: bool = False,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """M == 1 fma GEMV with fusions: y = W @ f(x) (+ bias) (+ residual), f = rms_norm(., norm_weight, eps) when
+    norm_weight is given, silu_and_mul with act. residual [1, N] is added after rounding to x.dtype (the eager
+    path's linear-then-add); out may be the residual itself (in-place residual stream)."""
+    n, k = w.shape
+    assert cfg.kind == "fma" and x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(-1) == 1
+    assert x.shape[1] == (2 * k if act else k) and x.dtype == w.dtype
+    assert not (act and norm_weight is not None), "norm and act prologues do not combine"
+    if norm_weight is not None:
+        assert norm_weight.shape == (k,) and norm_weight.stride(0) == 1 and norm_weight.dtype == w.dtype
+    if residual is not None:
+        assert residual.shape == (1, n) and residual.stride(-1) == 1 and residual.dtype == w.dtype
+    if out is None:
+        out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    assert out.shape == (1, n) and out.stride(-1) == 1
+    _gemv_fma_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, w, bias if bias is not None else w, out, n, k, w.stride(0),
+        norm_weight if norm_weight is not None else w, float(eps), residual if residual is not None else w,
+        ACT=act, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+        NORM=norm_weight is not None, RES=residual is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out

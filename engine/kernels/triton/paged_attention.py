@@ -1,0 +1,190 @@
+"""Split-KV (flash-decoding) paged decode attention in Triton, with its launcher; oracle: reference_paged.py.
+
+One program per (sequence, KV head, split): it loads the GROUP query heads that share the KV head (GQA) once,
+walks its share of the sequence's tokens through the block table, and writes a normalised partial output plus
+its log-sum-exp. A second kernel merges the splits. The grid is fixed by (B, Hkv, num_splits) and each program
+derives its token range from seq_lens on the device, so one CUDA graph serves every sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr,
+    scale, window,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_btb,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    n = tl.load(lens_ptr + b)
+    lo = tl.where(window > 0, tl.maximum(n - window, 0), 0)  # sliding window: first visible key
+    span = tl.maximum(n - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, n)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_g[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # [G, D]
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    for t0 in range(start, end, BLOCK_N):
+        offs_n = t0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        page = tl.load(bt_ptr + b * stride_btb + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
+        row = offs_n % PAGE
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(
+            k_ptr + page[:, None] * stride_kb + kvh * stride_kh + row[:, None] * stride_ks + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )  # [N, D]
+        v = tl.load(
+            v_ptr + page[:, None] * stride_vb + kvh * stride_vh + row[:, None] * stride_vs + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [G, N] fp32
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the tile's first key is always valid
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    tl.store(
+        o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
+        out,
+        mask=mask_g[:, None] & mask_d[None, :],
+    )
+    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g)
+
+
+@triton.jit
+def _paged_decode_merge_kernel(
+    o_ptr, lse_ptr, out_ptr,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    stride_outb, stride_outh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m)  # 0 for empty splits
+    denom = tl.sum(w, 0)
+    o = tl.load(
+        o_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+        mask=mask_s[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )  # [S, D]
+    out = tl.sum(w[:, None] * o, 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)  # fmt: skip
+
+
+BLOCK_N = 64
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132, cap: int = 32) -> int:
+    """Enough (sequence, KV head, split) programs for ~4 per SM, never more splits than BLOCK_N-token chunks."""
+    want = math.ceil(4 * num_sms / max(1, batch * num_kv_heads))
+    return max(1, min(cap, want, math.ceil(max_seq_len / BLOCK_N)))
+
+
+def workspace(batch: int, num_heads: int, head_dim: int, num_splits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial outputs [B, H, S, D] and log-sum-exps [B, H, S], float32."""
+    o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=device)
+    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=device)
+    return o, lse
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    window: int = 0,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    ws: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """q [B, H, D]; k_cache/v_cache [NB, Hkv, PAGE, D] (last dim contiguous); block_tables [B, max_blocks] int32;
+    seq_lens [B] int32 (0 = padding row -> zeros). Returns out [B, H, D] in q.dtype. Graph-safe: no host sync."""
+    b, h, d = q.shape
+    nb, hkv, page, dk = k_cache.shape
+    assert q.is_cuda or q.device.type == "cpu", "Triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
+    assert dk == d and v_cache.shape == k_cache.shape, f"cache {tuple(k_cache.shape)} vs q {tuple(q.shape)}"
+    assert h % hkv == 0, f"{h} query heads not a multiple of {hkv} KV heads"
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "last dim must be contiguous"
+    assert k_cache.dtype == v_cache.dtype == q.dtype, f"dtypes q {q.dtype} k {k_cache.dtype} v {v_cache.dtype}"
+    assert block_tables.dtype == torch.int32 and block_tables.stride(-1) == 1 and block_tables.shape[0] >= b
+    assert seq_lens.dtype == torch.int32 and seq_lens.shape[0] >= b
+    assert page & (page - 1) == 0, f"block size {page} must be a power of two"
+    if num_splits is None:
+        num_splits = choose_num_splits(b, hkv, block_tables.shape[1] * page)
+    o_part, lse = ws if ws is not None else workspace(b, h, d, num_splits, q.device)
+    assert o_part.shape[0] >= b and o_part.shape[2] == num_splits and o_part.stride(-1) == 1
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(-1) == 1
+    group = h // hkv
+    block_d = triton.next_power_of_2(d)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _paged_decode_split_kernel[(b, hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, o_part, lse,
+        float(scale), int(window),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse.stride(0), lse.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d,
+        PAGE=page, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, PREC=prec,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    _paged_decode_merge_kernel[(b, h)](
+        o_part, lse, out,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        num_warps=4,
+    )  # fmt: skip
+    return out
