@@ -90,5 +90,64 @@ def env(as_json: bool = typer.Option(False, "--json", help="print JSON instead o
     console.print(t)
 
 
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="run folder (holds records.jsonl)"),
+    out: Path | None = typer.Option(None, "--out", help="where report.md / report.html / plots go (default: run_dir)"),
+) -> None:
+    """Render report.md + a standalone report.html: tables, plots (throughput vs batch / concurrency, latency CDFs,
+    TTFT vs prompt length), telemetry and the environment. Exit 2 when the run has no readable records."""
+    from harness import html_report
+
+    raise typer.Exit(html_report.main(run_dir, out))
+
+
+@app.command("compare")
+def compare_cmd(
+    run_a: Path = typer.Argument(..., help="the before run folder"),
+    run_b: Path = typer.Argument(..., help="the after run folder"),
+    k: float = typer.Option(2.0, "--k", help="noise band: |delta| <= k x pooled repeat spread"),
+    min_rel: float = typer.Option(0.02, "--min-rel", help="noise floor as a fraction of A (metrics without repeats)"),
+    all_metrics: bool = typer.Option(False, "--all", help="every numeric metric, not only each scenario's key ones"),
+    md: Path | None = typer.Option(None, "--md", help="also write the table as markdown here"),
+) -> None:
+    """Per-metric deltas between two runs with verdicts better / worse / noise from each run's repeat spread."""
+    from harness import compare
+
+    raise typer.Exit(compare.main(run_a, run_b, k, min_rel, all_metrics, md))
+
+
+@app.command("gate")
+def gate_cmd(
+    run_dir: Path = typer.Argument(..., help="run folder (holds records.jsonl)"),
+    baseline: Path = typer.Option(..., "--baseline", help="results/baselines/NAME.json"),
+    write: bool = typer.Option(False, "--write", help="write a proposed baseline from this run instead of checking"),
+    reference: str | None = typer.Option(None, "--reference", help="with --write: the engine ratios are taken to"),
+    tolerance: float = typer.Option(0.5, "--tolerance", help="with --write: relative tolerance of ratio checks"),
+) -> None:
+    """Check a run against a baseline: exit 1 when parity breaks or a metric regresses past its tolerance, 2 when
+    the run or the baseline cannot be used, 0 otherwise."""
+    from harness import gate
+
+    raise typer.Exit(gate.main(run_dir, baseline, write, reference, tolerance))
+
+
+@app.command("profile", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def profile_cmd(
+    ctx: typer.Context,
+    tool: str = typer.Option(..., "--tool", help="torch | ncu | nsys"),
+    out: Path | None = typer.Option(None, "--out", help="output folder (default results/runs/profile-...)"),
+    top: int = typer.Option(20, "--top", help="rows in the top-kernels table"),
+    tool_args: str = typer.Option("", "--tool-args", help="extra arguments for ncu / nsys, as one string"),
+) -> None:
+    """Run one cell under a profiler: bench profile --tool torch -- engine=anvil model=tiny scenario=latency
+    (or -- suites/X.toml cell=N). Writes the trace and top_kernels.md. Exit 3 when the tool is not installed."""
+    import shlex
+
+    from harness import profile
+
+    raise typer.Exit(profile.main(tool, [a for a in ctx.args if a != "--"], out, top, shlex.split(tool_args)))
+
+
 if __name__ == "__main__":
     app()

@@ -41,7 +41,19 @@ def fmt(v: Any) -> str:
 
 
 def _params(r: Record) -> str:
-    return " ".join(f"{k}={v}" for k, v in r.params.items() if k not in ("warmup", "repeats", "seed", "reference"))
+    """The params that tell cells apart: sweepable ones and any set away from the scenario's default."""
+    try:
+        from harness import scenarios
+
+        schema = scenarios.get(r.scenario).PARAMS
+    except (KeyError, ImportError, AttributeError):
+        schema = {}
+
+    def shown(k: str, v: Any) -> bool:
+        p = schema.get(k)
+        return k not in ("warmup", "repeats", "seed", "reference") and (p is None or p.sweep or v != p.default)
+
+    return " ".join(f"{k}={v}" for k, v in r.params.items() if shown(k, v))
 
 
 def rows(records: list[Record], scenario: str | None = None) -> tuple[list[str], list[list[str]]]:

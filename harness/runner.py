@@ -177,6 +177,7 @@ def _short(exc: BaseException) -> str:
 def worker_main(payload: dict, conn) -> None:
     """Entry point of a worker process: load the engine once, run its cells, send each record."""
     from harness import scenarios
+    from harness.telemetry import measure_cell
     from harness.workload import Context, vocab_size
 
     engine = payload["engine"]
@@ -213,8 +214,14 @@ def worker_main(payload: dict, conn) -> None:
         try:
             ctx = Context(engine=engine, case_id=case_id, vocab_size=vocab, out_dir=Path(payload["out_dir"]),
                           model=payload["model"], opts=dict(payload["opts"]))
-            metrics, samples = scenarios.get(scenario).run(adapter, dict(params), ctx)
+            scen = scenarios.get(scenario)
+            if getattr(scen, "OWN_TELEMETRY", False):  # it samples around its measured phase itself
+                metrics, samples = scen.run(adapter, dict(params), ctx)
+            else:  # GPU/CPU telemetry and J/token around the whole cell
+                metrics, samples = measure_cell(scen.run, adapter, dict(params), ctx)
             out = Record(**rec, status="ok", metrics=metrics, samples=samples, engine_info=info)
+        except scenarios.Skip as exc:
+            out = Record(**rec, status="skipped", reason=str(exc), engine_info=info)
         except Exception as exc:
             traceback.print_exc()
             out = Record(**rec, status="failed", reason=_short(exc), engine_info=info)

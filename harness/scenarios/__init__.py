@@ -19,6 +19,11 @@ class Param:
     help: str = ""
 
 
+
+class Skip(Exception):  # noqa: N818 - it is a verdict, not an error
+    """Raised by a scenario's run() for a cell that must not run here (e.g. a prompt past the model's context):
+    the runner records it as skipped with the message as the reason."""
+
 SCENARIOS: dict[str, str] = {
     "parity": "harness.scenarios.parity",
     "throughput": "harness.scenarios.throughput",

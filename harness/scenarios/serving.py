@@ -1,0 +1,208 @@
+"""Serving scenario: drive an OpenAI-compatible server with the async load generator; TTFT/TPOT/ITL/E2E, goodput.
+
+The server is, in order: `base_url` from the cell; else one started by `launch` (a command line in which "{port}",
+"{host}", "{model}", "{model_path}" are filled in; polled on GET /v1/models until ready, stopped after the cell);
+else the adapter's own `base_url` (the openai_http engine). Only loopback targets unless allow_remote = true.
+The suite sweeps `concurrency` (fixed in-flight ceiling) or `request_rate` (Poisson / gamma arrivals, vLLM's
+burstiness convention) into one cell per value. Definitions of every metric: harness/loadgen.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shlex
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from harness import loadgen
+from harness import metrics as M
+from harness.loadgen import LengthDist, LoadConfig, LoadgenError, Workload
+from harness.scenarios import Param
+from harness.telemetry import Telemetry, flat_metrics
+
+PARAMS = {
+    "base_url": Param(str, "", help="http://127.0.0.1:PORT of a running server ('' = the adapter's, or launch)"),
+    "launch": Param(str, "", help="command line that starts the server for this cell ('' = none)"),
+    "launch_timeout_s": Param(float, 120.0, min=1, help="wait this long for GET /v1/models to answer"),
+    "endpoint": Param(str, "/v1/completions", help="/v1/completions | /v1/chat/completions"),
+    "num_requests": Param(int, 32, min=1, help="measured requests (warm-up excluded)"),
+    "warmup_requests": Param(int, 2, min=0, help="sent first, one at a time, left out of every metric"),
+    "concurrency": Param(int, 0, sweep=True, min=0, help="most requests in flight (0 = unbounded)"),
+    "request_rate": Param(float, math.inf, sweep=True, help="requests/s (inf = all at once)"),
+    "burstiness": Param(float, 1.0, sweep=True, help="gamma shape of inter-arrival gaps (1 = Poisson)"),
+    "prompt_len": Param(int, 128, sweep=True, min=1, help="prompt tokens (centre of the range)"),
+    "output_len": Param(int, 64, sweep=True, min=1, help="output tokens asked for (EOS ignored)"),
+    "range_ratio": Param(float, 0.0, min=0, help="lengths uniform in [len*(1-r), len*(1+r)] (0 = fixed)"),
+    "dataset": Param(str, "", help="jsonl of prompts: {prompt | prompt_ids, output_len?} ('' = synthetic)"),
+    "prompt_format": Param(str, "ids", help="ids (token ids, exact lengths) | text (synthetic words)"),
+    "slo_ttft_ms": Param(float, 0.0, min=0, help="per-request TTFT SLO for goodput (0 = none)"),
+    "slo_tpot_ms": Param(float, 0.0, min=0, help="per-request TPOT SLO for goodput (0 = none)"),
+    "slo_e2e_ms": Param(float, 0.0, min=0, help="per-request end-to-end SLO for goodput (0 = none)"),
+    "slo_percentile": Param(float, 99.0, min=0, help="percentile of the aggregate (MLPerf-style) SLO check"),
+    "max_duration_s": Param(float, 600.0, min=0.001, help="cap on the measured phase; later requests fail"),
+    "request_timeout_s": Param(float, 300.0, min=0.001),
+    "allow_remote": Param(bool, False, help="allow a non-loopback base_url"),
+    "model_name": Param(str, "", help='sent as "model" (servers with one model ignore it)'),
+    "seed": Param(int, 0),
+    "telemetry_interval_s": Param(float, 0.2, min=0.01),
+}
+OWN_TELEMETRY = True  # samples around the measured phase only (not warm-up or server start)
+KEY_METRICS = ("request_throughput_req_s", "output_tok_s", "ttft_p99_ms", "tpot_p99_ms", "itl_p50_ms", "goodput_req_s")
+
+
+def validate(params: dict, engines: tuple[str, ...]) -> tuple[str, str] | None:
+    if params["endpoint"] not in ("/v1/completions", "/v1/chat/completions"):
+        return "endpoint", f"expected /v1/completions or /v1/chat/completions, got {params['endpoint']!r}"
+    if params["prompt_format"] not in ("ids", "text"):
+        return "prompt_format", f"expected ids or text, got {params['prompt_format']!r}"
+    if not params["range_ratio"] < 1:
+        return "range_ratio", f"must be < 1, got {params['range_ratio']}"
+    for key in ("request_rate", "burstiness"):
+        vals = params[key] if isinstance(params[key], tuple) else (params[key],)
+        if any(not v > 0 for v in vals):
+            return key, f"must be > 0, got {params[key]}"
+    if params["base_url"]:
+        try:
+            loadgen.check_target(params["base_url"], params["allow_remote"])
+        except LoadgenError as exc:
+            return "base_url", str(exc)
+    return None
+
+
+def plan(
+    params: dict[str, Any], base_url: str | None = None, vocab_size: int = 512
+) -> tuple[LoadConfig, Workload, dict[str, float]]:
+    """Validated load configuration, workload and SLOs from cell params (defaults filled for missing keys)."""
+    unknown = set(params) - set(PARAMS)
+    if unknown:
+        raise LoadgenError(f"serving: unknown params {sorted(unknown)}; known: {', '.join(sorted(PARAMS))}")
+    p = {k: v.default for k, v in PARAMS.items()} | dict(params)
+    url = base_url or p["base_url"]
+    if not url:
+        raise LoadgenError("serving: no server: give base_url, use the openai_http engine, or launch = '...'")
+    cfg = LoadConfig(
+        base_url=str(url),
+        model=str(p["model_name"]),
+        endpoint=str(p["endpoint"]),
+        num_requests=int(p["num_requests"]),
+        warmup_requests=int(p["warmup_requests"]),
+        concurrency=int(p["concurrency"]) or None,
+        request_rate=float(p["request_rate"]),
+        burstiness=float(p["burstiness"]),
+        seed=int(p["seed"]),
+        request_timeout_s=float(p["request_timeout_s"]),
+        max_duration_s=float(p["max_duration_s"]),
+        allow_remote=bool(p["allow_remote"]),
+    )
+    cfg.validate()
+    if p["prompt_format"] == "ids" and not p["dataset"] and vocab_size < 11:
+        raise LoadgenError(
+            "serving: token-id prompts need the model's vocabulary, which is unknown for this model; "
+            "set prompt_format = 'text' (or name a model whose config.json is local)"
+        )
+    ratio = float(p["range_ratio"])
+    work = Workload(
+        prompt_len=LengthDist.around(int(p["prompt_len"]), ratio),
+        output_len=LengthDist.around(int(p["output_len"]), ratio),
+        dataset=p["dataset"] or None,
+        prompt_format=str(p["prompt_format"]),
+        vocab_size=int(vocab_size),
+        seed=int(p["seed"]),
+    )
+    slo = {k.removeprefix("slo_"): float(p[k]) for k in ("slo_ttft_ms", "slo_tpot_ms", "slo_e2e_ms") if p[k]}
+    return cfg, work, slo
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched_server(cmd: list[str] | str, fill: dict[str, str], timeout_s: float = 120.0) -> Iterator[str]:
+    """Start a server process, wait until GET {base}/v1/models answers, yield its base_url, then stop it."""
+    import httpx
+
+    fill = dict(fill)
+    fill.setdefault("host", "127.0.0.1")
+    fill.setdefault("port", str(free_port(fill["host"])))
+    argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    argv = [a.format(**fill) for a in argv]
+    base = f"http://{fill['host']}:{fill['port']}"
+    loadgen.check_target(base)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                out = proc.stdout.read()[-2000:] if proc.stdout else ""
+                raise RuntimeError(f"server exited with code {proc.returncode} before it was ready: {argv}\n{out}")
+            try:
+                if httpx.get(base + "/v1/models", timeout=2.0, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after {timeout_s:.0f} s: {argv}")
+            time.sleep(0.25)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def run(adapter, params: dict, ctx) -> tuple[dict, dict]:
+    """Registry entry point: one serving cell. The server: params base_url, else the one `launch` starts, else the
+    adapter's own base_url (the openai_http engine)."""
+    url = params.get("base_url") or (None if params.get("launch") else getattr(adapter, "base_url", None)) or None
+    fill = {"model": str(getattr(ctx, "model_name", "") or ""), "model_path": str(getattr(ctx, "model_path", "") or "")}
+    out = run_serving(params, url, fill, vocab_size=ctx.vocab_size)
+    samples = {"requests": out["samples"], "telemetry": out["telemetry"], "info": out["info"]}
+    return M.clean(out["metrics"]), samples
+
+
+def run_serving(
+    params: dict[str, Any], base_url: str | None = None, fill: dict[str, str] | None = None, vocab_size: int = 512
+) -> dict:
+    """One serving cell -> {"metrics": flat floats, "samples": per-request raw timings, "telemetry", "info"}.
+    `base_url` wins over params["base_url"]; without either, params["launch"] starts a server first."""
+    url = base_url or params.get("base_url")
+    if params.get("launch") and not url:
+        timeout = float(params.get("launch_timeout_s", PARAMS["launch_timeout_s"].default))
+        with launched_server(params["launch"], fill or {}, timeout) as launched:
+            return _measure(params, launched, vocab_size)
+    return _measure(params, url, vocab_size)
+
+
+def _measure(params: dict[str, Any], base_url: str | None, vocab_size: int) -> dict:
+    cfg, work, slo = plan(params, base_url, vocab_size)
+    interval = float(params.get("telemetry_interval_s", PARAMS["telemetry_interval_s"].default))
+    with Telemetry(interval_s=interval) as tel:
+        res = loadgen.run_load(cfg, work)
+    metrics = loadgen.summarize(res, slo, float(params.get("slo_percentile", 99.0)))
+    tsum = tel.summary(generated_tokens=int(metrics["output_tokens"]) or None)
+    metrics |= flat_metrics(tsum)
+    errors = sorted({o.error for o in res.outcomes if o.error})
+    return {
+        "metrics": metrics,
+        "samples": loadgen.samples(res),
+        "telemetry": tsum,
+        "info": {
+            "base_url": cfg.base_url,
+            "slo": slo,
+            "truncated": res.truncated,
+            "warmup_requests": len(res.warmup),
+            "warmup_failed": sum(not o.ok for o in res.warmup),
+            "errors": errors[:10],
+        },
+    }
