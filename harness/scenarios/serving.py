@@ -52,7 +52,11 @@ PARAMS = {
     "telemetry_interval_s": Param(float, 0.2, min=0.01),
 }
 OWN_TELEMETRY = True  # samples around the measured phase only (not warm-up or server start)
-KEY_METRICS = ("request_throughput_req_s", "output_tok_s", "ttft_p99_ms", "tpot_p99_ms", "itl_p50_ms", "goodput_req_s")
+KEY_METRICS = (
+    "request_throughput_req_s", "output_tok_s", "goodput_req_s",
+    "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p90_ms", "tpot_p99_ms",
+    "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
+)
 
 
 def validate(params: dict, engines: tuple[str, ...]) -> tuple[str, str] | None:
