@@ -68,7 +68,7 @@ def main() -> None:
             err_anvil = (gen.logits([ids])[0] - lr).abs().max().item()
             greedy_hf = hf_greedy(hfb, ids, a.n_tokens, dev)
             greedy_anvil = gen.generate([ids], a.n_tokens, SamplingParams())[0].tokens
-            match = next((i for i, (x, y) in enumerate(zip(greedy_hf, greedy_anvil)) if x != y), a.n_tokens)
+            match = next((i for i, (x, y) in enumerate(zip(greedy_hf, greedy_anvil, strict=False)) if x != y), a.n_tokens)
             rows.append(
                 dict(prompt_len=plen, seed=seed, err_anvil_bf16=err_anvil, err_hf_bf16=err_hf,
                      ratio=err_anvil / max(err_hf, 1e-12), greedy_match_tokens=match, n_tokens=a.n_tokens)

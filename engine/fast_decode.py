@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from engine import ops
+from engine import nvtx, ops
 from engine.fast_ops import TorchOps, TritonOps, layer_weights
 from engine.generator import Completion, SamplingParams
 from engine.graphs import GraphRunner
@@ -239,6 +239,7 @@ class FastGenerator:
         h, _ = o.rms_norm(x, self.model.norm.weight, c.rms_norm_eps, residual)
         return F.linear(h, self.lm_head).float()  # [B, V] (all_logits: [T, V])
 
+    @nvtx.annotate("prefill")
     def _prefill(self, prompts: list[list[int]], slots: list[int] | None = None, write: bool = True) -> torch.Tensor:
         """Last-token float32 logits [B, V]; prompts run in groups of <= max_prefill_tokens tokens."""
         slots = list(range(len(prompts))) if slots is None else slots
@@ -310,7 +311,8 @@ class FastGenerator:
         self.seq_lens.fill_(1)
 
     def _run_step(self, bs: int) -> torch.Tensor:
-        return self.runner.run(bs, self._step)
+        with nvtx.range("decode_step"):  # a graph replay: the range spans the launch, not the kernels' run
+            return self.runner.run(bs, self._step)
 
     def bucket(self, b: int) -> int:
         return next(x for x in self.buckets if x >= b)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import ops
+from engine import nvtx, ops
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 
@@ -175,7 +175,8 @@ class Transformer(nn.Module):
         residual = None
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = cache.layer(i)  # [B_max, Hkv, S_max, D]
-            h, residual = layer(h, residual, batch, cos_sin, k_cache, v_cache)
+            with nvtx.range(f"layer{i}"):
+                h, residual = layer(h, residual, batch, cos_sin, k_cache, v_cache)
         h, _ = ops.fused_add_rms_norm(h, residual, self.norm.weight, self.norm.eps)
         return h
 
@@ -193,10 +194,11 @@ class Transformer(nn.Module):
         Returns float32 logits [T, V] when all_logits, else [B, V] for each sequence's last token.
         """
         batch = Batch(positions=positions, batch_idx=batch_idx, cu_seqlens=cu_seqlens)
-        h = self._trunk(tokens, batch, cache)  # [T, dim]
-        if not all_logits:
-            h = h[cu_seqlens[1:].long() - 1]  # [B, dim]
-        return self._lm_head(h)
+        with nvtx.range("prefill"):
+            h = self._trunk(tokens, batch, cache)  # [T, dim]
+            if not all_logits:
+                h = h[cu_seqlens[1:].long() - 1]  # [B, dim]
+            return self._lm_head(h)
 
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor, cache: KVCache
@@ -205,7 +207,8 @@ class Transformer(nn.Module):
         seq_lens [B] int32 (= positions + 1). Returns float32 logits [B, V]."""
         batch_idx = torch.arange(tokens.shape[0], device=tokens.device)
         batch = Batch(positions=positions, batch_idx=batch_idx, seq_lens=seq_lens)
-        return self._lm_head(self._trunk(tokens, batch, cache))
+        with nvtx.range("decode_step"):
+            return self._lm_head(self._trunk(tokens, batch, cache))
 
 
 @dataclass

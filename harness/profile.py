@@ -120,7 +120,8 @@ def run_cell(suite, cell, out_dir: Path, profiled=None) -> dict[str, Any]:
     import contextlib
 
     from adapters import base
-    from harness import nvtx, scenarios
+    from engine import nvtx
+    from harness import scenarios
     from harness.workload import Context, vocab_size
 
     adapter = base.get(cell.engine)

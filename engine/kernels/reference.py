@@ -104,7 +104,7 @@ def prefill_attention(
     h, hkv = q.shape[1], k.shape[1]
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
         if e == s:
             continue
         qs = q[s:e].transpose(0, 1)  # [H, L, D]

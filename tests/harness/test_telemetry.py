@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from harness import nvtx, telemetry
+from engine import nvtx
+from harness import telemetry
 from harness.telemetry import Telemetry, flat_metrics
 
 

@@ -4,7 +4,7 @@ Ranges show up in Nsight Systems timelines and let Nsight Compute filter kernels
 They are off by default (a push/pop pair costs ~1 us, which matters per layer in a decode step); turn them on with
 `enable()` (bench profile does, for ncu/nsys) or ANVIL_NVTX=1 in the environment of the profiled process.
 
-    from harness import nvtx
+    from engine import nvtx
     with nvtx.range("prefill"):
         ...
     @nvtx.annotate("decode_step")
