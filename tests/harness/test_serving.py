@@ -293,3 +293,32 @@ def test_token_id_prompts_need_a_vocabulary():
     with pytest.raises(LoadgenError, match="prompt_format = 'text'"):
         plan({"base_url": "http://127.0.0.1:1"}, vocab_size=0)
     plan({"base_url": "http://127.0.0.1:1", "prompt_format": "text"}, vocab_size=0)
+
+
+def test_shipped_serving_suite_runs_end_to_end_against_a_loopback_server(tmp_path):
+    """suites/serving.toml as shipped, pointed at a fast fake server and cut to 4 requests a cell: every cell
+    (concurrency sweep, Poisson rates, bursty arrivals) completes and writes its percentile columns."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+    from harness.results import load_records
+
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "suites" / "serving.toml").read_text()
+    with FakeOpenAIServer(ttft=0.005, tpot=0.0005) as srv:
+        text = text.replace('base_url = "http://127.0.0.1:8000"', f'base_url = "{srv.base_url}"')
+        text = re.sub(r"num_requests = \d+", "num_requests = 4", text)
+        text = text.replace("request_rate = [1.0, 4.0, 16.0]", "request_rate = [8.0, 32.0]")
+        suite = tmp_path / "serving.toml"
+        suite.write_text(text)
+        out = tmp_path / "run"
+        res = CliRunner().invoke(app, ["run", str(suite), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    records = load_records(out / "records.jsonl")
+    assert len(records) == 4 + 2 + 1 and all(r.status == "ok" for r in records), [r.reason for r in records]
+    for r in records:
+        assert r.metrics["completed"] == 4 and r.metrics["failed"] == 0
+        assert 0 < r.metrics["ttft_p50_ms"] <= r.metrics["ttft_p90_ms"] <= r.metrics["ttft_p99_ms"]
+    assert "ttft_p99_ms" in (out / "table.md").read_text()
