@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from engine import nvtx, ops
 from engine.fast_ops import TorchOps, TritonOps, layer_weights
-from engine.generator import Completion, SamplingParams
+from engine.generator import Completion, SamplingParams, check_prompts
 from engine.graphs import GraphRunner
 from engine.model import LoadedModel, Transformer
 from engine.paged_kv import PagedKVCache, bytes_per_block, plan_kv_blocks
@@ -356,15 +356,7 @@ class FastGenerator:
         b = len(prompts)
         if max_new_tokens <= 0:
             return [Completion([], "length") for _ in prompts]
-        if not prompts or b > self.max_batch_size:
-            raise ValueError(f"{b} prompts: need 1..{self.max_batch_size}")
-        for i, p in enumerate(prompts):
-            if not p or len(p) + max_new_tokens - 1 > self.max_seq_len:
-                raise ValueError(
-                    f"prompt {i}: {len(p)} tokens + {max_new_tokens - 1} exceed max_seq_len {self.max_seq_len}"
-                )
-            if not all(0 <= t < self.config.vocab_size for t in p):
-                raise ValueError(f"prompt {i}: token id outside the vocabulary [0, {self.config.vocab_size})")
+        check_prompts(prompts, self.max_batch_size, self.max_seq_len, self.config.vocab_size, max_new_tokens - 1)
         stop = set(stop_ids)
         greedy = sampling.temperature <= 0
         gen = None if greedy else make_generator(sampling.seed, self.device)

@@ -26,6 +26,23 @@ class Completion:
     finish_reason: str  # "length" | "stop"
 
 
+def check_prompts(prompts: list[list[int]], max_batch: int, max_seq: int, vocab: int, extra: int) -> None:
+    """ValueError naming the prompt unless 1..max_batch non-empty prompts each fit max_seq with `extra` more tokens
+    and hold only ids in [0, vocab). Shared by every generator (reference loop and GPU fast path)."""
+    if not prompts:
+        raise ValueError("no prompts")
+    if len(prompts) > max_batch:
+        raise ValueError(f"{len(prompts)} prompts exceed max_batch_size {max_batch}")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        if len(p) + extra > max_seq:
+            raise ValueError(f"prompt {i}: {len(p)} tokens + {extra} more exceed max_seq_len {max_seq}")
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+
+
 class Generator:
     """Owns a contiguous KV cache of (max_batch_size, max_seq_len) for one model.
 
@@ -52,18 +69,7 @@ class Generator:
         return tuple(t.to(self.device, non_blocking=True) for t in (tokens, cu, positions, batch_idx))
 
     def _check(self, prompts: list[list[int]], extra: int) -> None:
-        if not prompts:
-            raise ValueError("no prompts")
-        if len(prompts) > self.max_batch_size:
-            raise ValueError(f"{len(prompts)} prompts exceed max_batch_size {self.max_batch_size}")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            if len(p) + extra > self.max_seq_len:
-                raise ValueError(f"prompt {i}: {len(p)} tokens + {extra} more exceed max_seq_len {self.max_seq_len}")
-            bad = [t for t in p if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
+        check_prompts(prompts, self.max_batch_size, self.max_seq_len, self.config.vocab_size, extra)
 
     @torch.inference_mode()
     def logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
