@@ -101,6 +101,13 @@ class ModelConfig:
         emb = self.vocab_size * self.dim * (1 if self.tie_word_embeddings else 2)
         return self.n_layers * per_layer + emb + self.dim
 
+    @property
+    def decode_read_params(self) -> int:
+        """Parameters one decode step reads in full: all but the input embedding table (a row lookup per token),
+        which is read in full only when it is tied to the lm_head. Times the dtype's bytes: the weight traffic
+        that bounds batch-1 decode."""
+        return self.num_params - (0 if self.tie_word_embeddings else self.vocab_size * self.dim)
+
     # ---- HF config.json ----
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:

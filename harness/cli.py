@@ -19,20 +19,27 @@ err = Console(stderr=True)
 def run(
     suite_file: Path = typer.Argument(..., help="suite TOML file, e.g. suites/smoke.toml"),
     out: Path | None = typer.Option(None, "--out", help="run folder (default results/runs/<suite>-<timestamp>)"),
+    only: list[str] = typer.Option(
+        [], "--only", metavar="KEY=VALUE",
+        help="run only the matching cells (repeatable, all must match): engine=, model=, scenario=, dtype=, "
+        "device= or a scenario parameter such as batch=8"),
 ) -> None:
     """Run every cell of a suite; write records.jsonl, table.md, table.csv and a copy of the suite into the run
-    folder. Exit code 0 when no cell failed (skipped is fine), 1 when some did, 2 for an invalid suite."""
+    folder. Exit code 0 when no cell failed (skipped is fine), 1 when some did, 2 for an invalid suite or
+    filters that match no cell."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from harness import report, runner
-    from harness.suite import SuiteError, load
+    from harness.suite import SuiteError, load, parse_filters, select
 
     try:
         suite = load(suite_file)
+        cells = select(suite.cells, parse_filters(only))
+        if not cells:
+            raise SuiteError(f"{suite_file}: no cell matches {' '.join(only)} (of {len(suite.cells)} cells)")
     except SuiteError as exc:
         err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None
-    cells = suite.cells
     out_dir = out or runner.default_out_dir(suite)
     console.print(f"suite [bold]{suite.name}[/bold]: {len(cells)} cells -> {out_dir}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -49,7 +56,7 @@ def run(
                     bar.console.print(f"[{'red' if payload.status == 'failed' else 'yellow'}]{payload.status}"
                                       f"[/] {payload.cell_id}: {payload.reason}", highlight=False)
 
-        result = runner.run_suite(suite, out_dir, on_event=on_event)
+        result = runner.run_suite(suite, out_dir, on_event=on_event, cells=cells)
     records = report.ordered(result.records, [c.cell_id for c in cells])
     for table in report.rich_tables(records):
         console.print(table)

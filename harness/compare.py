@@ -21,6 +21,8 @@ from harness.results import Record, load_records
 
 HIGHER = (
     "_tok_s",
+    "_gb_s",
+    "_pct_copy",
     "_req_s",
     "goodput_req_s",
     "_frac",

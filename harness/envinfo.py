@@ -100,3 +100,39 @@ def _static() -> dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
         env["transformers"] = None
     return env
+
+
+def copy_bandwidth_gb_s(nbytes: int = 1 << 30, iters: int = 20) -> float:
+    """GPU 0's device-to-device copy bandwidth in GB/s, counting bytes read + written (the convention of
+    shared/GPU.md's 3.0 TB/s H100 anchor): torch copy_ of a 1 GiB buffer, timed with CUDA events, best of 3."""
+    import torch
+
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    best = 0.0
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            b.copy_(a)
+        end.record()
+        end.synchronize()
+        best = max(best, 2 * nbytes * iters / (start.elapsed_time(end) * 1e-3) / 1e9)
+    return best
+
+
+def measure_copy_bandwidth(timeout_s: float = 120.0) -> dict[str, Any]:
+    """copy_bandwidth_gb_s() in a child process (this one keeps no CUDA context): {"gpu_copy_gb_s": GB/s} or
+    {"gpu_copy_note": why not}. Never raises."""
+    code = "from harness.envinfo import copy_bandwidth_gb_s as f; print(f())"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                             timeout=timeout_s)
+        if out.returncode == 0:
+            return {"gpu_copy_gb_s": round(float(out.stdout.strip().splitlines()[-1]), 1)}
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"gpu_copy_note": f"copy bandwidth not measured: exit {out.returncode}: {tail}"}
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+        return {"gpu_copy_note": f"copy bandwidth not measured: {type(exc).__name__}: {exc}"}

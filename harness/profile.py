@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +37,6 @@ class ProfileError(RuntimeError):
         self.code = code
 
 
-def _literal(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # a bare word: a string
-
-
 def _toml(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -54,18 +46,17 @@ def _toml(v: Any) -> str:
 
 
 def _pairs(tokens: list[str]) -> dict[str, Any]:
-    out = {}
-    for t in tokens:
-        if "=" not in t:
-            raise ProfileError(f"cell spec: expected key=value, got {t!r}")
-        k, v = t.split("=", 1)
-        out[k.strip()] = _literal(v.strip())
-    return out
+    from harness.suite import SuiteError, parse_filters
+
+    try:
+        return parse_filters(tokens)
+    except SuiteError as exc:
+        raise ProfileError(f"cell spec: {exc}") from None
 
 
 def resolve_cell(tokens: list[str]):
     """(Suite, Cell) for a cell spec (see the module docstring)."""
-    from harness.suite import SuiteError, load, parse
+    from harness.suite import SuiteError, load, parse, select
 
     if not tokens:
         raise ProfileError("no cell given: bench profile --tool torch -- engine=anvil model=tiny scenario=throughput")
@@ -79,12 +70,7 @@ def resolve_cell(tokens: list[str]):
                 if not 0 <= idx < len(cells):
                     raise ProfileError(f"cell={idx}: the suite has cells 0..{len(cells) - 1}")
                 cells = [cells[idx]]
-            attrs = {"engine": lambda c: c.engine, "scenario": lambda c: c.scenario, "model": lambda c: c.model.name}
-            cells = [
-                c
-                for c in cells
-                if all((attrs[k](c) if k in attrs else c.param_dict.get(k)) == v for k, v in want.items())
-            ]
+            cells = select(cells, want)
             if not cells:
                 raise ProfileError(f"no cell of {tokens[0]} matches {' '.join(tokens[1:])}")
             if len(cells) > 1:

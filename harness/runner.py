@@ -43,9 +43,9 @@ def default_out_dir(suite: Suite, root: str | Path = "results/runs") -> Path:
     return Path(root) / f"{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _groups(suite: Suite) -> list[tuple[str, int, list[Cell]]]:
+def _groups(suite: Suite, cells: list[Cell]) -> list[tuple[str, int, list[Cell]]]:
     groups: dict[tuple[str, int], list[Cell]] = {}
-    for cell in suite.cells:
+    for cell in cells:
         groups.setdefault((cell.engine, cell.model_index), []).append(cell)
     refs = {dict(sc.params).get("reference") for sc in suite.scenarios if sc.type == "parity"}
     order = sorted(groups, key=lambda k: (k[0] not in refs, k[1], suite.engines.index(k[0])))
@@ -81,9 +81,11 @@ def _availability(engine: str) -> tuple[bool, str]:
 
 
 def run_suite(suite: Suite, out_dir: str | Path | None = None,
-              on_event: Callable[[str, Any], None] | None = None) -> RunOutput:
-    """Run every cell; return the records (also in out_dir/records.jsonl). on_event(kind, payload) gets
-    ('start', Cell) before a cell runs and ('record', Record) after, for progress display."""
+              on_event: Callable[[str, Any], None] | None = None, cells: list[Cell] | None = None) -> RunOutput:
+    """Run every cell (or only `cells`, a subset of suite.cells); return the records (also in
+    out_dir/records.jsonl). on_event(kind, payload) gets ('start', Cell) before a cell runs and ('record', Record)
+    after, for progress display."""
+    cells = suite.cells if cells is None else cells
     out = Path(out_dir) if out_dir else default_out_dir(suite)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("records.jsonl", "table.md", "table.csv"):
@@ -92,6 +94,8 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None,
     (out / "suite.toml").write_text(suite.text, encoding="utf-8")
     notify = on_event or (lambda kind, payload: None)
     run_id, env = new_run_id(), envinfo.snapshot()
+    if env.get("cuda_available") and any(c.model.device == "cuda" for c in cells):
+        env.update(envinfo.measure_copy_bandwidth())  # the denominator of weight_pct_copy, once per run
     records: list[Record] = []
     ctx = mp.get_context("spawn")
     with RecordWriter(out / "records.jsonl") as writer:
@@ -101,16 +105,16 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None,
             records.append(rec)
             notify("record", rec)
 
-        for engine, _, cells in _groups(suite):
+        for engine, _, group in _groups(suite, cells):
             ok, version = _availability(engine)
-            if ok and cells[0].model.device == "cuda" and not env.get("cuda_available"):
+            if ok and group[0].model.device == "cuda" and not env.get("cuda_available"):
                 ok, version = False, "needs a CUDA GPU (device = 'cuda'); torch.cuda.is_available() is False here"
             if not ok:
-                for cell in cells:
+                for cell in group:
                     emit(Record(**_base(run_id, suite, env, engine, "unavailable", cell), status="skipped",
                                 reason=version))
                 continue
-            _run_group(ctx, suite, engine, version, cells, run_id, env, out, emit, notify)
+            _run_group(ctx, suite, engine, version, group, run_id, env, out, emit, notify)
     return RunOutput(run_id, out, records)
 
 
@@ -120,6 +124,7 @@ def _run_group(ctx, suite: Suite, engine: str, version: str, cells: list[Cell], 
     payload = {
         "engine": engine, "registry_entry": base.REGISTRY[engine], "model": cells[0].model.spec,
         "opts": suite.options.get(engine, {}), "out_dir": str(out), "warmup_s": suite.warmup_s(cells[0].model),
+        "copy_gb_s": env.get("gpu_copy_gb_s") if cells[0].model.device == "cuda" else None,
         "cells": [(c.cell_id, c.case_id, c.scenario, c.param_dict, _base(run_id, suite, env, engine, version, c))
                   for c in cells],
     }
@@ -178,7 +183,7 @@ def worker_main(payload: dict, conn) -> None:
     """Entry point of a worker process: load the engine once, run its cells, send each record."""
     from harness import scenarios
     from harness.telemetry import measure_cell
-    from harness.workload import Context, vocab_size
+    from harness.workload import Context, vocab_size, weight_bytes_per_step
 
     engine = payload["engine"]
     base.REGISTRY[engine] = payload["registry_entry"]  # adapters registered at run time (tests) reach the child
@@ -213,7 +218,8 @@ def worker_main(payload: dict, conn) -> None:
         t0 = time.perf_counter()
         try:
             ctx = Context(engine=engine, case_id=case_id, vocab_size=vocab, out_dir=Path(payload["out_dir"]),
-                          model=payload["model"], opts=dict(payload["opts"]))
+                          model=payload["model"], opts=dict(payload["opts"]),
+                          weight_bytes=weight_bytes_per_step(payload["model"]), copy_gb_s=payload.get("copy_gb_s"))
             scen = scenarios.get(scenario)
             if getattr(scen, "OWN_TELEMETRY", False):  # it samples around its measured phase itself
                 metrics, samples = scen.run(adapter, dict(params), ctx)

@@ -311,3 +311,29 @@ def load(path: str | Path, resolve: bool = True) -> Suite:
     except OSError as exc:
         raise SuiteError(f"{path}: cannot read suite file: {exc.strerror or exc}") from None
     return parse(text, str(path), resolve=resolve)
+
+
+def parse_filters(tokens: list[str]) -> dict[str, Any]:
+    """['engine=anvil', 'batch=8'] -> {'engine': 'anvil', 'batch': 8}; values are TOML literals (a bare word is a
+    string). Raises SuiteError for a token without '='."""
+    out: dict[str, Any] = {}
+    for t in tokens:
+        if "=" not in t:
+            raise SuiteError(f"filter: expected key=value, got {t!r}")
+        k, v = t.split("=", 1)
+        try:
+            out[k.strip()] = tomllib.loads(f"v = {v.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[k.strip()] = v.strip()
+    return out
+
+
+CELL_ATTRS = {"engine": lambda c: c.engine, "scenario": lambda c: c.scenario, "model": lambda c: c.model.name,
+              "dtype": lambda c: c.model.dtype, "device": lambda c: c.model.device}
+
+
+def select(cells: list[Cell], filters: dict[str, Any]) -> list[Cell]:
+    """The cells matching every filter: engine, scenario, model (its name as written in the suite), dtype, device,
+    or a scenario parameter (batch=8). No filters: all cells."""
+    return [c for c in cells
+            if all((CELL_ATTRS[k](c) if k in CELL_ATTRS else c.param_dict.get(k)) == v for k, v in filters.items())]

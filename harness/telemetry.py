@@ -14,6 +14,7 @@ side is recorded and `gpu_note` says why.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import warnings
@@ -324,13 +325,29 @@ class _CountingAdapter:
         return getattr(self._adapter, name)
 
 
+def _torch_cuda():
+    """torch.cuda when this process already imported torch and initialised CUDA (an in-process torch engine), else
+    None: telemetry never imports torch or creates a CUDA context itself."""
+    torch = sys.modules.get("torch")
+    try:
+        return torch.cuda if torch is not None and torch.cuda.is_initialized() else None
+    except Exception:
+        return None
+
+
 def measure_cell(run, adapter: Any, params: dict, ctx: Any, interval_s: float = 0.1) -> tuple[dict, dict]:
     """Run a scenario's run(adapter, params, ctx) under a sampler: its samples get "telemetry" (the summary, J/token
     over the tokens the adapter generated) and its metrics the flat telemetry figures it does not set itself."""
     counted = _CountingAdapter(adapter)
+    cuda = _torch_cuda()
+    if cuda is not None:
+        cuda.reset_peak_memory_stats()
     with Telemetry(interval_s=interval_s) as tel:
         metrics, samples = run(counted, params, ctx)
     summary = tel.summary(generated_tokens=counted.generated_tokens or None)
+    if cuda is not None:  # exact, but sees only this process's torch allocations (NVML's peak sees everything)
+        summary["torch_peak_alloc_mb"] = cuda.max_memory_allocated() / 2**20
+        metrics.setdefault("torch_peak_alloc_mb", round(summary["torch_peak_alloc_mb"], 1))
     if isinstance(samples, dict):
         samples.setdefault("telemetry", summary)
     for k, v in flat_metrics(summary).items():

@@ -21,23 +21,43 @@ def random_prompts(vocab_size: int, count: int, length: int, seed: int) -> list[
     return [[rng.randrange(vocab_size) for _ in range(length)] for _ in range(count)]
 
 
-def vocab_size(model: ModelSpec) -> int:
-    """The model's vocabulary size, from its config.json (or its synthetic preset), independent of the engine."""
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def model_config(model: ModelSpec):
+    """The engine-independent shape of the model (engine.config.ModelConfig): its synthetic preset, or its
+    config.json parsed as a Llama-family config. Raises ValueError / FileNotFoundError when there is none."""
     if model.synthetic:
         from engine.presets import PRESETS
 
-        cfg = PRESETS[model.synthetic]
-        v = cfg["vocab_size"] if isinstance(cfg, dict) else getattr(cfg, "vocab_size", None)
-        if v is None and hasattr(cfg, "config"):
-            v = cfg.config.vocab_size
-        if v is None:
-            raise ValueError(f"cannot read vocab_size of synthetic preset {model.synthetic!r}")
-        return int(v)
+        if model.synthetic not in PRESETS:
+            raise ValueError(f"unknown synthetic preset {model.synthetic!r}; known: {', '.join(sorted(PRESETS))}")
+        return PRESETS[model.synthetic]
+    if not model.path:
+        raise ValueError(f"model {model.name!r} has no resolved path")
+    from engine.config import ModelConfig
+
+    return ModelConfig.from_dir(model.path)
+
+
+def vocab_size(model: ModelSpec) -> int:
+    """The model's vocabulary size, from its config.json (any architecture) or its synthetic preset."""
+    if model.synthetic:
+        return int(model_config(model).vocab_size)
     if not model.path:
         raise ValueError(f"model {model.name!r} has no resolved path")
     cfg = json.loads((Path(model.path) / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
     return int(cfg["vocab_size"])
+
+
+def weight_bytes_per_step(model: ModelSpec) -> int | None:
+    """Bytes of weights one decode step must read (ModelConfig.decode_read_params at the model's dtype), the
+    numerator of achieved weight bandwidth; None when the config cannot be read as a Llama-family model."""
+    try:
+        return model_config(model).decode_read_params * DTYPE_BYTES[model.dtype]
+    except (ValueError, KeyError, OSError, TypeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -50,6 +70,8 @@ class Context:
     out_dir: Path  # the run folder (scenarios may keep artifacts under out_dir / "artifacts")
     model: ModelSpec | None = None  # what the adapter loaded
     opts: dict | None = None  # the load options the adapter got ([options.<engine>] of the suite)
+    weight_bytes: int | None = None  # weights read per decode step (weight_bytes_per_step), for GB/s
+    copy_gb_s: float | None = None  # the GPU's measured device-to-device copy bandwidth (envinfo), for % of it
 
     @property
     def model_name(self) -> str:

@@ -59,3 +59,21 @@ def test_smoke_suite_end_to_end(tmp_path):
     md = (out / "table.md").read_text()
     assert md.count("| anvil |") == md.count("| hf |") == md.count("| llamacpp |") == len(suite.cells) // 3
     assert (out / "suite.toml").read_text() == (REPO / "suites" / "smoke.toml").read_text()
+
+
+def test_run_only_runs_the_matching_cells(tmp_path):
+    smoke = str(REPO / "suites" / "smoke.toml")
+    out = tmp_path / "only"
+    res = CliRunner().invoke(app, ["run", smoke, "--out", str(out), "--only", "engine=anvil",
+                                   "--only", "scenario=throughput", "--only", "batch=4"])
+    assert res.exit_code == 0, res.output
+    want = [c for c in load(smoke).cells if c.engine == "anvil" and c.scenario == "throughput"
+            and c.param_dict["batch"] == 4]
+    records = load_records(out / "records.jsonl")
+    assert want and sorted(r.cell_id for r in records) == sorted(c.cell_id for c in want)
+    assert all(r.status == "ok" and r.metrics["decode_tok_s"] > 0 and r.metrics["weight_gb_s"] > 0 for r in records)
+    res = CliRunner().invoke(app, ["run", smoke, "--out", str(tmp_path / "none"), "--only", "engine=nope"])
+    assert res.exit_code == 2 and "no cell matches engine=nope" in res.output
+    res = CliRunner().invoke(app, ["run", smoke, "--out", str(tmp_path / "bad"), "--only", "batch"])
+    assert res.exit_code == 2 and "expected key=value, got 'batch'" in res.output
+    assert not (tmp_path / "none").exists() and not (tmp_path / "bad").exists()
