@@ -57,6 +57,10 @@ def test_triton_paged_attention_matches_reference(b, h, hkv, d, page, lens, wind
         (32, False, False, torch.bfloat16),
         (1, True, False, torch.float32),
         (17, False, True, torch.float32),
+        (33, True, True, torch.bfloat16),  # short-prefill widths: BLOCK_M 64 and 128
+        (100, False, False, torch.bfloat16),
+        (128, True, False, torch.bfloat16),
+        (77, False, True, torch.float32),
     ],
 )
 def test_triton_gemv_configs_match_reference(m, act, bias, dtype):
@@ -71,6 +75,8 @@ def test_triton_gemv_configs_match_reference(m, act, bias, dtype):
     ref = xin.double() @ w.double().T + (b.double() if bias else 0)
     # configs whose shared memory fits at this dtype (fp32 tiles are twice the bytes; the tuner skips misfits)
     dots = [gemv.DOT_CONFIGS[0], gemv.DOT_CONFIGS[3]] if dtype == torch.bfloat16 else [gemv.DOT_CONFIGS[0]]
+    if m > 32:
+        dots = gemv.WIDE_DOT_CONFIGS if dtype == torch.bfloat16 else [gemv.WIDE_DOT_CONFIGS[2]]
     for cfg in [gemv.FMA_CONFIGS[0], gemv.FMA_CONFIGS[-1], *dots]:
         y = gemv.linear(x, w, b, act=act, cfg=cfg)
         assert y.shape == (m, n) and torch.isfinite(y).all(), str(cfg)
@@ -201,3 +207,36 @@ def test_fast_path_bf16_prefill_logits_close_to_eager_and_eager_fallback_works()
     assert _rel(got, ref) < 5e-2  # two bf16 paths with different accumulation orders; a real bug gives ~1
     out = fast.generate(prompts, 8)
     assert all(len(c.tokens) == 8 for c in out) and not fast.last_stats["graph"]
+
+
+@pytest.mark.parametrize("preset", ["tiny-test", "tiny-test-mistral"])
+def test_batch1_prefill_graphs_give_the_eager_logits_and_tokens(preset):
+    """Short batch-1 prompts replay a captured prefill padded to a token bucket: same logits as the eager prefill,
+    same greedy tokens as the reference loop, at and around the bucket edges; none longer than a sliding window."""
+    from engine.fast_decode import PREFILL_GRAPH_TOKENS, FastGenerator
+    from engine.generator import Generator
+
+    lm = _model(preset)
+    cfg = lm.config
+    cap = min(200, cfg.sliding_window or 200)
+    want = [t for t in PREFILL_GRAPH_TOKENS if t <= cap]
+    eager = Generator(lm, 1, 200)
+    fast = FastGenerator(lm, 1, 200, gemv="triton", buckets=[1])
+    plain = FastGenerator(lm, 1, 200, gemv="triton", buckets=[1], prefill_graphs=False)
+    assert fast.report["prefill_graphs"] == want and fast.report["prefill_graph_fallback"] is None, fast.report
+    assert plain.report["prefill_graphs"] is None and plain.report["prefill_graph_fallback"] == "disabled"
+    for n in (1, 15, 16, 17, 33, 100, 128, 129, 150):
+        p = _prompts([n], cfg.vocab_size, seed=n)
+        bucket = next((t for t in want if t >= n), None)
+        assert fast.prefill_bucket(n) == bucket
+        got = fast.generate(p, 12)
+        assert fast.last_stats["prefill_graph"] == bucket
+        assert [c.tokens for c in got] == [c.tokens for c in eager.generate(p, 12)], n
+        for g in (fast, plain):
+            g.kv.reserve(0, 200)
+            g.kv.sync_tables()
+        with torch.inference_mode():
+            a, b = fast._prefill(p).cpu(), plain._prefill(p).cpu()
+        for g in (fast, plain):
+            g.kv.release_all()
+        assert _rel(a, b) < 1e-5, n  # float32: padding rows change GEMM shapes, not results

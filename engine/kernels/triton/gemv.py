@@ -1,4 +1,5 @@
-"""Skinny GEMM / GEMV y[M, N] = act(x)[M, K] @ W[N, K]^T (+ bias) for decode (M <= 32), in Triton, with launchers.
+"""Skinny GEMM / GEMV y[M, N] = act(x)[M, K] @ W[N, K]^T (+ bias) for decode (M <= 32) and short prefills
+(M <= 128), in Triton, with launchers.
 
 Decode is bound by reading W once. Two kernels: `fma` (M == 1: [BN, BK] tiles multiplied on the CUDA cores,
 one reduction at the end) and `dot` (M padded to 16/32 on the tensor cores, pipelined loads). ACT=1 fuses
@@ -152,7 +153,19 @@ DOT_CONFIGS = [
 ]
 
 
+WIDE_DOT_CONFIGS = [  # 32 < M <= 128 (short prefills): x tiles grow with M, so shorter K slices, more N tiles
+    GemvConfig("dot", 16, 128, 4, 4),
+    GemvConfig("dot", 32, 128, 4, 4),
+    GemvConfig("dot", 32, 64, 4, 4),
+    GemvConfig("dot", 64, 64, 4, 4),
+    GemvConfig("dot", 64, 128, 8, 3),
+]
+MAX_DOT_M = 128
+
+
 def candidates(m: int) -> list[GemvConfig]:
+    if m > 32:
+        return [CUBLAS] + (WIDE_DOT_CONFIGS if m <= MAX_DOT_M else [])
     return [CUBLAS] + (FMA_CONFIGS if m == 1 else []) + DOT_CONFIGS
 
 
@@ -203,12 +216,12 @@ def linear(
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     else:
-        assert m <= 32, f"dot GEMV handles M <= 32, got {m}"
+        assert m <= MAX_DOT_M, f"dot GEMV handles M <= {MAX_DOT_M}, got {m}"
         _gemv_dot_kernel[grid](
             x, w, b_arg, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
             ACT=act, HAS_BIAS=bias is not None, EVEN_K=even_k,
             PREC="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_M=16 if m <= 16 else 32, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return out
