@@ -61,7 +61,11 @@ def _nvml() -> dict[str, Any]:
 
 
 def snapshot() -> dict[str, Any]:
-    """A JSON-able dict describing this machine and checkout. Never raises."""
+    """A JSON-able dict describing this machine and checkout. Never raises. ANVIL_COMMIT, when set, names the
+    commit instead of git (for a copy of a checkout whose .git is stale or absent, as on the lent GPU)."""
+    given = os.environ.get("ANVIL_COMMIT")
+    if given:
+        return {**_static(), "commit": given, "dirty": None, "commit_source": "ANVIL_COMMIT"}
     return {**_static(), "commit": _git("rev-parse", "HEAD"),
             "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
 

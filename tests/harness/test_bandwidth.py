@@ -163,3 +163,12 @@ repeats = 1
     assert r.status == "ok" and m["step_ms"] > 0
     assert m["weight_gb_s"] == pytest.approx(weight_bytes_per_step(TINY) / (m["step_ms"] * 1e-3) / 1e9, rel=1e-4)
     assert "weight_pct_copy" not in m and "gpu_copy_gb_s" not in r.env  # a CPU run measures no GPU copy bandwidth
+
+
+def test_anvil_commit_names_the_commit_of_a_copied_checkout(monkeypatch):
+    monkeypatch.delenv("ANVIL_COMMIT", raising=False)
+    real = envinfo.snapshot()
+    assert real["commit"] and "commit_source" not in real
+    monkeypatch.setenv("ANVIL_COMMIT", "93a8c4d")
+    env = envinfo.snapshot()
+    assert env["commit"] == "93a8c4d" and env["dirty"] is None and env["commit_source"] == "ANVIL_COMMIT"
