@@ -39,9 +39,9 @@ class AnvilAdapter(Adapter):
             import engine.generator  # noqa: F401
         except Exception as exc:
             return False, f"not installed ({type(exc).__name__}: {exc}): {cls.install_hint}"
-        from harness.envinfo import _git
+        from harness.envinfo import commit as checkout_commit
 
-        commit = _git("rev-parse", "--short", "HEAD")
+        commit = checkout_commit(short=True)
         return True, f"anvil {getattr(engine, '__version__', '0.1.0')}" + (f"+{commit}" if commit else "")
 
     def load(self, model: ModelSpec, opts: dict[str, Any] | None = None) -> None:

@@ -269,7 +269,8 @@ class FastGenerator:
     def _capture_prefill(self) -> None:
         """Capture the batch-1 prefill for each token bucket (PREFILL_GRAPH_TOKENS that fit max_seq_len and
         max_prefill_tokens and no longer than any sliding window): a short prompt's eager prefill is bound by
-        launching ~600 kernels from Python (16 ms at 128 tokens of an 8B model on the H100, vs 7 ms of GPU work)."""
+        launching about 500 kernels from Python (11-17 ms at 128 tokens of an 8B model on the H100, against 7 ms of GPU
+        work; results/gpu/prefill-graphs-h100.json)."""
         wins = [lay.window for lay in self.layers if lay.window > 0]
         cap = min(self.max_seq_len, self.max_prefill_tokens, *wins)
         buckets = [t for t in PREFILL_GRAPH_TOKENS if t <= cap]

@@ -66,8 +66,12 @@ def snapshot() -> dict[str, Any]:
     given = os.environ.get("ANVIL_COMMIT")
     if given:
         return {**_static(), "commit": given, "dirty": None, "commit_source": "ANVIL_COMMIT"}
-    return {**_static(), "commit": _git("rev-parse", "HEAD"),
-            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+    return {**_static(), "commit": commit(), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def commit(short: bool = False) -> str | None:
+    """The checkout's commit: ANVIL_COMMIT when set, else git's HEAD (None outside a git checkout)."""
+    return os.environ.get("ANVIL_COMMIT") or _git("rev-parse", *(["--short"] if short else []), "HEAD")
 
 
 @functools.cache

@@ -172,3 +172,6 @@ def test_anvil_commit_names_the_commit_of_a_copied_checkout(monkeypatch):
     monkeypatch.setenv("ANVIL_COMMIT", "93a8c4d")
     env = envinfo.snapshot()
     assert env["commit"] == "93a8c4d" and env["dirty"] is None and env["commit_source"] == "ANVIL_COMMIT"
+    from adapters.anvil import AnvilAdapter
+
+    assert AnvilAdapter.available() == (True, "anvil 0.1.0+93a8c4d")  # the engine version names it too
