@@ -108,7 +108,7 @@ def run_cell(suite, cell, out_dir: Path, profiled=None) -> dict[str, Any]:
     from adapters import base
     from engine import nvtx
     from harness import scenarios
-    from harness.workload import Context, vocab_size
+    from harness.workload import Context, vocab_size, weight_bytes_per_step
 
     adapter = base.get(cell.engine)
     ok, why = adapter.available()
@@ -116,7 +116,9 @@ def run_cell(suite, cell, out_dir: Path, profiled=None) -> dict[str, Any]:
         raise ProfileError(f"engine {cell.engine} is not available: {why}")
     adapter.load(cell.model.spec, dict(suite.options.get(cell.engine, {})))
     try:
-        ctx = Context(engine=cell.engine, case_id=cell.case_id, vocab_size=vocab_size(cell.model.spec), out_dir=out_dir)
+        spec = cell.model.spec
+        ctx = Context(engine=cell.engine, case_id=cell.case_id, vocab_size=vocab_size(spec), out_dir=out_dir,
+                      weight_bytes=weight_bytes_per_step(spec))
         with profiled if profiled is not None else contextlib.nullcontext(), nvtx.range(f"cell {cell.scenario}"):
             metrics, _ = scenarios.get(cell.scenario).run(adapter, cell.param_dict, ctx)
     finally:
