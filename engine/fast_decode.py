@@ -2,9 +2,10 @@
 CUDA graph per bucketed batch size (nano-vllm / gpt-fast style). Same API as engine.generator.Generator.
 
 The forward is the one of engine/model.py (same weights, same rounding order) re-expressed over the paged
-cache: prefill runs cuBLAS GEMMs + SDPA and writes K/V into blocks; a decode step (embedding, 32 x [norm, QKV
-GEMV, RoPE+KV write, split-KV paged attention, O GEMV, add+norm, gate/up GEMV, SwiGLU-fused down GEMV], norm,
-lm_head, argmax, advance) reads only static buffers, so it is captured once per bucket and replayed. Greedy
+cache: prefill runs cuBLAS GEMMs + SDPA and writes K/V into blocks (a short batch-1 prompt through a captured
+graph, engine/prefill_graphs.py); a decode step (embedding, 32 x [norm, QKV GEMV, RoPE+KV write, split-KV paged
+attention, O GEMV, add+norm, gate/up GEMV, SwiGLU-fused down GEMV], norm, lm_head, argmax, advance) reads only
+static buffers, so it is captured once per bucket and replayed. Greedy
 decoding feeds each step's argmax to the next step on the device, and the host reads step s's tokens while the
 GPU runs step s+1. Anything the fast path cannot do falls back (eager step, or cuBLAS GEMV) with the reason in
 `self.report`.
@@ -26,11 +27,10 @@ from engine.generator import Completion, SamplingParams, check_prompts
 from engine.graphs import GraphRunner
 from engine.model import LoadedModel, Transformer
 from engine.paged_kv import PagedKVCache, bytes_per_block, plan_kv_blocks
+from engine.prefill_graphs import PREFILL_GRAPH_TOKENS, PrefillGraphs  # noqa: F401 (PREFILL_GRAPH_TOKENS re-exported)
 from engine.sampling import make_generator, sample
 
 log = logging.getLogger(__name__)
-
-PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512)  # batch-1 prefill buckets (prompts padded up to one)
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -77,7 +77,7 @@ class FastGenerator:
             "prefill_graphs": None,
             "prefill_graph_fallback": None,
         }
-        self.prefill_runner: GraphRunner | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         cuda = self.device.type == "cuda"
         backend = backend or ("triton" if cuda else "torch")
         if backend == "triton":
@@ -152,8 +152,12 @@ class FastGenerator:
             self.report["graph_fallback"] = self.runner.fallback
         else:
             self.runner.fallback = self.report["graph_fallback"] = "disabled" if cuda else "not a CUDA device"
-        if cuda and cuda_graphs and prefill_graphs:
-            self._capture_prefill()
+        if cuda and cuda_graphs and prefill_graphs:  # no longer than max_prefill_tokens or any sliding window
+            cap = min(max_seq_len, max_prefill_tokens, *(lay.window for lay in self.layers if lay.window > 0))
+            pg = PrefillGraphs(self._forward_prefill, self.kv, self.device, cap)
+            self.prefill_graphs = pg if pg.buckets else None
+            self.report["prefill_graphs"] = list(pg.buckets) or None
+            self.report["prefill_graph_fallback"] = pg.fallback
         else:
             self.report["prefill_graph_fallback"] = "disabled" if cuda else "not a CUDA device"
         self.last_stats: dict = {}
@@ -265,56 +269,9 @@ class FastGenerator:
         h, _ = o.rms_norm(x, self.model.norm.weight, c.rms_norm_eps, residual)
         return F.linear(h, self.lm_head).float()  # [B, V] (last None: [T, V])
 
-    # ---------------------------------------------------------------- batch-1 prefill graphs
-    def _capture_prefill(self) -> None:
-        """Capture the batch-1 prefill for each token bucket (PREFILL_GRAPH_TOKENS that fit max_seq_len and
-        max_prefill_tokens and no longer than any sliding window): a short prompt's eager prefill is bound by
-        launching about 500 kernels from Python (11-17 ms at 128 tokens of an 8B model on the H100, against 7 ms of GPU
-        work; results/gpu/prefill-graphs-h100.json)."""
-        wins = [lay.window for lay in self.layers if lay.window > 0]
-        cap = min(self.max_seq_len, self.max_prefill_tokens, *wins)
-        buckets = [t for t in PREFILL_GRAPH_TOKENS if t <= cap]
-        if not buckets:
-            self.report["prefill_graph_fallback"] = f"no token bucket fits {cap} tokens"
-            return
-        tmax, dev = buckets[-1], self.device
-        self.pf_ids = torch.zeros(tmax, dtype=torch.int64, device=dev)
-        self.pf_pos = torch.arange(tmax, dtype=torch.int32, device=dev)  # padding continues the positions
-        self.pf_seq = torch.zeros(tmax, dtype=torch.int32, device=dev)  # all in slot 0
-        self.pf_last = torch.zeros(1, dtype=torch.int64, device=dev)  # row of the prompt's last token
-        self.kv.reserve(0, tmax)  # capture writes K/V of every bucket row into slot 0
-        self.kv.sync_tables()
-
-        def reset() -> None:
-            self.kv.release_all()
-            self.kv.sync_tables()
-
-        runner = GraphRunner(self.device)
-        with torch.inference_mode():
-            runner.capture(self._prefill_static, buckets, reset)
-        self.prefill_runner = runner if runner.graphs else None
-        self.report["prefill_graphs"] = sorted(runner.graphs) or None
-        self.report["prefill_graph_fallback"] = runner.fallback
-
-    def _prefill_static(self, t: int) -> torch.Tensor:
-        ids, pos, seq = self.pf_ids[:t], self.pf_pos[:t], self.pf_seq[:t]
-        return self._forward_prefill(ids, pos, seq, [t], True, self.pf_last, windows=False)
-
     def prefill_bucket(self, n: int) -> int | None:
         """The captured prefill graph a batch-1 prompt of n tokens replays (None: eager prefill)."""
-        if self.prefill_runner is None:
-            return None
-        return next((t for t in sorted(self.prefill_runner.graphs) if t >= n), None)
-
-    def _prefill_replay(self, prompt: list[int], t: int) -> torch.Tensor:
-        """Batch-1 prefill through the graph of bucket t >= len(prompt). Rows past the prompt are padding: causal
-        attention keeps them out of the prompt's rows, and the K/V they write at positions >= len(prompt) (blocks
-        begin() reserved) are overwritten by decode before any step reads them."""
-        n = len(prompt)
-        self.pf_ids[:n].copy_(torch.tensor(prompt, dtype=torch.int64))
-        self.pf_ids[n:t].zero_()
-        self.pf_last.fill_(n - 1)
-        return self.prefill_runner.run(t, self._prefill_static).clone()
+        return self.prefill_graphs.bucket(n) if self.prefill_graphs is not None else None
 
     @nvtx.annotate("prefill")
     def _prefill(self, prompts: list[list[int]], slots: list[int] | None = None, write: bool = True) -> torch.Tensor:
@@ -324,7 +281,7 @@ class FastGenerator:
         if write and len(prompts) == 1 and slots == [0]:
             t = self.prefill_bucket(len(prompts[0]))
             if t is not None:
-                return self._prefill_replay(prompts[0], t)
+                return self.prefill_graphs.run(prompts[0], t)
         out, group, n = [], [], 0
         for i, p in enumerate(prompts):
             if group and n + len(p) > self.max_prefill_tokens:
@@ -421,12 +378,9 @@ class FastGenerator:
     @torch.inference_mode()
     def logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Per prompt, float32 CPU [len, vocab] next-token logits (a prefill that writes no KV)."""
-        out = []
-        for p in prompts:
-            if not p or len(p) > self.max_seq_len:
-                raise ValueError(f"prompt of {len(p)} tokens: need 1..{self.max_seq_len}")
-            out.append(self._prefill_group([p], [0], write=False, all_logits=True).cpu())
-        return out
+        if prompts:  # one prompt at a time, so any number of them
+            check_prompts(prompts, len(prompts), self.max_seq_len, self.config.vocab_size, 0)
+        return [self._prefill_group([p], [0], write=False, all_logits=True).cpu() for p in prompts]
 
     @torch.inference_mode()
     def generate(
