@@ -243,6 +243,10 @@ def main(
     except (OSError, ValueError) as exc:
         print(f"compare: error: {exc}")
         return 2
+    suites_a, suites_b = sorted({r.suite for r in recs_a}), sorted({r.suite for r in recs_b})
+    if suites_a != suites_b:  # still compared cell by cell, but the reader must know the runs differ in kind
+        print(f"compare: warning: the runs are of different suites: A is {', '.join(suites_a) or 'empty'}, "
+              f"B is {', '.join(suites_b) or 'empty'}; only cells with equal scenario, engine, model and params match")
     deltas = compare(recs_a, recs_b, k, min_rel, all_metrics)
     title = f"{run_a} -> {run_b} (noise: |delta| <= max({k:g} x pooled spread, {min_rel:.0%}))"
     Console(width=200).print(rich_table(deltas, title))

@@ -67,29 +67,86 @@ class Verdict:
     note: str = ""
 
 
+TOP_KEYS = {"schema_version", "suite", "note", "fail_on_failed", "fail_on_skipped", "checks"}
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def load_baseline(path: str | Path) -> dict[str, Any]:
+    """Read and check a baseline's structure; BaselineError names the file and the key (`bench gate` exits 2:
+    a malformed baseline must never read as a regression)."""
     p = Path(path)
     try:
         base = json.loads(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise BaselineError(f"{path}: cannot read baseline: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BaselineError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(base, dict):
+        raise BaselineError(f"{path}: expected a JSON object, got {type(base).__name__}")
     if base.get("schema_version") != SCHEMA_VERSION:
         raise BaselineError(f"{path}: schema_version must be {SCHEMA_VERSION}, got {base.get('schema_version')!r}")
-    for i, c in enumerate(base.get("checks", [])):
-        where = f"{path}: checks[{i}]"
-        unknown = set(c) - CHECK_KEYS
-        if unknown:
-            raise BaselineError(f"{where}: unknown keys {sorted(unknown)}; known: {', '.join(sorted(CHECK_KEYS))}")
-        for k in ("name", "scenario", "engine", "metric"):
-            if k not in c:
-                raise BaselineError(f"{where}: missing '{k}'")
-        if not ({"min", "max", "equals", "baseline"} & set(c)):
-            raise BaselineError(f"{where} ({c['name']}): needs min, max, equals, or baseline + tolerance")
-        if "baseline" in c and ("tolerance" not in c or c.get("better") not in ("higher", "lower")):
-            raise BaselineError(f"{where} ({c['name']}): baseline needs tolerance and better = higher | lower")
+    unknown = set(base) - TOP_KEYS
+    if unknown:
+        raise BaselineError(f"{path}: {sorted(unknown)[0]}: unknown key; known: {', '.join(sorted(TOP_KEYS))}")
+    if not isinstance(base.get("suite"), str) or not base["suite"]:
+        raise BaselineError(f"{path}: suite: expected the name of the suite this baseline is for, "
+                            f"got {base.get('suite')!r}")
+    for k in ("fail_on_failed", "fail_on_skipped"):
+        if k in base and not isinstance(base[k], bool):
+            raise BaselineError(f"{path}: {k}: expected true or false, got {base[k]!r}")
+    if "note" in base and not isinstance(base["note"], str):
+        raise BaselineError(f"{path}: note: expected a string")
+    checks = base.get("checks")
+    if not isinstance(checks, list) or not checks:
+        raise BaselineError(f"{path}: checks: expected a non-empty list of checks, got {checks!r:.60}")
+    for i, c in enumerate(checks):
+        _check_entry(f"{path}: checks[{i}]", c)
     return base
+
+
+def _check_entry(where: str, c: Any) -> None:
+    if not isinstance(c, dict):
+        raise BaselineError(f"{where}: expected an object, got {type(c).__name__}")
+    unknown = set(c) - CHECK_KEYS
+    if unknown:
+        raise BaselineError(f"{where}: unknown keys {sorted(unknown)}; known: {', '.join(sorted(CHECK_KEYS))}")
+    for k in ("name", "scenario", "engine", "metric"):
+        if k not in c:
+            raise BaselineError(f"{where}: missing '{k}'")
+        if not isinstance(c[k], str) or not c[k]:
+            raise BaselineError(f"{where}.{k}: expected a non-empty string, got {c[k]!r}")
+    if "reference" in c and not (isinstance(c["reference"], str) and c["reference"]):
+        raise BaselineError(f"{where}.reference: expected an engine name, got {c['reference']!r}")
+    if "where" in c and not isinstance(c["where"], dict):
+        raise BaselineError(f"{where}.where: expected an object of params, got {type(c['where']).__name__}")
+    if "required" in c and not isinstance(c["required"], bool):
+        raise BaselineError(f"{where}.required: expected true or false, got {c['required']!r}")
+    if not ({"min", "max", "equals", "baseline"} & set(c)):
+        raise BaselineError(f"{where} ({c['name']}): needs min, max, equals, or baseline + tolerance")
+    for k in ("min", "max", "baseline", "tolerance"):
+        if k in c and not _is_num(c[k]):
+            raise BaselineError(f"{where}.{k}: expected a finite number, got {c[k]!r}")
+    if "baseline" in c and ("tolerance" not in c or c.get("better") not in ("higher", "lower")):
+        raise BaselineError(f"{where} ({c['name']}): baseline needs tolerance and better = higher | lower")
+    if "tolerance" in c and "baseline" not in c:
+        raise BaselineError(f"{where}.tolerance: only meaningful with baseline")
+    if "better" in c and c["better"] not in ("higher", "lower"):
+        raise BaselineError(f"{where}.better: expected higher or lower, got {c['better']!r}")
+    if "tolerance" in c and c["tolerance"] < 0:
+        raise BaselineError(f"{where}.tolerance: must be >= 0, got {c['tolerance']}")
+    if "min" in c and "max" in c and c["min"] > c["max"]:
+        raise BaselineError(f"{where}.min: {c['min']} is above max {c['max']}: no value can pass")
+
+
+def check_suite(records: list[Record], base: dict[str, Any], path: str | Path) -> None:
+    """A baseline for another suite than the run's is unusable (exit 2), not a regression."""
+    suites = sorted({r.suite for r in records})
+    if suites and suites != [base["suite"]]:
+        raise BaselineError(f"{path}: suite: the baseline is for suite {base['suite']!r}, the run is of "
+                            f"{', '.join(map(repr, suites))}")
 
 
 def _case(cell_id: str) -> str:
@@ -202,7 +259,9 @@ _MISSING = object()
 
 def gate(run_dir: str | Path, baseline: str | Path) -> tuple[bool, list[Verdict]]:
     records = load_records(run_dir)
-    verdicts = evaluate(records, load_baseline(baseline))
+    base = load_baseline(baseline)
+    check_suite(records, base, baseline)
+    verdicts = evaluate(records, base)
     return all(v.ok for v in verdicts), verdicts
 
 

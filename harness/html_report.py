@@ -135,8 +135,10 @@ def render(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path
     """Write report.md and report.html for a run; returns (md, html, notes)."""
     run = Path(run_dir)
     out = Path(out_dir) if out_dir else run
-    out.mkdir(parents=True, exist_ok=True)
     records = _grouped(load_records(run))
+    if not records:  # an interrupted or never-started run: nothing to report, and main() exits 2
+        raise ValueError(f"{run}: the run has no records")
+    out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     figures, why = plots.make_plots(records, out / "plots")
     if why:

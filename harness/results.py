@@ -107,5 +107,10 @@ def load_records(path: str | Path) -> list[Record]:
             if i == len(lines) - 1:  # a writer killed mid-line
                 continue
             raise ValueError(f"{p}:{i + 1}: not valid JSON") from None
-        out.append(Record.from_dict(d))
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}:{i + 1}: expected a JSON object (one record), got {type(d).__name__}")
+        try:
+            out.append(Record.from_dict(d))
+        except (TypeError, ValueError) as exc:  # missing fields, unknown status, another schema version
+            raise ValueError(f"{p}:{i + 1}: not a record: {exc}") from None
     return out
