@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,32 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+# ModelConfig field -> its config.json key, with the least value it may take (head_dim 0 = derive it).
+_INT_FIELDS = {"vocab_size": ("vocab_size", 1), "dim": ("hidden_size", 1), "n_layers": ("num_hidden_layers", 1),
+               "n_heads": ("num_attention_heads", 1), "n_kv_heads": ("num_key_value_heads", 1),
+               "ffn_dim": ("intermediate_size", 1), "head_dim": ("head_dim", 0),
+               "max_position_embeddings": ("max_position_embeddings", 1), "sliding_window": ("sliding_window", 0)}
+
+
+def _int(key: str, value: Any, minimum: int = 1) -> int:
+    """value as a size: an int (not a bool, float or string) >= minimum, else ValueError naming the config key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}: expected a {'positive' if minimum else 'non-negative'} int, got {value!r}")
+    return value
+
+
+def _number(key: str, value: Any) -> float:
+    """value as a positive finite float (int or float, not bool or string), else ValueError naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key}: expected a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _opt(d: dict[str, Any], key: str, default: Any) -> Any:
+    """d[key], or default when the key is absent or null (as HF treats a null optional key)."""
+    value = d.get(key)
+    return default if value is None else value
 
 
 @dataclass(frozen=True)
@@ -51,6 +78,10 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}: Anvil supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        for name, (key, minimum) in _INT_FIELDS.items():
+            _int(key, getattr(self, name), minimum)
+        _number("rms_norm_eps", self.rms_norm_eps)
+        _number("rope_theta", self.rope_theta)
         if self.head_dim == 0:
             if self.dim % self.n_heads:
                 raise ValueError(f"hidden_size {self.dim} is not divisible by num_attention_heads {self.n_heads}")
@@ -137,25 +168,25 @@ class ModelConfig:
             raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (only silu)")
         if d.get("mlp_bias") or (model_type != "qwen2" and d.get("attention_bias")):
             raise ValueError("unsupported: attention_bias / mlp_bias on a llama/mistral model")
-        n_layers = int(d["num_hidden_layers"])
-        n_heads = int(d["num_attention_heads"])
+        n_layers = _int("num_hidden_layers", d["num_hidden_layers"])
+        n_heads = _int("num_attention_heads", d["num_attention_heads"])
         theta, scaling = _parse_rope(d)
         window, layers = _parse_window(d, model_type, n_layers)
         eos = d.get("eos_token_id")
         eos_ids = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
         return cls(
             model_type=model_type,
-            vocab_size=int(d["vocab_size"]),
-            dim=int(d["hidden_size"]),
+            vocab_size=_int("vocab_size", d["vocab_size"]),
+            dim=_int("hidden_size", d["hidden_size"]),
             n_layers=n_layers,
             n_heads=n_heads,
-            n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
-            ffn_dim=int(d["intermediate_size"]),
-            head_dim=int(d.get("head_dim") or 0),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5)),
+            n_kv_heads=_int("num_key_value_heads", _opt(d, "num_key_value_heads", n_heads)),
+            ffn_dim=_int("intermediate_size", d["intermediate_size"]),
+            head_dim=0 if d.get("head_dim") is None else _int("head_dim", d["head_dim"]),
+            rms_norm_eps=_number("rms_norm_eps", d.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5)),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_int("max_position_embeddings", _opt(d, "max_position_embeddings", 4096)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2",
             sliding_window=window,
@@ -203,7 +234,7 @@ def _parse_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """rope_theta and Llama-3 scaling from either the legacy (rope_theta + rope_scaling) or the
     transformers>=5 (rope_parameters) form."""
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    theta = _number("rope_theta", params.get("rope_theta", d.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0:
         raise ValueError("unsupported: partial_rotary_factor != 1")
@@ -215,11 +246,12 @@ def _parse_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     if lacking:
         raise ValueError(f"llama3 rope_scaling lacks {', '.join(lacking)}")
     scaling = RopeScaling(
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", d.get("max_position_embeddings", 8192))
+        factor=_number("rope_scaling.factor", params["factor"]),
+        low_freq_factor=_number("rope_scaling.low_freq_factor", params["low_freq_factor"]),
+        high_freq_factor=_number("rope_scaling.high_freq_factor", params["high_freq_factor"]),
+        original_max_position_embeddings=_int(
+            "rope_scaling.original_max_position_embeddings",
+            params.get("original_max_position_embeddings", d.get("max_position_embeddings", 8192)),
         ),
     )
     return theta, scaling
@@ -232,18 +264,20 @@ def _parse_window(d: dict[str, Any], model_type: str, n_layers: int) -> tuple[in
     if model_type == "llama":
         return 0, None
     window = d.get("sliding_window")
+    if window is not None:
+        _int("sliding_window", window, 0)
     if model_type == "qwen2" and not d.get("use_sliding_window", False):
         window = None
     if not window:
         return 0, None
     if model_type == "mistral":
-        return int(window), None
+        return window, None
     layer_types = d.get("layer_types")
     if layer_types:
         layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
     else:
-        start = int(d.get("max_window_layers", 28))
+        start = _int("max_window_layers", d.get("max_window_layers", 28), 0)
         layers = tuple(range(start, n_layers))
     if len(layers) == n_layers:
-        return int(window), None
-    return (int(window), layers) if layers else (0, None)
+        return window, None
+    return (window, layers) if layers else (0, None)

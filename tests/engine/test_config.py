@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -140,3 +141,72 @@ def test_frozen():
     c = tiny_config()
     with pytest.raises(AttributeError):
         c.dim = 3
+
+
+# ---- value validation: bad sizes / numerics are refused with the HF key named -----------------------------------
+_SIZE_KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size", "head_dim", "max_position_embeddings"]
+
+
+@pytest.mark.parametrize("key", _SIZE_KEYS)
+@pytest.mark.parametrize("value", [0, -4, 32.0, 2.5, True, "32", [4]])
+def test_bad_size_is_refused_naming_the_key(key, value):
+    d = {**tiny_config().to_hf(), key: value}
+    with pytest.raises(ValueError, match=rf"^{key}: expected a positive int, got {re.escape(repr(value))}$"):
+        ModelConfig.from_hf(d)
+
+
+def test_bad_size_message_example_and_from_dir(tmp_path):
+    with pytest.raises(ValueError) as e:
+        ModelConfig.from_hf({**LLAMA3_8B, "num_attention_heads": "32"})
+    assert str(e.value) == "num_attention_heads: expected a positive int, got '32'"
+    (tmp_path / "config.json").write_text(json.dumps({**tiny_config().to_hf(), "vocab_size": -1}))
+    with pytest.raises(ValueError, match=r"config\.json: vocab_size: expected a positive int, got -1"):
+        ModelConfig.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("value", [-1, 1.5, True, "16"])
+def test_bad_sliding_window_is_refused(family, value):
+    d = {**tiny_config(family).to_hf(), "sliding_window": value, "use_sliding_window": True}
+    with pytest.raises(ValueError, match=r"^sliding_window: expected a non-negative int"):
+        ModelConfig.from_hf(d)
+
+
+def test_sliding_window_zero_and_null_mean_full_attention():
+    for value in (0, None):
+        c = ModelConfig.from_hf({**tiny_config("mistral").to_hf(), "sliding_window": value})
+        assert c.sliding_window == 0 and c.window(0) == 0
+
+
+@pytest.mark.parametrize("key", ["rms_norm_eps", "rope_theta"])
+@pytest.mark.parametrize("value", [0, 0.0, -1e-5, float("nan"), float("inf"), True, "1e-5", None])
+def test_bad_eps_and_theta_are_refused(key, value):
+    with pytest.raises(ValueError, match=rf"^{key}: expected a positive finite number, got "):
+        ModelConfig.from_hf({**tiny_config().to_hf(), key: value})
+
+
+def test_bad_theta_in_rope_parameters_is_refused():
+    d = {k: v for k, v in LLAMA3_8B.items() if k not in ("rope_theta", "rope_scaling")}
+    d["rope_parameters"] = {**LLAMA3_8B["rope_scaling"], "rope_theta": "5e5"}
+    with pytest.raises(ValueError, match=r"rope_theta: expected a positive finite number, got '5e5'"):
+        ModelConfig.from_hf(d)
+
+
+def test_null_optional_keys_keep_their_defaults():
+    d = {**tiny_config().to_hf(), "num_key_value_heads": None, "head_dim": None}
+    c = ModelConfig.from_hf(d)
+    assert c.n_kv_heads == c.n_heads and c.head_dim == c.dim // c.n_heads
+    assert ModelConfig.from_hf({**d, "rms_norm_eps": 1e-6, "rope_theta": 1000000}).rope_theta == 1000000
+
+
+@pytest.mark.parametrize("field,key,value", [
+    ("vocab_size", "vocab_size", 0), ("dim", "hidden_size", "64"), ("n_layers", "num_hidden_layers", 2.0),
+    ("n_heads", "num_attention_heads", -4), ("n_kv_heads", "num_key_value_heads", True),
+    ("ffn_dim", "intermediate_size", 0), ("head_dim", "head_dim", -2),
+    ("max_position_embeddings", "max_position_embeddings", 0), ("sliding_window", "sliding_window", -1),
+    ("rms_norm_eps", "rms_norm_eps", 0.0), ("rope_theta", "rope_theta", float("nan")),
+])
+def test_direct_construction_is_validated_too(field, key, value):
+    with pytest.raises(ValueError, match=rf"^{key}: expected a "):
+        tiny_config(**{field: value})
