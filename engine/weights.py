@@ -9,10 +9,11 @@ naming the tensor and the file.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from engine.config import ModelConfig
 from engine.model import Transformer
@@ -88,15 +89,54 @@ def _ignored(name: str, config: ModelConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
 
 
+@contextmanager
+def _open(file: Path):
+    """safe_open(file), with a corrupt or truncated file reported as WeightsError naming it."""
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise WeightsError(f"{file}: not a valid safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _hf_blobs(folder: Path) -> Path | None:
+    """The blobs/ folder a HF hub cache snapshot (models--org--name/snapshots/<rev>) symlinks its files into."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent / "blobs"
+    return None
+
+
+def _index_entry(path: Path, index: Path, name: str, fname: object) -> Path:
+    """The file an index entry names, refused (WeightsError naming the entry) unless it is a relative path inside
+    the model folder: no absolute path, no '..', no symlink out of the folder (except a HF cache snapshot's
+    symlinks into its repo's blobs/)."""
+    if not isinstance(fname, str) or not fname:
+        raise WeightsError(f"{index}: tensor {name} is mapped to {fname!r}, not a file name")
+    lexical = PurePosixPath(fname.replace("\\", "/"))
+    bad = lexical.is_absolute() or PureWindowsPath(fname).drive or ".." in lexical.parts
+    file = path / lexical
+    if not bad and file.exists():
+        real, roots = file.resolve(), [path.resolve()]
+        if (blobs := _hf_blobs(path)) is not None:
+            roots.append(blobs.resolve())
+        bad = not any(real.is_relative_to(r) for r in roots)
+    if bad:
+        raise WeightsError(f"{index}: tensor {name} is mapped to {fname!r}, which is outside the model folder {path} "
+                           f"(absolute paths, '..' and symlinks out of the folder are refused)")
+    return file
+
+
 def checkpoint_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it (reads headers only)."""
     index = path / INDEX_FILE
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise WeightsError(f"{index}: not a safetensors index ({e})") from e
-        files = {name: path / fname for name, fname in weight_map.items()}
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{index}: weight_map is not a JSON object")
+        files = {name: _index_entry(path, index, name, fname) for name, fname in weight_map.items()}
         for name, f in files.items():
             if not f.is_file():
                 raise WeightsError(f"{index}: tensor {name} is mapped to {f.name}, which does not exist")
@@ -104,7 +144,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     single = path / SINGLE_FILE
     if not single.is_file():
         raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
-    with safe_open(single, framework="pt") as f:
+    with _open(single) as f:
         return {name: single for name in f.keys()}
 
 
@@ -133,7 +173,7 @@ def load_state_dict(
 
     hf: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with _open(file) as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:

@@ -145,3 +145,78 @@ def test_no_weights_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA.to_hf()))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         engine.load(tmp_path)
+
+
+# ---- index entries must stay in the model folder; corrupt files are named ---------------------------------------
+def _sharded(tmp_path, name="m"):
+    path = save_checkpoint(tmp_path / name, LLAMA, random_hf_state(LLAMA), shards=2)
+    return path, json.loads((path / INDEX_FILE).read_text())
+
+
+def _remap(path, index, tensor, target) -> None:
+    index["weight_map"][tensor] = target
+    (path / INDEX_FILE).write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "dotdot_inside", "symlink_out"])
+def test_index_entry_outside_the_folder_is_refused(tmp_path, how):
+    path, index = _sharded(tmp_path)
+    tensor = "model.norm.weight"
+    shard = path / index["weight_map"][tensor]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    copy = outside / shard.name
+    copy.write_bytes(shard.read_bytes())  # a valid file: only its place is wrong
+    target = {"absolute": str(copy), "dotdot": f"../elsewhere/{shard.name}",
+              "dotdot_inside": f"sub/../{shard.name}", "symlink_out": "linked.safetensors"}[how]
+    if how == "symlink_out":
+        (path / target).symlink_to(copy)
+    if how == "dotdot_inside":
+        (path / "sub").mkdir()
+    _remap(path, index, tensor, target)
+    with pytest.raises(WeightsError, match="outside the model folder") as e:
+        load_state_dict(path, LLAMA)
+    assert tensor in str(e.value) and repr(target) in str(e.value) and INDEX_FILE in str(e.value)
+
+
+def test_index_entry_symlink_inside_the_folder_and_hf_cache_blobs_are_accepted(tmp_path):
+    path, index = _sharded(tmp_path)
+    tensor = "model.norm.weight"
+    shard = index["weight_map"][tensor]
+    (path / "sub").mkdir()
+    (path / "sub" / "alias.safetensors").symlink_to(path / shard)
+    _remap(path, index, tensor, "sub/alias.safetensors")
+    expected = load_state_dict(path, LLAMA)
+    # the HF hub cache layout: snapshots/<rev>/<file> -> ../../blobs/<hash>
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in path.iterdir():
+        if f.is_file() and not f.is_symlink():
+            (blobs / f"blob-{f.name}").write_bytes(f.read_bytes())
+            (snap / f.name).symlink_to(f"../../blobs/blob-{f.name}")
+    _remap(snap, index, tensor, shard)  # writes through the snapshot's symlink into its blob
+    got = load_state_dict(snap, LLAMA)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+@pytest.mark.parametrize("entry", [7, None, ["a.safetensors"]])
+def test_index_entry_not_a_file_name_is_refused(tmp_path, entry):
+    path, index = _sharded(tmp_path)
+    _remap(path, index, "model.norm.weight", entry)
+    with pytest.raises(WeightsError, match=r"model\.norm\.weight"):
+        load_state_dict(path, LLAMA)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header_only", "garbage", "empty"])
+@pytest.mark.parametrize("shards", [1, 2])
+def test_corrupt_safetensors_file_is_named(tmp_path, damage, shards):
+    path = save_checkpoint(tmp_path / "m", LLAMA, random_hf_state(LLAMA), shards=shards)
+    victim = sorted(path.glob("*.safetensors"))[-1]
+    data = victim.read_bytes()
+    victim.write_bytes({"truncated": data[:-100], "header_only": data[:5], "garbage": b"\x00garbage\xff" * 10,
+                        "empty": b""}[damage])
+    with pytest.raises(WeightsError, match="not a valid safetensors file") as e:
+        load_state_dict(path, LLAMA)
+    assert str(victim) in str(e.value)
