@@ -85,6 +85,12 @@ class Adapter(ABC):
     def available(cls) -> tuple[bool, str]:
         """(True, version string) or (False, 'not installed: <hint>' / another reason). Never raises."""
 
+    @classmethod  # noqa: B027 - an optional hook, not abstract
+    def validate_options(cls, opts: dict[str, Any]) -> None:
+        """Check a suite's [options.<engine>] table in the parent, before any worker starts (the suite loader
+        calls it; a failure is a suite error, exit 2). Raise ValueError(key, message) to name the bad option
+        (a one-argument ValueError whose message starts with the key works too). Default: accept anything."""
+
     def version(self) -> str:
         ok, why = self.available()
         return why if ok else "unavailable"

@@ -16,18 +16,23 @@ Timing convention (the same for every server, so rows compare):
   and streams that end without a finish_reason or [DONE] give finish_reason "error" with the message; the tokens that
   arrived before the failure are kept.
 
-Options (opts): base_url (required, e.g. http://127.0.0.1:8000), model (name sent; default the spec's name),
-api_key_env (env var holding a bearer key; default OPENAI_API_KEY, unset = no header), timeout (s, whole request;
+Options (opts): base_url (required, e.g. http://127.0.0.1:8000; a host other than 127.0.0.0/8, ::1 or localhost is
+refused unless allow_remote = true), model (name sent; default the spec's name), api_key_env (env var holding a
+bearer key; default OPENAI_API_KEY, unset = no header; any other name must also be listed in allow_env, so a suite
+cannot send an arbitrary variable's value to a server without saying so), timeout (s, whole request;
 default 600), endpoint (completions | chat), prompt (auto | text | ids; auto = text when the request has prompt_text),
 max_concurrency (default: all requests at once), extensions (default True: also send top_k, seed, ignore_eos,
 stop_token_ids that vLLM / llama.cpp / SGLang accept), extra_body (dict merged into every request body),
-include_usage (default True: stream_options.include_usage).
+include_usage (default True: stream_options.include_usage). validate_options() checks all of them; load() applies
+the same checks, so no path into the adapter skips the loopback and environment rules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +40,61 @@ from adapters.base import Adapter, GenRequest, GenResult, ModelSpec, now, packag
 from adapters.sse import SSEEvent, SSEParser
 
 INSTALL_HINT = "pip install httpx  (or pip install -e '.[http]')"
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"  # the one variable a suite may name without listing it in allow_env
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
+    "base_url": str, "model": str, "api_key_env": str, "allow_env": list, "allow_remote": bool,
+    "timeout": (int, float), "endpoint": str, "prompt": str, "max_concurrency": int, "extensions": bool,
+    "extra_body": dict, "include_usage": bool,
+}
+CHOICES = {"endpoint": ("completions", "chat"), "prompt": ("auto", "text", "ids")}
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost; names are never resolved."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_options(opts: dict[str, Any]) -> None:
+    """Raise ValueError(key, message) for the first bad option (see the module docstring)."""
+    from urllib.parse import urlsplit
+
+    for k, v in opts.items():
+        typ = OPTION_TYPES.get(k)
+        if typ is None:
+            raise ValueError(k, f"unknown option; expected one of {', '.join(sorted(OPTION_TYPES))}")
+        if not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool):
+            raise ValueError(k, f"expected {getattr(typ, '__name__', 'a number')}, got {type(v).__name__}")
+    if not opts.get("base_url"):
+        raise ValueError("base_url", "required (e.g. http://127.0.0.1:8000)")
+    parts = urlsplit(opts["base_url"])
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("base_url", f"{opts['base_url']!r}: expected http://HOST:PORT")
+    if not is_loopback(parts.hostname) and opts.get("allow_remote") is not True:
+        raise ValueError("base_url", f"{opts['base_url']!r} is not a loopback address (127.0.0.0/8, ::1, "
+                                     "localhost); set allow_remote = true to send requests to another host")
+    allowed = opts.get("allow_env", [])
+    for i, name in enumerate(allowed):
+        if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
+            raise ValueError("allow_env", f"[{i}]: {name!r} is not an environment variable name")
+    key_env = opts.get("api_key_env", DEFAULT_KEY_ENV)
+    if not ENV_NAME.fullmatch(key_env):
+        raise ValueError("api_key_env", f"{key_env!r} is not an environment variable name")
+    if key_env != DEFAULT_KEY_ENV and key_env not in allowed:
+        raise ValueError("api_key_env", f"{key_env!r} is neither {DEFAULT_KEY_ENV} nor listed in allow_env: its "
+                                        "value would be sent as a bearer token; add it to allow_env to allow that")
+    for k, allowed_values in CHOICES.items():
+        if k in opts and opts[k] not in allowed_values:
+            raise ValueError(k, f"{opts[k]!r}; expected one of {', '.join(allowed_values)}")
+    if "timeout" in opts and not opts["timeout"] > 0:
+        raise ValueError("timeout", f"must be > 0 seconds, got {opts['timeout']}")
+    if "max_concurrency" in opts and opts["max_concurrency"] < 1:
+        raise ValueError("max_concurrency", f"must be >= 1, got {opts['max_concurrency']}")
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -173,18 +233,22 @@ class OpenAIHTTPAdapter(Adapter):
         ok, ver = package_version("httpx")
         return (True, f"httpx {ver} (any OpenAI-compatible server)") if ok else (False, f"not installed: {INSTALL_HINT}")
 
+    @classmethod
+    def validate_options(cls, opts: dict[str, Any]) -> None:
+        check_options(opts)
+
     def load(self, model: ModelSpec, opts: dict[str, Any] | None = None) -> None:
         opts = dict(opts or {})
-        if not opts.get("base_url"):
-            raise ValueError("openai_http: opts base_url is required (e.g. http://127.0.0.1:8000)")
-        for key, allowed in (("endpoint", ("completions", "chat")), ("prompt", ("auto", "text", "ids"))):
-            if opts.get(key) is not None and opts[key] not in allowed:
-                raise ValueError(f"openai_http: opts {key}={opts[key]!r}; expected one of {allowed}")
+        try:
+            check_options(opts)  # again here: the adapter is also used without a suite (tests, scripts)
+        except ValueError as exc:
+            key, msg = exc.args if len(exc.args) == 2 else ("", str(exc))
+            raise ValueError(f"openai_http: opts {key}: {msg}") from None
         self.opts = opts
         self.base_url = str(opts["base_url"]).rstrip("/").removesuffix("/v1")
         self.model_name = str(opts.get("model") or model.name)
         self.timeout = float(opts.get("timeout", 600.0))
-        key = os.environ.get(str(opts.get("api_key_env", "OPENAI_API_KEY")), "")
+        key = os.environ.get(str(opts.get("api_key_env", DEFAULT_KEY_ENV)), "")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     # -- requests --------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def run(
 
     try:
         suite = load(suite_file)
-        cells = select(suite.cells, parse_filters(only))
+        cells = select(suite.cells, parse_filters(only), str(suite_file))
         if not cells:
             raise SuiteError(f"{suite_file}: no cell matches {' '.join(only)} (of {len(suite.cells)} cells)")
     except SuiteError as exc:

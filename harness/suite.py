@@ -10,8 +10,8 @@ A suite file:
     engine_warmup_s = 3.0            # optional: small generate calls after load, before the first cell
                                      # (default 3 s for cuda models, 0 for cpu: clocks, lazy kernel loading)
 
-    [options.anvil]                  # optional: load options handed to that engine's adapter.load()
-    max_seq_len = 512
+    [options.anvil]                  # optional: load options handed to that engine's adapter.load(), checked
+    max_seq_len = 512                # at load by the adapter class's validate_options()
 
     [[models]]
     name = "tiny"                    # 'tiny', a local directory, an HF repo id in the local cache, 'synthetic:<preset>'
@@ -25,16 +25,21 @@ A suite file:
     prompt_len = 64
 
 Cells are engine x model x scenario x expanded params. Relative model paths are taken from the current directory.
+The suite name names the run folder, so it is a plain token ([A-Za-z0-9._-], no path). Throughput and latency cells
+whose prompt_len + gen_len exceed the model's known context are refused here, as long_context refuses at run time.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapters import base as adapter_base
 from adapters.base import REGISTRY, ModelSpec
 from harness import scenarios as scenario_registry
 from harness.scenarios import REQUIRED, Param
@@ -45,6 +50,11 @@ SUITE_KEYS = {"name", "description", "engines", "cell_timeout_s", "engine_warmup
 TOP_KEYS = {"suite", "models", "scenarios", "options"}
 MODEL_KEYS = {"name", "dtype", "device"}
 SCENARIO_COMMON_KEYS = {"type", "engines"}
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a run folder name: no separators, no '..'
+# Sanity bounds on lengths: a typo like gen_len = 10000000 must not run for a day before anyone notices.
+MAX_LEN = {"gen_len": 1_000_000, "output_len": 1_000_000, "decode_tokens": 1_000_000, "n_tokens": 1_000_000,
+           "prompt_len": 10_000_000}
+CONTEXT_CHECKED = ("throughput", "latency")  # prompt_len + gen_len must fit the model's context
 
 
 class SuiteError(ValueError):
@@ -188,8 +198,13 @@ class _Checker:
 
     def param(self, key: str, value: Any, p: Param) -> Any:
         value = self.expect(key, value, p.type)
+        if isinstance(value, float) and math.isnan(value):
+            raise self.fail(key, "must be a number, got nan")
         if p.min is not None and value < p.min:
             raise self.fail(key, f"must be >= {p.min}, got {value}")
+        bound = MAX_LEN.get(key.rsplit(".", 1)[-1].split("[", 1)[0])
+        if bound is not None and value > bound:
+            raise self.fail(key, f"must be <= {bound:,}, got {value:,}")
         return value
 
 
@@ -225,15 +240,24 @@ def parse(text: str, source: str, resolve: bool = True) -> Suite:
     c.table("", doc, TOP_KEYS, required=("suite", "models", "scenarios"))
     head = c.table("suite", doc["suite"], SUITE_KEYS, required=("name", "engines"))
     name = c.expect("suite.name", head["name"], str)
+    if not NAME_RE.fullmatch(name):
+        raise c.fail("suite.name", f"{name!r} is not a plain name: use letters, digits, '.', '_' and '-' (at most "
+                                   "100, starting with a letter or digit); it names the run folder")
     description = c.expect("suite.description", head.get("description", ""), str)
     engines = c.engine_list("suite.engines", head["engines"])
     timeout = c.expect("suite.cell_timeout_s", head.get("cell_timeout_s", 1800.0), float)
+    if not timeout > 0:
+        raise c.fail("suite.cell_timeout_s", f"must be > 0 seconds, got {timeout}")
     warmup = head.get("engine_warmup_s")
     if warmup is not None:
         warmup = c.expect("suite.engine_warmup_s", warmup, float)
+        if not 0 <= warmup < math.inf:
+            raise c.fail("suite.engine_warmup_s", f"must be a finite number >= 0 seconds, got {warmup}")
 
     options = c.table("options", doc.get("options", {}), set(engines))
     options = {e: dict(c.table(f"options.{e}", o, set(o) if isinstance(o, dict) else set())) for e, o in options.items()}
+    for e, o in options.items():
+        _validate_options(c, e, o)
 
     models_raw = doc["models"]
     if not isinstance(models_raw, list) or not models_raw:
@@ -257,6 +281,8 @@ def parse(text: str, source: str, resolve: bool = True) -> Suite:
     if not isinstance(scen_raw, list) or not scen_raw:
         raise c.fail("scenarios", f"expected a non-empty array of tables ([[scenarios]]), got {_tname(scen_raw)}")
     entries = [_scenario(c, f"scenarios[{i}]", s, engines) for i, s in enumerate(scen_raw)]
+    for i, entry in enumerate(entries):
+        _check_context(c, f"scenarios[{i}]", entry, models)
     return Suite(name, description, engines, tuple(models), tuple(entries), source, text, timeout, options, warmup)
 
 
@@ -303,13 +329,66 @@ def _scenario(c: _Checker, key: str, s: Any, engines: tuple[str, ...]) -> Scenar
     return entry
 
 
+def _validate_options(c: _Checker, engine: str, opts: dict[str, Any]) -> None:
+    """The adapter class's own check of its [options.<engine>] (imported through the lazy registry; an adapter
+    module that cannot be imported here is not checked: its cells will say why at run time)."""
+    try:
+        cls = adapter_base.adapter_class(engine)
+    except Exception:
+        return
+    try:
+        cls.validate_options(dict(opts))
+    except ValueError as exc:
+        key, msg = _option_key(exc, opts)
+        raise c.fail(f"options.{engine}" + (f".{key}" if key else ""), msg) from None
+
+
+def _option_key(exc: ValueError, opts: dict[str, Any]) -> tuple[str, str]:
+    """(option key, message) from ValueError(key, message), or from a message that starts with a known key."""
+    if len(exc.args) == 2 and all(isinstance(a, str) for a in exc.args):
+        return exc.args[0], exc.args[1]
+    msg = str(exc)
+    for k in sorted(opts, key=len, reverse=True):
+        m = re.match(rf"(?:\w+: )?(?:opts |options\.\w+\.)?{re.escape(k)}\b[:=]?\s*", msg)
+        if m:
+            return k, msg[m.end():] or msg
+    return "", msg
+
+
+def _check_context(c: _Checker, key: str, entry: ScenarioEntry, models: list[ModelEntry]) -> None:
+    """Throughput / latency cells whose prompt + generated tokens exceed a model's known context are refused."""
+    if entry.type not in CONTEXT_CHECKED:
+        return
+    from harness.scenarios.long_context import context_limit
+
+    params = dict(entry.params)
+    prompt = max(params["prompt_len"] if isinstance(params["prompt_len"], tuple) else (params["prompt_len"],))
+    gen = max(params["gen_len"] if isinstance(params["gen_len"], tuple) else (params["gen_len"],))
+    for mi, m in enumerate(models):
+        try:
+            limit, source = context_limit(m.spec, {})
+        except (OSError, ValueError):  # an unreadable config.json: the engine's load will say
+            continue
+        if limit is not None and prompt + gen > limit:
+            raise c.fail(f"{key}.prompt_len", f"prompt_len {prompt} + gen_len {gen} = {prompt + gen} exceeds the "
+                         f"context of models[{mi}] {m.name!r}: {limit} tokens ({source}); refused, not truncated")
+
+
 def load(path: str | Path, resolve: bool = True) -> Suite:
     """Read and validate a suite file. Raises SuiteError naming the file and the key."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except OSError as exc:
         raise SuiteError(f"{path}: cannot read suite file: {exc.strerror or exc}") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise SuiteError(f"{path}: starts with a UTF-8 byte-order mark (BOM); save the file as UTF-8 without BOM")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SuiteError(f"{path}: line {line}: not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                         "suite files are UTF-8") from None
     return parse(text, str(path), resolve=resolve)
 
 
@@ -332,8 +411,31 @@ CELL_ATTRS = {"engine": lambda c: c.engine, "scenario": lambda c: c.scenario, "m
               "dtype": lambda c: c.model.dtype, "device": lambda c: c.model.device}
 
 
-def select(cells: list[Cell], filters: dict[str, Any]) -> list[Cell]:
+def _kind(v: Any) -> str:
+    """Filter values compare within a kind: true is not 1, and 8 matches 8.0."""
+    return "bool" if isinstance(v, bool) else "number" if isinstance(v, int | float) else type(v).__name__
+
+
+def select(cells: list[Cell], filters: dict[str, Any], source: str = "") -> list[Cell]:
     """The cells matching every filter: engine, scenario, model (its name as written in the suite), dtype, device,
-    or a scenario parameter (batch=8). No filters: all cells."""
+    or a scenario parameter (batch=8). No filters: all cells. A key no cell has, or a value of another kind than
+    the cells' values (batch=true), raises SuiteError naming `source` and the key."""
+    where = f"{source}: " if source else ""
+    filters = {k: (str(v).lower() if isinstance(v, bool) else str(v)) if k in CELL_ATTRS else v
+               for k, v in filters.items()}
+    for k, v in filters.items():
+        if k in CELL_ATTRS:
+            continue
+        values = [c.param_dict[k] for c in cells if k in c.param_dict]
+        if not values:
+            known = sorted(set(CELL_ATTRS) | {p for c in cells for p in c.param_dict})
+            raise SuiteError(f"{where}--only {k}: unknown filter key; expected one of {', '.join(known)}")
+        kinds = {_kind(x) for x in values}
+        if _kind(v) not in kinds:
+            raise SuiteError(f"{where}--only {k}: expected {' or '.join(sorted(kinds))}, got {_kind(v)} {v!r}")
     return [c for c in cells
-            if all((CELL_ATTRS[k](c) if k in CELL_ATTRS else c.param_dict.get(k)) == v for k, v in filters.items())]
+            if all(_kind(got := (CELL_ATTRS[k](c) if k in CELL_ATTRS else c.param_dict.get(k, _ABSENT))) == _kind(v)
+                   and got == v for k, v in filters.items())]
+
+
+_ABSENT = object()

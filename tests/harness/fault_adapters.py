@@ -3,10 +3,14 @@
 They are registered in adapters.base.REGISTRY by the tests as "fault_adapters:<Class>" (the runner hands the
 registry entry to its worker process). A request's max_new_tokens selects the fault, so one suite can hold good
 and bad cells: 13 raises (RaisingAdapter), SIGKILLs the worker (KillingAdapter) or hangs (HangingAdapter).
+MarkingAdapter leaves files in opts["marker_dir"] (its pid; 'hang' when it reaches the 13 cell, where it hangs with
+a child process of its own) so tests can watch a worker from outside; SpawningAdapter's generate() runs a
+multiprocessing child, as vLLM does; OptionCheckingAdapter has a validate_options().
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import time
@@ -69,3 +73,50 @@ class MissingAdapter(FakeAdapter):
     @classmethod
     def available(cls) -> tuple[bool, str]:
         return False, "not installed: pip install missing-engine"
+
+
+class OptionCheckingAdapter(FakeAdapter):
+    @classmethod
+    def validate_options(cls, opts: dict) -> None:
+        if opts.get("depth", 1) < 1:
+            raise ValueError("depth", f"must be >= 1, got {opts['depth']}")
+        if "colour" in opts:
+            raise ValueError(f"colour: not an option of this engine (got {opts['colour']!r})")
+
+
+def _sleep_forever() -> None:
+    time.sleep(3600)
+
+
+def _put_pid(q) -> None:
+    q.put(os.getpid())
+
+
+class MarkingAdapter(FakeAdapter):
+    def load(self, model: ModelSpec, opts=None) -> None:
+        super().load(model, opts)
+        self.dir = opts["marker_dir"]
+        with open(os.path.join(self.dir, "pid"), "w") as f:
+            f.write(str(os.getpid()))
+
+    def fault(self, request: GenRequest) -> None:
+        if request.max_new_tokens == TRIGGER:
+            child = mp.get_context("spawn").Process(target=_sleep_forever)
+            child.start()
+            with open(os.path.join(self.dir, "child"), "w") as f:
+                f.write(str(child.pid))
+            with open(os.path.join(self.dir, "hang"), "w") as f:
+                f.write("")
+            time.sleep(3600)
+
+
+class SpawningAdapter(FakeAdapter):
+    def fault(self, request: GenRequest) -> None:
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        child = ctx.Process(target=_put_pid, args=(q,))
+        child.start()  # raises in a daemonic worker: "daemonic processes are not allowed to have children"
+        pid = q.get(timeout=60)
+        child.join(60)
+        if pid == os.getpid() or child.exitcode != 0:
+            raise RuntimeError(f"child process failed: exit code {child.exitcode}")
