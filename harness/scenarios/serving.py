@@ -1,7 +1,8 @@
 """Serving scenario: drive an OpenAI-compatible server with the async load generator; TTFT/TPOT/ITL/E2E, goodput.
 
 The server is, in order: `base_url` from the cell; else one started by `launch` (a command line in which "{port}",
-"{host}", "{model}", "{model_path}" are filled in; polled on GET /v1/models until ready, stopped after the cell);
+"{host}", "{model}", "{model_path}" are filled in; polled on GET /v1/models until ready, stopped after the cell;
+its stdout and stderr go to artifacts/serving/<cell>.server.log in the run folder, never to a pipe nobody reads);
 else the adapter's own `base_url` (the openai_http engine). Only loopback targets unless allow_remote = true.
 The suite sweeps `concurrency` (fixed in-flight ceiling) or `request_rate` (Poisson / gamma arrivals, vLLM's
 burstiness convention) into one cell per value. Definitions of every metric: harness/loadgen.py.
@@ -12,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shlex
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -128,9 +131,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _tail(path: str, n: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - n))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 @contextlib.contextmanager
-def launched_server(cmd: list[str] | str, fill: dict[str, str], timeout_s: float = 120.0) -> Iterator[str]:
-    """Start a server process, wait until GET {base}/v1/models answers, yield its base_url, then stop it."""
+def launched_server(cmd: list[str] | str, fill: dict[str, str], timeout_s: float = 120.0,
+                    log_path: str | os.PathLike | None = None) -> Iterator[str]:
+    """Start a server process, wait until GET {base}/v1/models answers, yield its base_url, then stop it.
+    Its stdout + stderr go to `log_path` (a pipe nobody drains would block a chatty server once it fills); without
+    one, to a temporary file removed afterwards."""
     import httpx
 
     fill = dict(fill)
@@ -140,20 +155,30 @@ def launched_server(cmd: list[str] | str, fill: dict[str, str], timeout_s: float
     argv = [a.format(**fill) for a in argv]
     base = f"http://{fill['host']}:{fill['port']}"
     loadgen.check_target(base)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    temporary = log_path is None
+    if temporary:
+        fd, log = tempfile.mkstemp(prefix="anvil-server-", suffix=".log")
+        os.close(fd)
+    else:
+        log = os.fspath(log_path)
+        os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
+    with open(log, "ab") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=os.environ.copy())
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                out = proc.stdout.read()[-2000:] if proc.stdout else ""
-                raise RuntimeError(f"server exited with code {proc.returncode} before it was ready: {argv}\n{out}")
+                raise RuntimeError(f"server exited with code {proc.returncode} before it was ready: {argv}\n"
+                                   f"last output ({log}):\n{_tail(log)}")
             try:
                 if httpx.get(base + "/v1/models", timeout=2.0, trust_env=False).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {timeout_s:.0f} s: {argv}")
+                raise RuntimeError(f"server not ready after {timeout_s:.0f} s: {argv}\nlast output ({log}):\n"
+                                   f"{_tail(log)}")
             time.sleep(0.25)
         yield base
     finally:
@@ -163,6 +188,9 @@ def launched_server(cmd: list[str] | str, fill: dict[str, str], timeout_s: float
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        if temporary:
+            with contextlib.suppress(OSError):
+                os.unlink(log)
 
 
 def run(adapter, params: dict, ctx) -> tuple[dict, dict]:
@@ -170,21 +198,29 @@ def run(adapter, params: dict, ctx) -> tuple[dict, dict]:
     adapter's own base_url (the openai_http engine)."""
     url = params.get("base_url") or (None if params.get("launch") else getattr(adapter, "base_url", None)) or None
     fill = {"model": str(getattr(ctx, "model_name", "") or ""), "model_path": str(getattr(ctx, "model_path", "") or "")}
-    out = run_serving(params, url, fill, vocab_size=ctx.vocab_size)
+    log = None
+    if getattr(ctx, "out_dir", None) is not None:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{ctx.case_id}-{ctx.engine}")
+        log = os.path.join(ctx.out_dir, "artifacts", "serving", f"{name}.server.log")
+    out = run_serving(params, url, fill, vocab_size=ctx.vocab_size, log_path=log)
     samples = {"requests": out["samples"], "telemetry": out["telemetry"], "info": out["info"]}
     return M.clean(out["metrics"]), samples
 
 
 def run_serving(
-    params: dict[str, Any], base_url: str | None = None, fill: dict[str, str] | None = None, vocab_size: int = 512
+    params: dict[str, Any], base_url: str | None = None, fill: dict[str, str] | None = None, vocab_size: int = 512,
+    log_path: str | os.PathLike | None = None,
 ) -> dict:
     """One serving cell -> {"metrics": flat floats, "samples": per-request raw timings, "telemetry", "info"}.
-    `base_url` wins over params["base_url"]; without either, params["launch"] starts a server first."""
+    `base_url` wins over params["base_url"]; without either, params["launch"] starts a server first (its output
+    to `log_path`, named in info.server_log)."""
     url = base_url or params.get("base_url")
     if params.get("launch") and not url:
         timeout = float(params.get("launch_timeout_s", PARAMS["launch_timeout_s"].default))
-        with launched_server(params["launch"], fill or {}, timeout) as launched:
-            return _measure(params, launched, vocab_size)
+        with launched_server(params["launch"], fill or {}, timeout, log_path) as launched:
+            out = _measure(params, launched, vocab_size)
+        out["info"]["server_log"] = os.fspath(log_path) if log_path else None
+        return out
     return _measure(params, url, vocab_size)
 
 
