@@ -1,0 +1,58 @@
+"""Kernel cases for Triton's CPU interpreter. TRITON_INTERPRET must be set before triton is first imported, so the
+CPU kernel tests run these in one child process (`python -m tests.engine.quant.interp_cases < cases.json`), or in
+the test process itself when it was started with TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+FLOOR = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 4e-3}
+
+
+def error_and_bound(out: torch.Tensor, x: torch.Tensor, w_deq: torch.Tensor) -> tuple[float, float]:
+    """|kernel - ref64| and its bound 2 * |torch same precision - ref64| + floor (w_deq: float32 [N, K])."""
+    ref = x.double() @ w_deq.double().T
+    same = F.linear(x, w_deq.to(x.dtype)).double()
+    if not torch.isfinite(out).all():
+        return float("inf"), 0.0
+    err = (out.double() - ref).abs().max().item()
+    floor = FLOOR[str(x.dtype).removeprefix("torch.")] * ref.abs().max().item()
+    return err, 2 * (same - ref).abs().max().item() + floor
+
+
+def run_case(kind: str, n: int, k: int, m: int, dtype: str, group: int = 128, bias: bool = False,
+             device: str = "cpu", seed: int = 0) -> tuple[float, float]:
+    from engine.kernels.triton.int4_gemm import int4_gemm
+    from engine.kernels.triton.int4_gemv import int4_gemv
+    from engine.kernels.triton.nf4_gemv import nf4_gemv
+    from engine.quant.int4 import dequantize, quantize_rtn
+    from engine.quant.nf4 import code_table, dequantize_nf4, quantize_nf4
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(m, k, generator=g).to(device, dt)
+    b = torch.randn(n, generator=g).to(device, dt) if bias else None
+    if kind == "nf4_gemv":
+        p = quantize_nf4(w)
+        out = nf4_gemv(x, p.qweight.to(device), p.absmax.to(device), code_table(device))
+        return error_and_bound(out, x, dequantize_nf4(p).to(device))
+    p = quantize_rtn(w, group).to(device, dt)
+    fn = {"int4_gemv": int4_gemv, "int4_gemm": int4_gemm}[kind]
+    out = fn(x, p.qweight, p.scales, p.zeros, group, bias=b)
+    if b is not None:
+        out = out - b
+    return error_and_bound(out, x, dequantize(p))
+
+
+def main() -> None:
+    cases = json.load(sys.stdin)
+    print(json.dumps([run_case(**c) for c in cases]))
+
+
+if __name__ == "__main__":
+    main()

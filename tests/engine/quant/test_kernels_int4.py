@@ -1,0 +1,117 @@
+"""The int4 GEMV / GEMM and NF4 GEMV Triton kernels against the torch reference (dequantize, then matmul).
+
+Error bound (flash-attention's rule): |kernel - ref64| <= 2 * |torch same precision - ref64| + a small floor,
+where ref64 is the float64 product of x and the dequantized weights. On the CPU the kernels run under Triton's
+interpreter (in one child process, tests/engine/quant/interp_cases.py) at small, awkward sizes; the `gpu` tests use
+real Llama-3-8B shapes. bf16 is tested on the GPU only: under the interpreter (Triton 3.8) a bf16 tl.dot gave
+garbage (~1e11) and the bf16 GEMV up to ~1 ulp off, an emulation limit, not the kernels'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.engine.quant.interp_cases import run_case
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available (torch.cuda.is_available() is False)")
+REPO = Path(__file__).resolve().parents[3]
+
+CPU_SHAPES = [(96, 256), (200, 384)]
+CPU_DTYPES = ["float32", "float16"]
+CPU_CASES = (
+    [dict(kind="int4_gemv", n=n, k=k, m=m, dtype=d, seed=n + m) for n, k in CPU_SHAPES for m in (1, 3, 8)
+     for d in CPU_DTYPES]
+    + [dict(kind="int4_gemm", n=n, k=k, m=m, dtype=d, seed=n + m) for n, k in CPU_SHAPES for m in (3, 17)
+       for d in CPU_DTYPES]
+    + [dict(kind=kd, n=40, k=256, m=5, dtype="float32", group=gr, bias=True) for kd in ("int4_gemv", "int4_gemm")
+       for gr in (32, 64)]
+    + [dict(kind="nf4_gemv", n=n, k=k, m=m, dtype=d, seed=m) for n, k in ((96, 256), (200, 320)) for m in (1, 3, 8)
+       for d in CPU_DTYPES]
+)
+
+
+def case_id(c: dict) -> str:
+    extra = f"-g{c['group']}-bias" if "group" in c else ""
+    return f"{c['kind']}-{c['n']}x{c['k']}-m{c['m']}-{c['dtype']}{extra}"
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, tuple[float, float]]:
+    """(error, bound) of every CPU case, run under TRITON_INTERPRET=1 (in a child process unless this one has it)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {case_id(c): run_case(**c) for c in CPU_CASES}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "tests.engine.quant.interp_cases"], input=json.dumps(CPU_CASES),
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert proc.returncode == 0, f"interpreter child failed:\n{proc.stderr[-3000:]}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {case_id(c): tuple(r) for c, r in zip(CPU_CASES, results, strict=True)}
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
+def test_kernel_cpu_interpreter(case, interpreted):
+    err, bound = interpreted[case_id(case)]
+    assert err <= bound, f"{case_id(case)}: max error {err:.3g} > bound {bound:.3g}"
+
+
+def test_int4_launcher_rejects_bad_shapes():
+    from engine.kernels.triton.int4_gemv import int4_gemv
+    from engine.quant.int4 import quantize_rtn
+
+    p = quantize_rtn(torch.randn(96, 256), 128)
+    with pytest.raises(AssertionError, match="M <= 8"):
+        int4_gemv(torch.zeros(9, 256), p.qweight, p.scales, p.zeros, 128)
+    with pytest.raises(AssertionError, match="qweight"):
+        int4_gemv(torch.zeros(1, 384), p.qweight, p.scales, p.zeros, 128)
+
+
+def poison() -> None:
+    torch.empty(1 << 26, device="cuda").fill_(float("nan"))  # unwritten outputs show up as NaN
+
+
+# ------------------------------------------------------------------------------------------------------- GPU
+GPU_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (6144, 4096)]  # (N, K): wo, w1/w3, w2, qkv
+GPU_DTYPES = ["bfloat16", "float16"]
+
+
+def gpu_case(**kw) -> None:
+    poison()
+    err, bound = run_case(device="cuda", **kw)
+    assert err <= bound, f"{kw}: max error {err:.3g} > bound {bound:.3g}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("n,k", GPU_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 8, 17, 128])
+def test_int4_matmul_gpu(n, k, m, dtype):
+    gpu_case(kind="int4_gemv" if m <= 8 else "int4_gemm", n=n, k=k, m=m, dtype=dtype, seed=m)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 3, 8, 32])
+@pytest.mark.parametrize("n,k", [(96, 256), (200, 384), (4000, 4096)])
+def test_int4_gemm_small_m_and_awkward_gpu(n, k, m):
+    gpu_case(kind="int4_gemm", n=n, k=k, m=m, dtype="bfloat16", seed=n)
+    if m <= 8:
+        gpu_case(kind="int4_gemv", n=n, k=k, m=m, dtype="bfloat16", seed=n)
+    gpu_case(kind="int4_gemv" if m <= 8 else "int4_gemm", n=n, k=k, m=m, dtype="float32", group=64, bias=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("n,k", GPU_SHAPES + [(200, 384)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_nf4_gemv_gpu(n, k, m, dtype):
+    gpu_case(kind="nf4_gemv", n=n, k=k, m=m, dtype=dtype, seed=m)
