@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,6 +43,24 @@ SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 class TokenizerLoadError(ValueError):
     """A tokenizer or config file exists but cannot be read; the message names the file."""
+
+
+class TokenIdError(ValueError, IndexError):
+    """A token id outside the vocabulary (a ValueError; also an IndexError, as id_to_piece raised before)."""
+
+
+def _token_id(value: Any) -> int:
+    """value as a token id: an int or an integer scalar (numpy, 0-d torch); a bool, float, str... is refused."""
+    if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
+        raise TypeError(f"token id {value!r}: a bool is not a token id")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"token id {value!r}: expected an int, got {type(value).__name__}") from None
+
+
+def _out_of_range(i: int, path: Path, vocab_size: int) -> TokenIdError:
+    return TokenIdError(f"token id {i} out of range for {path} (vocab size {vocab_size})")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -130,7 +149,7 @@ class _SentencePieceBackend:
         if i in self.extra:
             return self.extra[i]
         if not 0 <= i < self.sp.get_piece_size():
-            raise IndexError(f"token id {i} out of range for {self.path} (vocab size {self.vocab_size})")
+            raise _out_of_range(i, self.path, self.vocab_size)
         return self.sp.id_to_piece(i)
 
     def encode(self, text: str, parse_special: bool) -> list[int]:
@@ -200,9 +219,9 @@ class _TokenizersBackend:
         return self.tok.token_to_id(token)
 
     def id_to_piece(self, i: int) -> str:
-        piece = self.tok.id_to_token(i)
+        piece = self.tok.id_to_token(i) if 0 <= i < self.vocab_size else None  # the Rust side takes a u32
         if piece is None:
-            raise IndexError(f"token id {i} out of range for {self.path} (vocab size {self.vocab_size})")
+            raise _out_of_range(i, self.path, self.vocab_size)
         return piece
 
     def encode(self, text: str, parse_special: bool) -> list[int]:
@@ -382,12 +401,16 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """Text of ids; special tokens (bos/eos/control/added special) dropped unless skip_special_tokens=False."""
-        return self._backend.decode([int(i) for i in ids], skip_special_tokens)
+        """Text of ids; special tokens (bos/eos/control/added special) dropped unless skip_special_tokens=False.
+
+        An id outside 0..vocab_size-1 raises TokenIdError (a ValueError) naming it; a bool, float or other
+        non-integer id raises TypeError naming it."""
+        return self._backend.decode([_token_id(i) for i in ids], skip_special_tokens)
 
     def id_to_piece(self, token_id: int) -> str:
-        """The vocabulary entry of one id ("▁Hello", "<0x0A>", "<s>"); IndexError when out of range."""
-        return self._backend.id_to_piece(int(token_id))
+        """The vocabulary entry of one id ("▁Hello", "<0x0A>", "<s>"); TokenIdError (a ValueError and an
+        IndexError) when out of range, TypeError for a bool / float / non-integer id."""
+        return self._backend.id_to_piece(_token_id(token_id))
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a vocabulary entry, None when absent."""
