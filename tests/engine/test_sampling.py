@@ -33,6 +33,26 @@ def test_seeded_reproducible_and_seed_matters():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_seed_changes_output_on_a_uniform_distribution():
+    """Uniform over 1000 tokens, 64 rows: two seeds agree on every row with probability 1e-192, so any equality
+    means the seed is ignored; the same seed must still reproduce exactly, whatever ran in between."""
+    logits = torch.zeros(64, 1000)
+    draws = {seed: sample(logits, 1.0, generator=make_generator(seed, "cpu")) for seed in range(8)}
+    assert len({tuple(t.tolist()) for t in draws.values()}) == 8  # every seed its own output
+    assert all(len(set(t.tolist())) > 32 for t in draws.values())  # and each draw is spread out, not constant
+    for seed in (0, 5):
+        assert torch.equal(sample(logits, 1.0, generator=make_generator(seed, "cpu")), draws[seed])
+    # one generator is a stream: a second draw from it differs from its first, and the stream replays
+    g = make_generator(3, "cpu")
+    first, second = sample(logits, 1.0, generator=g), sample(logits, 1.0, generator=g)
+    assert torch.equal(first, draws[3]) and not torch.equal(first, second)
+    h = make_generator(3, "cpu")
+    assert torch.equal(sample(logits, 1.0, generator=h), first) and torch.equal(sample(logits, 1.0, generator=h), second)
+    # no seed: fresh entropy each time
+    assert not torch.equal(sample(logits, 1.0, generator=make_generator(None, "cpu")),
+                           sample(logits, 1.0, generator=make_generator(None, "cpu")))
+
+
 def test_top_k_1_equals_greedy():
     logits = torch.randn(64, 500, generator=torch.Generator().manual_seed(2))
     for temperature in (0.5, 1.0, 3.0):
@@ -97,6 +117,20 @@ def test_generator_seeded_runs_reproduce(tiny_gen):
     c = tiny_gen.generate(prompts, 16, SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=124))
     assert [x.tokens for x in a] == [x.tokens for x in b]
     assert [x.tokens for x in a] != [x.tokens for x in c]
+
+
+def test_generator_seed_matters_on_a_near_uniform_distribution(tiny_gen):
+    """temperature 1000 flattens the random model's logits to ~uniform over its 512 ids: 3 x 16 draws agree across
+    two seeds (or two unseeded runs) with probability ~512**-48, i.e. only if the seed is ignored."""
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+
+    def run(seed):
+        return [x.tokens for x in tiny_gen.generate(prompts, 16, SamplingParams(temperature=1000.0, seed=seed))]
+
+    a, b, c = run(11), run(12), run(11)
+    assert a == c and a != b
+    assert all(len(set(toks)) > 8 for toks in a)  # the draws really are spread out
+    assert run(None) != run(None)
 
 
 def test_generator_top_k_1_equals_greedy(tiny_gen):
