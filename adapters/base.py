@@ -106,6 +106,11 @@ class Adapter(ABC):
         """Full-sequence next-token logits [len(prompt_ids), vocab] as a float32 CPU tensor, for parity."""
         raise NotImplementedError(f"{self.name} does not expose logits")
 
+    def hidden_states(self, prompt_ids: list[int]) -> list:
+        """Per decoder layer, the hidden states of every position after that layer's residual add (before the final
+        norm): a list of n_layers float32 CPU tensors [len(prompt_ids), hidden], for layer-wise parity."""
+        raise NotImplementedError(f"layers not supported by {self.name}")
+
     def stream(self, request: GenRequest) -> Iterator[tuple[int, float]]:
         """Yield (token id, host time) as tokens arrive. Default: one-request generate, replayed."""
         (res,) = self.generate([request])

@@ -158,6 +158,35 @@ class HFAdapter(Adapter):
             x = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
             return self.model(input_ids=x).logits[0].float().cpu()
 
+    def _decoder_layers(self):
+        """The model's decoder layer modules, in order (model.model.layers for the Llama family)."""
+        inner = getattr(self.model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if layers is None:
+            raise NotImplementedError(f"layers not supported by hf for {type(self.model).__name__}")
+        return list(layers)
+
+    def hidden_states(self, prompt_ids: list[int]):
+        """Each decoder layer's output (after its residual add) at every position, captured by forward hooks: HF's
+        output_hidden_states would give the embeddings first and the *final-normed* last layer instead."""
+        import torch
+
+        captured: list = []
+
+        def keep(_module, _inputs, output) -> None:
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            captured.append(out[0].detach().float().cpu())  # [T, hidden] of batch row 0
+
+        handles = [layer.register_forward_hook(keep) for layer in self._decoder_layers()]
+        try:
+            with torch.inference_mode():
+                x = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+                self.model(input_ids=x, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return [h.clone() for h in captured]  # outside inference mode: ordinary tensors the caller may change
+
     def close(self) -> None:
         self.model = None
         if self.device.startswith("cuda"):
