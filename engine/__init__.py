@@ -1,4 +1,5 @@
-"""Anvil's in-house Llama-family inference engine: `engine.load(path) -> LoadedModel` (model, config, tokenizer)."""
+"""Anvil's in-house Llama-family inference engine: `engine.load(path) -> LoadedModel` (model, config, tokenizer),
+`engine.LLM(model, engine.EngineConfig(...))` to generate."""
 
 from __future__ import annotations
 
@@ -6,9 +7,14 @@ from pathlib import Path
 
 import torch
 
+from engine import hub
+from engine.config import EngineConfig, ModelConfig
+from engine.llm import LLM, Completion
 from engine.model import LoadedModel
+from engine.request import SamplingParams
 
-__all__ = ["LoadedModel", "load"]
+__version__ = "0.2.0"
+__all__ = ["LLM", "Completion", "EngineConfig", "LoadedModel", "ModelConfig", "SamplingParams", "hub", "load"]
 
 
 def _tokenizer(path: Path):

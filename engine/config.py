@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -281,3 +282,93 @@ def _parse_window(d: dict[str, Any], model_type: str, n_layers: int) -> tuple[in
     if len(layers) == n_layers:
         return window, None
     return (window, layers) if layers else (0, None)
+
+
+# ---------------------------------------------------------------- the engine core's settings
+_BACKENDS = ("auto", "torch", "triton")
+_GEMV = ("tune", "cublas", "triton")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the generation core runs one model: scheduler budget, paged KV cache, CUDA graphs, kernels.
+    Frozen and validated at construction; `from_options` builds one from a suite's `[options.anvil]` table."""
+
+    max_num_seqs: int = 256  # requests running at once (decode batch ceiling)
+    max_num_batched_tokens: int = 8192  # token budget of one step (decode tokens + prompt chunks)
+    max_model_len: int | None = None  # longest prompt + output; None = the model's max_position_embeddings
+    block_size: int = 16  # tokens per KV block (a power of two)
+    kv_fraction: float = 0.9  # share of GPU memory the process may fill (weights + activations + KV)
+    num_kv_blocks: int | None = None  # fixed KV pool size in blocks (tests, forced preemption); None = sized
+    chunked_prefill: bool = True  # split prompts longer than prefill_chunk across steps, mixed with decode
+    prefill_chunk: int | None = None  # most prompt tokens of one request per step; None = max_num_batched_tokens
+    cuda_graphs: bool = True  # replay captured decode steps (CUDA only)
+    graph_buckets: tuple[int, ...] | None = None  # decode batch sizes captured; None = 1, 2, 4, 8, 16, 24, 32, ...
+    attention_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | torch | triton
+    gemv: str = "tune"  # tune (fastest of Triton configs and cuBLAS per shape, measured) | cublas | triton
+    seed: int = 0  # seed of requests that sample without their own
+    allow_fallback: bool = False  # True: a fast path that fails to build falls back (reason in info()); else raise
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            _positive_int(name, getattr(self, name))
+        for name in ("max_model_len", "num_kv_blocks", "prefill_chunk"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size: must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks: need at least 2 (one is the scratch block), got {self.num_kv_blocks}")
+        if isinstance(self.kv_fraction, bool) or not isinstance(self.kv_fraction, int | float):
+            raise ValueError(f"kv_fraction: expected a number in (0, 1], got {self.kv_fraction!r}")
+        if not 0.0 < float(self.kv_fraction) <= 1.0:
+            raise ValueError(f"kv_fraction: expected a number in (0, 1], got {self.kv_fraction!r}")
+        for name in ("chunked_prefill", "cuda_graphs", "allow_fallback"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        if self.attention_backend not in _BACKENDS:
+            raise ValueError(f"attention_backend: expected one of {', '.join(_BACKENDS)}, got {self.attention_backend!r}")
+        if self.gemv not in _GEMV:
+            raise ValueError(f"gemv: expected one of {', '.join(_GEMV)}, got {self.gemv!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed: expected an int, got {self.seed!r}")
+        if self.graph_buckets is not None:
+            b = self.graph_buckets
+            if not isinstance(b, tuple | list) or not b:
+                raise ValueError(f"graph_buckets: expected a non-empty list of positive ints, got {b!r}")
+            for i, x in enumerate(b):
+                _positive_int(f"graph_buckets[{i}]", x)
+            object.__setattr__(self, "graph_buckets", tuple(sorted(set(b))))
+        if not self.chunked_prefill and self.prefill_chunk is not None:
+            raise ValueError("prefill_chunk: set, but chunked_prefill is false")
+
+    @property
+    def chunk(self) -> int:
+        """Most prompt tokens one request computes in a step."""
+        if not self.chunked_prefill:
+            return self.max_num_batched_tokens
+        return min(self.prefill_chunk or self.max_num_batched_tokens, self.max_num_batched_tokens)
+
+    def model_len(self, model: ModelConfig) -> int:
+        return min(self.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, opts: dict[str, Any]) -> EngineConfig:
+        """From a suite's options table: an unknown key or a wrong type is a ValueError naming the key."""
+        known = cls.fields()
+        unknown = sorted(k for k in opts if k not in known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown engine option (known: {', '.join(known)})")
+        kw = dict(opts)
+        if isinstance(kw.get("graph_buckets"), list):
+            kw["graph_buckets"] = tuple(kw["graph_buckets"])
+        return cls(**kw)
+
+
+def _positive_int(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")

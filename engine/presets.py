@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import ModelConfig, RopeScaling
-from engine.model import LoadedModel, Transformer
+from engine.model.llama import LoadedModel, Transformer
 from engine.testing import tiny_config
 from engine.weights import to_dtype
 

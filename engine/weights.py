@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from engine.config import ModelConfig
-from engine.model import Transformer
+from engine.model.llama import Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -59,19 +59,15 @@ def test_prefill_logits_every_position(pair):
 def test_decode_logits_teacher_forced(pair):
     """Prefill the prompts, then feed known tokens one step at a time; every decode step matches HF."""
     loaded, hf = pair
-    model, c = loaded.model, loaded.config
+    c = loaded.config
     prompts = random_prompts([5, 18, 11], c.vocab_size, seed=3)
     follow = random_prompts([24, 24, 24], c.vocab_size, seed=4)
     gen = Generator(loaded, max_batch_size=3, max_seq_len=64)
+    rows = [0, 1, 2]
     with torch.inference_mode():
-        tokens, cu, positions, batch_idx = gen._pack(prompts)
-        model.prefill(tokens, cu, positions, batch_idx, gen.cache)
-        pos = torch.tensor([len(p) for p in prompts])
-        steps = []
-        for j in range(24):
-            tok = torch.tensor([f[j] for f in follow])
-            steps.append(model.decode(tok, pos, (pos + 1).to(torch.int32), gen.cache))
-            pos = pos + 1
+        gen._forward(rows, [0, 0, 0], prompts, all_logits=False)  # the one forward, over the paged cache
+        steps = [gen._forward(rows, [len(p) + j for p in prompts], [[f[j]] for f in follow], all_logits=False)
+                 for j in range(24)]  # fmt: skip
     for b, (p, f) in enumerate(zip(prompts, follow, strict=True)):
         ref = hf_logits(hf, p + f)[len(p) : len(p) + 24]
         ours = torch.stack([s[b] for s in steps])

@@ -81,8 +81,8 @@ def _gemv_fma_kernel(
 @triton.jit
 def _gemv_dot_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
-    stride_xm, stride_wn, stride_ym,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+    stride_xm, stride_wn, stride_ym, r_ptr, stride_rm,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr, RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -115,6 +115,10 @@ def _gemv_dot_kernel(
         acc += tl.dot(xv.to(w.dtype), tl.trans(w), input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if RES:  # as F.linear then the x.dtype residual add: round, add, round
+        r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
+                    other=0.0).to(tl.float32)  # fmt: skip
+        acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32) + r
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -181,9 +185,10 @@ def linear(
     act: bool = False,
     cfg: GemvConfig = CUBLAS,
     out: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = (silu_and_mul(x) if act else x) @ w.T (+ bias). x [M, K] (or [M, 2K] with act), w [N, K] row-major.
-    (linear_fused below adds the RMSNorm prologue / residual epilogue for M == 1.)"""
+    """y = (silu_and_mul(x) if act else x) @ w.T (+ bias) (+ residual [M, N], added after rounding to x.dtype).
+    x [M, K] (or [M, 2K] with act), w [N, K] row-major. (linear_fused below adds the RMSNorm prologue for M == 1.)"""
     m = x.shape[0]
     n, k = w.shape
     assert x.dim() == 2 and x.stride(-1) == 1 and w.stride(-1) == 1 and w.stride(0) >= k, "row-major x and w"
@@ -197,6 +202,8 @@ def linear(
         else:
             xin = x
         y = torch.nn.functional.linear(xin, w, bias)
+        if residual is not None:
+            y = residual + y
         if out is not None:
             out.copy_(y)
             return out
@@ -206,6 +213,10 @@ def linear(
     assert out.shape == (m, n) and out.stride(-1) == 1
     if bias is not None:
         assert bias.shape == (n,) and bias.stride(0) == 1
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.stride(-1) == 1 and residual.dtype == x.dtype
+        if cfg.kind == "fma":  # linear_fused carries the fma residual epilogue
+            return linear_fused(x, w, cfg, bias=bias, act=act, residual=residual, out=out)
     even_k = k % cfg.block_k == 0
     grid = (triton.cdiv(n, cfg.block_n),)
     b_arg = bias if bias is not None else w
@@ -219,7 +230,8 @@ def linear(
         assert m <= MAX_DOT_M, f"dot GEMV handles M <= {MAX_DOT_M}, got {m}"
         _gemv_dot_kernel[grid](
             x, w, b_arg, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-            ACT=act, HAS_BIAS=bias is not None, EVEN_K=even_k,
+            residual if residual is not None else out, residual.stride(0) if residual is not None else 0,
+            ACT=act, HAS_BIAS=bias is not None, EVEN_K=even_k, RES=residual is not None,
             PREC="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

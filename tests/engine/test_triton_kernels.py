@@ -1,5 +1,5 @@
-"""GPU fast path: Triton kernels vs the references at awkward sizes, and paged + CUDA-graph generation == the eager
-reference Generator (greedy, stop ids, seeded sampling) on tiny models. Needs a CUDA GPU."""
+"""Triton kernels of the CUDA path vs the pure-torch references at awkward sizes (paged decode attention, GEMVs with
+their fused prologues/epilogues, norm / RoPE+KV write / SwiGLU). Needs a CUDA GPU."""
 
 from __future__ import annotations
 
@@ -140,123 +140,16 @@ def test_triton_norm_rope_kv_silu_match_reference(dtype):
     assert _rel(caches[0], caches[2]) < tol and torch.equal(caches[1], caches[3])
 
 
-def _model(preset: str, dtype: str = "float32"):
-    from engine.presets import synthetic
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_triton_gemv_residual_epilogue(dtype, m):
+    from engine.kernels.triton import gemv
 
-    return synthetic(preset, dtype, "cuda", seed=1)
-
-
-def _prompts(lengths, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-@pytest.mark.parametrize("preset", ["tiny-test", "tiny-test-mistral", "tiny-test-qwen2"])
-@pytest.mark.parametrize("gemv", ["triton", "tune"])
-def test_fast_path_greedy_equals_eager_reference(preset, gemv):
-    from engine.fast_decode import FastGenerator
-    from engine.generator import Generator
-
-    lm = _model(preset)
-    eager = Generator(lm, 4, 160)
-    fast = FastGenerator(lm, 4, 160, gemv=gemv, buckets=[1, 2, 4])
-    assert fast.report["backend"] == "triton" and fast.report["graph_fallback"] is None, fast.report
-    for lengths in ([7], [5, 37, 90]):  # batch 1, and a mixed-length batch padded to bucket 4
-        prompts = _prompts(lengths, lm.config.vocab_size)
-        ref = eager.generate(prompts, 24)
-        got = fast.generate(prompts, 24)
-        assert fast.last_stats["graph"], fast.last_stats
-        assert [c.tokens for c in got] == [c.tokens for c in ref], lengths
-    prompts = _prompts([5, 37, 90], lm.config.vocab_size, seed=2)
-    ref = eager.generate(prompts, 24)
-    stop = {ref[1].tokens[3], ref[2].tokens[10]}
-    seen_f, seen_e = [], []
-    got = fast.generate(prompts, 24, stop_ids=stop, on_token=lambda s, t: seen_f.append((s, t)))
-    ref = eager.generate(prompts, 24, stop_ids=stop, on_token=lambda s, t: seen_e.append((s, t)))
-    assert [(c.tokens, c.finish_reason) for c in got] == [(c.tokens, c.finish_reason) for c in ref]
-    assert seen_f == seen_e
-
-
-def test_fast_path_seeded_sampling_equals_eager():
-    from engine.fast_decode import FastGenerator
-    from engine.generator import Generator, SamplingParams
-
-    lm = _model("tiny-test")
-    sp = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=7)
-    prompts = _prompts([9, 30], lm.config.vocab_size, seed=3)
-    ref = Generator(lm, 2, 64).generate(prompts, 16, sp)
-    got = FastGenerator(lm, 2, 64, gemv="triton").generate(prompts, 16, sp)
-    assert [c.tokens for c in got] == [c.tokens for c in ref]
-
-
-def test_fast_path_bf16_prefill_logits_close_to_eager_and_eager_fallback_works():
-    from engine.fast_decode import FastGenerator
-    from engine.generator import Generator
-
-    lm = _model("tiny-test", "bfloat16")
-    prompts = _prompts([11, 40], lm.config.vocab_size, seed=4)
-    fast = FastGenerator(lm, 2, 96, cuda_graphs=False, gemv="triton")
-    assert fast.report["graph_fallback"] == "disabled"
-    ref = torch.stack([lg[-1] for lg in Generator(lm, 2, 96).logits(prompts)])
-    fast.kv.reserve(0, 11)
-    fast.kv.reserve(1, 40)
-    fast.kv.sync_tables()
-    with torch.inference_mode():
-        got = fast._prefill(prompts).cpu()
-    fast.kv.release_all()
-    assert _rel(got, ref) < 5e-2  # two bf16 paths with different accumulation orders; a real bug gives ~1
-    out = fast.generate(prompts, 8)
-    assert all(len(c.tokens) == 8 for c in out) and not fast.last_stats["graph"]
-
-
-@pytest.mark.parametrize("preset", ["tiny-test", "tiny-test-mistral"])
-def test_batch1_prefill_graphs_give_the_eager_logits_and_tokens(preset):
-    """Short batch-1 prompts replay a captured prefill padded to a token bucket: same logits as the eager prefill,
-    same greedy tokens as the reference loop, at and around the bucket edges; none longer than a sliding window."""
-    from engine.fast_decode import PREFILL_GRAPH_TOKENS, FastGenerator
-    from engine.generator import Generator
-
-    lm = _model(preset)
-    cfg = lm.config
-    cap = min(200, cfg.sliding_window or 200)
-    want = [t for t in PREFILL_GRAPH_TOKENS if t <= cap]
-    eager = Generator(lm, 1, 200)
-    fast = FastGenerator(lm, 1, 200, gemv="triton", buckets=[1])
-    plain = FastGenerator(lm, 1, 200, gemv="triton", buckets=[1], prefill_graphs=False)
-    assert fast.report["prefill_graphs"] == want and fast.report["prefill_graph_fallback"] is None, fast.report
-    assert plain.report["prefill_graphs"] is None and plain.report["prefill_graph_fallback"] == "disabled"
-    for n in (1, 15, 16, 17, 33, 100, 128, 129, 150):
-        p = _prompts([n], cfg.vocab_size, seed=n)
-        bucket = next((t for t in want if t >= n), None)
-        assert fast.prefill_bucket(n) == bucket
-        got = fast.generate(p, 12)
-        assert fast.last_stats["prefill_graph"] == bucket
-        assert [c.tokens for c in got] == [c.tokens for c in eager.generate(p, 12)], n
-        for g in (fast, plain):
-            g.kv.reserve(0, 200)
-            g.kv.sync_tables()
-        with torch.inference_mode():
-            a, b = fast._prefill(p).cpu(), plain._prefill(p).cpu()
-        for g in (fast, plain):
-            g.kv.release_all()
-        assert _rel(a, b) < 1e-5, n  # float32: padding rows change GEMM shapes, not results
-
-
-def test_fast_path_greedy_equals_eager_on_the_trained_tiny_model():
-    """The shipped, trained models/tiny (float32 on the GPU) with real code prompts: Triton GEMVs, decode graphs and
-    prefill graphs give the reference loop's greedy tokens, batch 1 and a mixed-length batch."""
-    import engine
-    from engine.fast_decode import FastGenerator
-    from engine.generator import Generator
-    from engine.hub import resolve
-
-    lm = engine.load(resolve("tiny"), "float32", "cuda")
-    tok = lm.tokenizer
-    texts = ["def fibonacci(n):\n    ", "import os\n\n\nclass Path", "for i in range(10):\n        if i % 2 == 0:"]
-    eager = Generator(lm, 4, 256)
-    fast = FastGenerator(lm, 4, 256, buckets=[1, 2, 4])
-    assert fast.report["graph_fallback"] is None and fast.report["prefill_graphs"], fast.report
-    for prompts in ([tok.encode(texts[0])], [tok.encode(t) for t in texts]):
-        got = fast.generate(prompts, 48)
-        assert fast.last_stats["graph"] and fast.last_stats["prefill_graph"] == (16 if len(prompts) == 1 else None)
-        assert [c.tokens for c in got] == [c.tokens for c in eager.generate(prompts, 48)]
+    x = torch.randn(m, 1000, device="cuda", dtype=dtype)
+    w = torch.randn(333, 1000, device="cuda", dtype=dtype) * 0.05
+    r = torch.randn(m, 333, device="cuda", dtype=dtype)
+    ref = (x.double() @ w.double().T).to(dtype).double() + r.double()
+    cfgs = gemv.DOT_CONFIGS[:2] + (gemv.FMA_CONFIGS[:2] if m == 1 else []) + [gemv.CUBLAS]
+    for cfg in cfgs:
+        y = gemv.linear(x, w, cfg=cfg, residual=r)
+        assert _rel(y, ref) < TOL[dtype] * 5, str(cfg)

@@ -1,0 +1,220 @@
+"""The generation core on a GPU, through public APIs only (engine.LLM / EngineConfig / presets): decode tok/s at
+batch 1/8/32 with weight bandwidth against the copy bandwidth measured in the same process, TTFT at a 2,048-token
+prompt, host time per step, continuous vs static batching on a random workload, and long-context chunked prefill
+peak memory. Writes one JSON.
+
+  python benchmarks/core_bench.py --out results/gpu/core-h200.json [--parts decode,cb,long] [--preset llama-3-8b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+
+import torch
+
+import engine
+from engine import LLM, EngineConfig
+from engine.presets import synthetic
+
+
+def copy_bandwidth_gb_s(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy, read + write bytes over the median of 10 timed copies."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * nbytes / statistics.median(times[2:]) / 1e9
+
+
+def env() -> dict:
+    import subprocess
+
+    drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                         text=True).stdout.strip()  # fmt: skip
+    import os
+
+    return {"gpu": torch.cuda.get_device_name(), "driver": drv, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "commit": os.environ.get("ANVIL_COMMIT"),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+
+def timed_generate(llm: LLM, prompts, max_tokens) -> tuple[list, float, dict]:
+    """Completions, wall seconds, and host-side step statistics (time in step() not blocked on the GPU)."""
+    wait = [0.0]
+    steps = [0]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    import engine.worker.model_runner as mr
+
+    real_wait = mr.StepHandle.wait
+
+    def w(self):
+        a = time.perf_counter()
+        r = real_wait(self)
+        wait[0] += time.perf_counter() - a
+        steps[0] += 1
+        return r
+
+    mr.StepHandle.wait = w
+    try:
+        outs = llm.generate(prompts, max_tokens=max_tokens)
+    finally:
+        mr.StepHandle.wait = real_wait
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return outs, wall, {"wait_s": wait[0], "steps": steps[0]}
+
+
+def decode_part(lm, copy_gbs: float) -> dict:
+    c = lm.config
+    weight_bytes = c.decode_read_params * 2
+    llm = LLM(lm, EngineConfig(max_num_seqs=32, max_model_len=2304, max_num_batched_tokens=8192))
+    out: dict = {"info": llm.info(), "weight_gb": weight_bytes / 1e9, "copy_gb_s": copy_gbs, "decode": {}}
+    for b in (1, 8, 32):
+        prompts = _prompts(b, 128, c.vocab_size, b)
+        llm.generate(prompts, max_tokens=8)  # warm-up
+        runs = []
+        for _ in range(3):
+            outs, wall, st = timed_generate(llm, prompts, 128)
+            itl = [y - x for o in outs for x, y in zip(o.token_times[1:], o.token_times[2:], strict=False)]
+            step = statistics.median(itl)
+            host = (wall - st["wait_s"]) / max(1, st["steps"])
+            runs.append({"step_ms": step * 1e3, "decode_tok_s": b / step, "wall_s": wall,
+                         "host_ms_per_step_not_waiting": host * 1e3, "host_us_per_token": host * 1e6 / b})  # fmt: skip
+        best = max(runs, key=lambda r: r["decode_tok_s"])
+        best["weight_gb_s"] = weight_bytes / (best["step_ms"] / 1e3) / 1e9
+        best["pct_copy"] = 100 * best["weight_gb_s"] / copy_gbs
+        best["runs"] = runs
+        out["decode"][str(b)] = best
+        print(f"b{b}: {best['decode_tok_s']:.1f} tok/s, step {best['step_ms']:.3f} ms, "
+              f"{best['pct_copy']:.1f}% of copy, host {best['host_us_per_token']:.1f} us/token", flush=True)
+    ttft = []
+    p = _prompts(1, 2048, c.vocab_size, 7)
+    llm.generate(p, max_tokens=1)
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        (o,) = llm.generate(p, max_tokens=1)
+        ttft.append((o.token_times[0] - t0) * 1e3)
+    out["ttft_2048_ms"] = {"median": statistics.median(ttft), "all": ttft}
+    print(f"TTFT 2048: {statistics.median(ttft):.2f} ms", flush=True)
+    del llm
+    torch.cuda.empty_cache()
+    return out
+
+
+def cb_part(lm, n: int = 512) -> dict:
+    """Continuous batching (all requests added at once, the scheduler mixes prefill chunks and decode) vs static
+    batching (the same engine, batches of 32 run to completion one after another), same requests."""
+    c = lm.config
+    rnd = random.Random(0)
+    lens = [(rnd.randint(32, 2048), rnd.randint(16, 512)) for _ in range(n)]
+    prompts = [torch.randint(0, c.vocab_size, (pl,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i, (pl, _) in enumerate(lens)]  # fmt: skip
+    outs_n = [ol for _, ol in lens]
+    total_out = sum(outs_n)
+    res = {"requests": n, "prompt_len": "U(32, 2048)", "output_len": "U(16, 512)", "output_tokens": total_out}
+    llm = LLM(lm, EngineConfig(max_num_seqs=256, max_model_len=2560, max_num_batched_tokens=8192))
+    llm.generate(prompts[:4], max_tokens=[4] * 4)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, max_tokens=outs_n)
+    wall = time.perf_counter() - t0
+    assert sum(len(o.tokens) for o in outs) == total_out
+    res["continuous"] = {"wall_s": wall, "output_tok_s": total_out / wall, "preemptions": llm.core.scheduler.num_preemptions,
+                         "kv": llm.info()["kv"]}  # fmt: skip
+    print(f"continuous: {total_out / wall:.0f} output tok/s ({wall:.1f} s)", flush=True)
+    del llm
+    torch.cuda.empty_cache()
+    llm = LLM(lm, EngineConfig(max_num_seqs=32, max_model_len=2560, max_num_batched_tokens=8192))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    got = 0
+    for s in range(0, n, 32):
+        mx = max(outs_n[s : s + 32])  # a static batch runs until its longest request is done
+        o = llm.generate(prompts[s : s + 32], max_tokens=mx)
+        got += sum(min(len(x.tokens), k) for x, k in zip(o, outs_n[s : s + 32], strict=True))
+    wall = time.perf_counter() - t0
+    res["static"] = {"wall_s": wall, "output_tok_s": total_out / wall, "batch": 32}
+    res["speedup"] = res["continuous"]["output_tok_s"] / res["static"]["output_tok_s"]
+    print(f"static(32): {total_out / wall:.0f} output tok/s ({wall:.1f} s); speed-up {res['speedup']:.2f}x", flush=True)
+    del llm
+    torch.cuda.empty_cache()
+    return res
+
+
+def long_part(lm, length: int) -> dict:
+    c = lm.config
+    p = _prompts(1, length, c.vocab_size, 3)
+    res = {"prompt_len": length, "runs": {}}
+    for chunk in (2048, 8192, None):
+        budget = chunk or length
+        llm = LLM(lm, EngineConfig(max_num_seqs=1, max_model_len=length + 64, max_num_batched_tokens=budget,
+                                   chunked_prefill=chunk is not None, prefill_chunk=chunk, cuda_graphs=True))  # fmt: skip
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        (o,) = llm.generate(p, max_tokens=32)
+        wall = time.perf_counter() - t0
+        ttft = o.token_times[0] - t0
+        itl = [y - x for x, y in zip(o.token_times[1:], o.token_times[2:], strict=False)]
+        peak = torch.cuda.max_memory_allocated() - base
+        r = {"ttft_s": ttft, "prefill_tok_s": length / ttft, "decode_tok_s": 1 / statistics.median(itl),
+             "peak_activation_gb": peak / 1e9, "wall_s": wall}  # fmt: skip
+        res["runs"][str(chunk or "none")] = r
+        print(f"{length} chunk {chunk}: TTFT {ttft:.2f} s, peak activations {peak / 1e9:.2f} GB, "
+              f"decode {r['decode_tok_s']:.0f} tok/s", flush=True)
+        del llm
+        torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--parts", default="decode,cb,long")
+    ap.add_argument("--long-len", type=int, default=131008)
+    args = ap.parse_args()
+    parts = args.parts.split(",")
+    res = {"env": env(), "engine": engine.__version__, "preset": args.preset, "dtype": "bfloat16"}
+    res["copy_gb_s"] = copy_bandwidth_gb_s()
+    print(f"copy bandwidth {res['copy_gb_s']:.0f} GB/s", flush=True)
+    lm = synthetic(args.preset, "bfloat16", "cuda", seed=0)
+    for part in parts:
+        try:
+            if part == "decode":
+                res["decode"] = decode_part(lm, res["copy_gb_s"])
+            elif part == "cb":
+                res["continuous_batching"] = cb_part(lm)
+            elif part == "long":
+                res["long_context"] = long_part(lm, args.long_len)
+        except Exception as e:  # one failed part must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            res[part + "_error"] = f"{type(e).__name__}: {e}"
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

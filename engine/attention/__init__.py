@@ -1,0 +1,23 @@
+"""Attention backends behind one ABC (engine/attention/base.py), chosen per device by name."""
+
+from __future__ import annotations
+
+from engine.attention.base import AttentionBackend, AttentionLayerSpec
+from engine.attention.metadata import AttentionMetadata, ForwardBatch
+
+BACKENDS = ("torch", "triton")
+
+__all__ = ["BACKENDS", "AttentionBackend", "AttentionLayerSpec", "AttentionMetadata", "ForwardBatch", "get_backend"]
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """A backend by name; an unknown name lists the known ones."""
+    if name == "torch":
+        from engine.attention.torch_ref import TorchBackend
+
+        return TorchBackend()
+    if name == "triton":
+        from engine.attention.triton_backend import TritonBackend
+
+        return TritonBackend()
+    raise ValueError(f"unknown attention backend {name!r} (known: {', '.join(BACKENDS)})")

@@ -1,0 +1,70 @@
+"""The CUDA attention backend: Triton RoPE + paged KV write, split-KV decode, and for prompt chunks either SDPA
+(fresh prompts: no cached prefix, no window; flash / cuDNN kernels) or the Triton paged prefill kernel (a chunk
+over a cached prefix, sliding windows, speculative verification). Decode rows come first in every batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention.base import AttentionBackend, AttentionLayerSpec
+from engine.attention.metadata import ForwardBatch
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+
+    def __init__(self) -> None:
+        from engine.kernels.triton import fused, paged_attention, paged_prefill
+
+        self._rope_kv = fused.rope_write_kv
+        self._decode = paged_attention.paged_decode_attention
+        self._choose_splits = paged_attention.choose_num_splits
+        self._prefill = paged_prefill.paged_prefill_attention
+        self.num_sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+
+    def num_splits(self, batch_size: int, n_kv_heads: int, max_seq_len: int) -> int:
+        return self._choose_splits(batch_size, n_kv_heads, max_seq_len, self.num_sms)
+
+    def forward(self, qkv, batch: ForwardBatch, spec: AttentionLayerSpec, cos_sin, k_cache, v_cache):
+        a = batch.attn
+        t, h, hkv, d = qkv.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim
+        nd = a.num_decodes
+        sdpa = not a.all_decode and spec.window == 0 and a.fresh_prefill and qkv.is_cuda
+        k_out = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device) if sdpa else None
+        q = self._rope_kv(qkv, cos_sin, batch.positions, h, hkv, d, batch.seq_idx, a.block_tables,
+                          k_cache, v_cache, k_out=k_out)  # fmt: skip  [T, H, D]
+        if a.all_decode:
+            return self._decode(q, k_cache, v_cache, a.block_tables, a.seq_lens, spec.scale, spec.window,
+                                num_splits=a.num_splits).view(t, h * d)  # fmt: skip
+        out = torch.empty_like(q)
+        if nd:
+            self._decode(q[:nd], k_cache, v_cache, a.block_tables[:nd], a.seq_lens[:nd], spec.scale, spec.window,
+                         num_splits=self.num_splits(nd, hkv, a.max_seq_len), out=out[:nd])  # fmt: skip
+        if sdpa:
+            v = qkv[:, (h + hkv) * d :].view(t, hkv, d)
+            self._fresh(q, k_out, v, a, spec, out)
+        else:
+            self._prefill(q, k_cache, v_cache, a.block_tables, a.cu_seqlens_q, a.seq_lens, spec.scale, spec.window,
+                          nd, a.num_seqs - nd, a.max_q_len, out=out)  # fmt: skip
+        return out.view(t, h * d)
+
+    @staticmethod
+    def _fresh(q, k, v, a, spec: AttentionLayerSpec, out) -> None:
+        """Causal SDPA per run of equal-length fresh prompts (q [T, H, D], k/v [T, Hkv, D])."""
+        rep = spec.n_heads // spec.n_kv_heads
+        qs = a.query_start
+        b = a.num_decodes
+        while b < a.num_seqs:
+            n = qs[b + 1] - qs[b]
+            e = b
+            while e < a.num_seqs and qs[e + 1] - qs[e] == n:
+                e += 1
+            s0, s1, m = qs[b], qs[e], e - b
+            x = q[s0:s1].view(m, n, spec.n_heads, spec.head_dim).transpose(1, 2)  # [m, H, n, D]
+            kk = k[s0:s1].view(m, n, spec.n_kv_heads, spec.head_dim).transpose(1, 2).repeat_interleave(rep, dim=1)
+            vv = v[s0:s1].view(m, n, spec.n_kv_heads, spec.head_dim).transpose(1, 2).repeat_interleave(rep, dim=1)
+            o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale)  # [m, H, n, D]
+            out[s0:s1] = o.transpose(1, 2).reshape(m * n, spec.n_heads, spec.head_dim)
+            b = e

@@ -1,0 +1,1 @@
+"""The model's building blocks: Linear (with a LinearMethod), RMSNorm, rotary tables, the attention layer."""

@@ -1,0 +1,229 @@
+"""Runs the one forward for a scheduled step: builds the ForwardBatch (pinned host tensors, non_blocking copies),
+replays a captured CUDA graph for decode-only steps or runs eagerly, samples, and starts the copy of the sampled
+tokens to the host without waiting for it (the engine core reads them one step later).
+
+Tokens sampled in step N are not known on the host when step N+1 is built: their rows of step N+1's input_ids are
+filled on the device from step N's token tensor (StepHandle.rows), so the host never waits for the GPU to
+schedule the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention import get_backend
+from engine.attention.metadata import AttentionMetadata, ForwardBatch
+from engine.config import EngineConfig
+from engine.core.scheduler import SchedulerOutput
+from engine.model.llama import Transformer
+from engine.request import Request
+from engine.sampling import make_generator, sample
+from engine.worker.graphs import DecodeGraphs
+from engine.worker.kv_pool import KVPool, bytes_per_block, plan_kv_blocks
+
+log = logging.getLogger(__name__)
+
+CPU_KV_BYTES = 4 << 30  # a CPU pool never takes more than this unless num_kv_blocks says so
+
+
+@dataclass
+class StepHandle:
+    """A launched step: which requests sample, their tokens on the device and (soon) on the host."""
+
+    requests: list[Request]  # requests that sample in this step, in token-row order
+    tokens: torch.Tensor  # [N] int64 on the device
+    host: torch.Tensor  # [N] int64 (pinned on CUDA), valid once `event` has completed
+    event: torch.cuda.Event | None
+    rows: dict[str, int] = field(default_factory=dict)  # request_id -> row of `tokens`
+    launched: float = 0.0
+
+    def wait(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int) -> None:
+        self.model, self.config, self.max_model_len = model, config, max_model_len
+        c = self.mc = model.config
+        self.device, self.dtype = model.device, model.dtype
+        cuda = self.cuda = self.device.type == "cuda"
+        self.report: dict = {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}
+        model.ensure_rope(max_model_len + 1)
+
+        # ---- attention backend
+        name = config.attention_backend
+        if name == "auto":
+            name = "triton" if cuda else "torch"
+        try:
+            self.backend = get_backend(name)
+        except Exception as e:
+            if not config.allow_fallback or name == "torch":
+                raise RuntimeError(f"attention backend {name!r} unavailable: {type(e).__name__}: {e}") from e
+            self.report["backend_fallback"] = f"{name}: {type(e).__name__}: {e}"
+            log.warning("attention backend %s unavailable (%s); using torch", name, e)
+            self.backend = get_backend("torch")
+        self.report["attention_backend"] = self.backend.name
+
+        # ---- KV pool: after a warm-up forward on CUDA, so the activation peak stays reserved
+        bs = config.block_size
+        self.max_blocks_per_seq = math.ceil(max_model_len / bs)
+        bpb = bytes_per_block(c.n_layers, c.n_kv_heads, c.head_dim, bs, self.dtype)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+            self.report["kv"] = {"num_blocks": num_blocks, "bytes_per_block": bpb, "sized_by": "num_kv_blocks"}
+        elif cuda:
+            self._warmup()
+            plan = plan_kv_blocks(bpb, config.kv_fraction, self.device)
+            num_blocks = plan.num_blocks
+            self.report["kv"] = plan.as_dict()
+        else:
+            want = config.max_num_seqs * self.max_blocks_per_seq + 1
+            num_blocks = max(2, min(want, CPU_KV_BYTES // bpb))
+            self.report["kv"] = {"num_blocks": num_blocks, "bytes_per_block": bpb, "sized_by": "cpu cap"}
+        if num_blocks < 2:
+            raise MemoryError(f"KV cache: no room for 2 blocks of {bpb} bytes in {config.kv_fraction:.0%} of the GPU")
+        self.pool = KVPool(c.n_layers, c.n_kv_heads, c.head_dim, num_blocks, bs, self.dtype, self.device)
+        self.report["kv"].update(block_size=bs, max_tokens=(num_blocks - 1) * bs, kv_gb=round(self.pool.nbytes() / 1e9, 3))
+        model.bind(self.backend, self.pool.k, self.pool.v)
+
+        # ---- GEMV choice per decode bucket, then graph capture (CUDA)
+        self.buckets = self._buckets()
+        self.tuner = None
+        if cuda and self.backend.name == "triton" and config.gemv != "cublas":
+            from engine.worker import tuning
+
+            with torch.inference_mode():
+                self.tuner, self.report["gemv"] = tuning.install(model, self.buckets, config.gemv)
+        self.graphs: DecodeGraphs | None = None
+        if cuda and config.cuda_graphs:
+            self.graphs = DecodeGraphs(self, self.buckets)
+            self.report["graphs"] = list(self.graphs.buckets) or None
+            self.report["graph_fallback"] = self.graphs.fallback
+            if self.graphs.fallback and not config.allow_fallback:
+                raise RuntimeError(f"CUDA graph capture failed: {self.graphs.fallback} (allow_fallback = true runs eagerly)")
+        else:
+            self.report["graph_fallback"] = "disabled" if cuda else "not a CUDA device"
+        self.default_gen = make_generator(config.seed, self.device)
+
+    # ---------------------------------------------------------------- setup
+    def _buckets(self) -> list[int]:
+        mx = self.config.max_num_seqs
+        b = self.config.graph_buckets or tuple(x for x in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if x < mx)
+        out = sorted({x for x in b if x <= mx})
+        if self.config.graph_buckets is None and (not out or out[-1] < mx):
+            out.append(mx)
+        return out
+
+    def num_splits(self, batch_size: int) -> int:
+        return self.backend.num_splits(batch_size, self.mc.n_kv_heads, self.max_model_len)
+
+    @torch.inference_mode()
+    def _warmup(self) -> None:
+        """The largest step the scheduler can build (one prompt chunk of the full token budget, logits at up to
+        max_num_seqs rows), over a 2-block pool whose scratch block takes every write."""
+        torch.cuda.reset_peak_memory_stats(self.device)
+        c = self.mc
+        tmp = KVPool(c.n_layers, c.n_kv_heads, c.head_dim, 2, self.config.block_size, self.dtype, self.device)
+        self.model.bind(self.backend, tmp.k, tmp.v)
+        t = min(self.config.max_num_batched_tokens, self.max_model_len)
+        n_logits = min(self.config.max_num_seqs, t)
+        batch = self._batch([1] * t, list(range(t)), [0] * t, [0, t], [t], [[0] * math.ceil(t / self.config.block_size)],
+                            0, list(range(t - n_logits, t)))  # fmt: skip
+        self.model(batch)
+        torch.cuda.synchronize(self.device)
+        del tmp, batch
+
+    # ---------------------------------------------------------------- batches
+    def _tensor(self, data, dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype, pin_memory=self.cuda)
+        return t.to(self.device, non_blocking=True) if self.cuda else t
+
+    def _batch(self, ids, positions, seq_idx, query_start, seq_lens, tables, num_decodes, logits_rows) -> ForwardBatch:
+        ncols = max(1, max(len(t) for t in tables))
+        padded = [t + [0] * (ncols - len(t)) for t in tables]
+        meta = AttentionMetadata(
+            num_seqs=len(seq_lens), num_decodes=num_decodes, query_start=query_start, seq_lens_host=seq_lens,
+            cu_seqlens_q=self._tensor(query_start, torch.int32), seq_lens=self._tensor(seq_lens, torch.int32),
+            block_tables=self._tensor(padded, torch.int32),
+            max_q_len=max(b - a for a, b in zip(query_start[:-1], query_start[1:], strict=True)),
+            max_seq_len=max(seq_lens), num_splits=self.num_splits(max(1, num_decodes)),
+        )
+        rows = None if logits_rows is None else self._tensor(logits_rows, torch.int64)
+        return ForwardBatch(input_ids=self._tensor(ids, torch.int64), positions=self._tensor(positions, torch.int64),
+                            seq_idx=self._tensor(seq_idx, torch.int32), attn=meta, logits_indices=rows)  # fmt: skip
+
+    def _inputs(self, sched: SchedulerOutput, prev: StepHandle | None):
+        """Host lists of the step, plus the (batch row, prev row) pairs whose token is still on the device."""
+        ids, pos, seq, qs, lens, tables, rows, sampled, patch = [], [], [], [0], [], [], [], [], []
+        for b, (req, n) in enumerate(zip(sched.requests, sched.num_new, strict=True)):
+            c0 = req.num_computed_tokens
+            for p in range(c0, c0 + n):
+                t = req.token_at(p)
+                if t is None:  # sampled in the previous step, not yet on the host
+                    patch.append((len(ids), prev.rows[req.request_id]))
+                    t = 0
+                ids.append(t)
+                pos.append(p)
+                seq.append(b)
+            qs.append(len(ids))
+            lens.append(c0 + n)
+            tables.append(req.block_ids[: math.ceil((c0 + n) / self.config.block_size)])
+            if sched.samples(b):
+                rows.append(len(ids) - 1)
+                sampled.append(req)
+        return ids, pos, seq, qs, lens, tables, rows, sampled, patch
+
+    # ---------------------------------------------------------------- one step
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, prev: StepHandle | None) -> StepHandle:
+        ids, pos, seq, qs, lens, tables, rows, sampled, patch = self._inputs(sched, prev)
+        nd = sched.num_decodes
+        b = len(lens)
+        if self.graphs is not None and nd == b and self.graphs.bucket(b) is not None:
+            logits = self.graphs.run(ids, pos, lens, tables, patch, prev)  # [b, V]: every row samples
+        else:
+            batch = self._batch(ids, pos, seq, qs, lens, tables, nd, rows)
+            if patch:
+                self._patch(batch.input_ids, patch, prev)
+            logits = self.model(batch)  # [N, V]
+        tokens = self.sample(logits, sampled)
+        host = torch.empty(tokens.shape[0], dtype=torch.int64, pin_memory=self.cuda)
+        host.copy_(tokens, non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return StepHandle(sampled, tokens, host, event, {r.request_id: i for i, r in enumerate(sampled)},
+                          time.perf_counter())  # fmt: skip
+
+    def _patch(self, input_ids: torch.Tensor, patch: list[tuple[int, int]], prev: StepHandle) -> None:
+        dst, src = zip(*patch, strict=True)
+        k = len(patch)
+        if list(dst) == list(range(k)) and list(src) == list(range(k)):
+            input_ids[:k].copy_(prev.tokens[:k])  # the steady decode batch: same requests, same order
+        else:
+            input_ids[self._tensor(list(dst), torch.int64)] = prev.tokens[self._tensor(list(src), torch.int64)]
+
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """logits [N, V] -> tokens [N] int64 on the device; each request with its own params and generator."""
+        if all(r.sampling.greedy for r in reqs):
+            return logits.argmax(dim=-1)
+        out = logits.argmax(dim=-1)
+        for i, r in enumerate(reqs):
+            s = r.sampling
+            if s.greedy:
+                continue
+            if r.generator is None:
+                r.generator = make_generator(s.seed, self.device) if s.seed is not None else self.default_gen
+            out[i : i + 1] = sample(logits[i : i + 1].float(), s.temperature, s.top_k, s.top_p, r.generator)
+        return out
+
+    def info(self) -> dict:
+        return {**self.report, **self.backend.info()}

@@ -1,0 +1,79 @@
+"""The CUDA LinearMethod for dense weights: per (M, N, K, act) the fastest of cuBLAS and the Triton GEMV configs,
+measured on the device (engine/kernels/triton/tune.py), with the RMSNorm prologue and the residual epilogue fused
+into the batch-1 fma GEMV and the residual add into the dot GEMV."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.model.layers.linear import Linear, UnquantizedLinearMethod
+from engine.model.llama import Transformer
+
+MAX_TUNED_M = 32
+
+
+class GemvLinearMethod(UnquantizedLinearMethod):
+    """Shares one GemvTuner across every Linear of the model (its choices are keyed by shape)."""
+
+    def __init__(self, tuner) -> None:
+        from engine.kernels.triton import fused, gemv
+
+        self.tuner = tuner
+        self._gemv, self._norm = gemv, fused.rms_norm
+
+    def matmul(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return self.apply(layer, x)
+
+    def apply(self, layer, x, norm=None, act=False, residual=None):
+        w = layer.weight
+        m = x.shape[0]
+        n, k = w.shape
+        cfg = self.tuner.get(m, n, k, act) if m <= MAX_TUNED_M else self._gemv.CUBLAS
+        if cfg.kind == "fma" and m == 1 and not (norm is not None and act):
+            return self._gemv.linear_fused(x, w, cfg, bias=layer.bias, act=act, residual=residual,
+                                           norm_weight=None if norm is None else norm.weight,
+                                           eps=0.0 if norm is None else norm.eps)  # fmt: skip
+        if norm is not None:
+            x = self._norm(x, norm.weight, norm.eps)[0]
+        return self._gemv.linear(x, w, layer.bias, act=act, cfg=cfg, residual=residual)
+
+
+def roles(model: Transformer) -> list[tuple[str, list[torch.Tensor], list[torch.Tensor | None] | None, bool]]:
+    """(role, every layer's weight of that role, biases, act) — the shapes one decode step multiplies by."""
+    L = [blk for blk in model.layers]
+    att = [b.attention for b in L]
+    bq = [a.wqkv.bias for a in att] if att[0].wqkv.bias is not None else None
+    out = [
+        ("qkv", [a.wqkv.weight for a in att], bq, False),
+        ("wo", [a.wo.weight for a in att], None, False),
+        ("w13", [b.feed_forward.w13.weight for b in L], None, False),
+        ("w2", [b.feed_forward.w2.weight for b in L], None, True),
+    ]
+    if model.output is not None:
+        out.append(("lm_head", [model.output.weight], None, False))
+    return out
+
+
+def install(model: Transformer, buckets: list[int], mode: str) -> tuple[object, list[dict]]:
+    """Give every dense Linear of a CUDA model the GemvLinearMethod; tune (mode "tune") or fix (mode "triton")
+    the GEMV per decode bucket <= 32. Returns (tuner, report rows). Linears with another method are left alone."""
+    from engine.kernels.triton import gemv
+    from engine.kernels.triton.tune import GemvTuner
+
+    tuner = GemvTuner()
+    report: list[dict] = []
+    for bs in buckets:
+        if bs > MAX_TUNED_M:
+            continue
+        for role, ws, biases, act in roles(model):
+            n, k = ws[0].shape
+            if mode == "triton":  # fixed configs, for tests
+                tuner.choice[(bs, n, k, act)] = gemv.FMA_CONFIGS[1] if bs == 1 else gemv.DOT_CONFIGS[0]
+                continue
+            r = tuner.tune(ws, bs, act=act, biases=biases)
+            report.append({"role": role, **r.__dict__})
+    method = GemvLinearMethod(tuner)
+    for mod in model.modules():
+        if isinstance(mod, Linear) and type(mod.method) is UnquantizedLinearMethod:
+            mod.method = method
+    return tuner, report
