@@ -83,7 +83,9 @@ def clean(metrics: dict[str, float]) -> dict[str, float | None]:
 #                 each request's first token; prefill_tok_s = sum(prompt tokens) / its length
 #   decode window = (last first token, last token]: every prompt is done, only decode steps run (also when
 #                 interleaved); decode_tok_s = tokens generated in it (index >= 1) / its length
-#   decode gaps = ITL gaps that start at or after the last first token; step = their median (one decode step)
+#   decode gaps = ITL gaps that start at or after the last first token; step = the median over requests of each
+#                 request's mean decode gap (one decode step; a mean per request, so an engine that hands tokens
+#                 over in bursts (detokeniser hold-back, multi-step or speculative decoding) is timed per token)
 
 
 @dataclass
@@ -101,6 +103,7 @@ class BatchTiming:
     decode_window: float  # seconds, last first token -> last token
     decode_window_tokens: int  # tokens (index >= 1) generated inside the decode window
     decode_gaps: list[float]  # ITL gaps starting at or after the last first token
+    decode_steps: list[float]  # per request with decode gaps: the mean of its decode gaps
     interleaved: str | None  # None, or why prefill and decode overlapped (which request, which times)
 
     @property
@@ -121,7 +124,7 @@ class BatchTiming:
 
     @property
     def step(self) -> float:
-        return percentile(self.decode_gaps, 50)
+        return percentile(self.decode_steps, 50)
 
 
 def batch_timing(results: Sequence) -> BatchTiming:
@@ -145,10 +148,12 @@ def batch_timing(results: Sequence) -> BatchTiming:
                            f"{(second - t0) * 1e3:.4g} ms")
     last = max(r.token_times[-1] for r in results)
     in_window = sum(1 for r in results for t in r.token_times[1:] if t > last_first)
-    gaps = [b - a for r in results for a, b in zip(r.token_times, r.token_times[1:], strict=False) if a >= last_first]
+    per_request = [[b - a for a, b in zip(r.token_times, r.token_times[1:], strict=False) if a >= last_first]
+                   for r in results]
     return BatchTiming(
         ttft=ttft, e2e=e2e, tpot=tpot, itl=itl, wall=last - t0,
         prompt_tokens=sum(r.prompt_tokens for r in results), output_tokens=sum(len(r.output_ids) for r in results),
         first_all=last_first - t0, decode_window=last - last_first, decode_window_tokens=in_window,
-        decode_gaps=gaps, interleaved=interleaved,
+        decode_gaps=[g for gs in per_request for g in gs], decode_steps=[mean(gs) for gs in per_request if gs],
+        interleaved=interleaved,
     )

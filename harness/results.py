@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "failed", "skipped")
+STATUSES = ("ok", "partial", "failed", "skipped")  # partial: a serving cell with tolerated failed requests
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Record:
     dtype: str  # precision the engine ran in: float32 | bfloat16 | float16
     device: str  # cpu | cuda
     params: dict[str, Any]  # scenario parameters of this cell, defaults filled in
-    status: str = "ok"  # ok | failed | skipped
+    status: str = "ok"  # ok | partial | failed | skipped (serving: from its failed requests, request_status)
     reason: str = ""  # why failed / skipped (exception, exit code, not installed)
     metrics: dict[str, Any] = field(default_factory=dict)  # statistics; units in the names (ttft_p50_ms)
     samples: dict[str, Any] = field(default_factory=dict)  # raw samples the metrics were computed from
@@ -40,6 +40,7 @@ class Record:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
         if not self.time:
             self.time = utc_now()
+        self.status, self.reason = request_status(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,3 +115,46 @@ def load_records(path: str | Path) -> list[Record]:
         except (TypeError, ValueError) as exc:  # missing fields, unknown status, another schema version
             raise ValueError(f"{p}:{i + 1}: not a record: {exc}") from None
     return out
+
+
+def request_status(r: Record) -> tuple[str, str]:
+    """(status, reason) of a record given its failed requests. A serving cell that measured requests of which some
+    failed is not ok: "partial" when the failed share is at most params max_failed_frac (default 0), else "failed",
+    with the count and the first error as the reason. Every other record keeps its own status and reason."""
+    if r.scenario != "serving" or r.status != "ok":
+        return r.status, r.reason
+    failed, completed = r.metrics.get("failed") or 0, r.metrics.get("completed") or 0
+    total = failed + completed
+    if not failed or total <= 0:
+        return r.status, r.reason
+    share, limit = failed / total, float(r.params.get("max_failed_frac") or 0.0)
+    info = r.samples.get("info") if isinstance(r.samples, dict) else None
+    errors = (info.get("errors") if isinstance(info, dict) else None) or []
+    why = f"{int(failed)} of {int(total)} requests failed ({share:.1%}, max_failed_frac {limit:g})"
+    if errors:
+        why += f": {str(errors[0])[:200]}"
+    return ("partial" if share <= limit else "failed"), why
+
+
+def frame(records: list[Record]):
+    """Records as a pandas.DataFrame, one row per record: run, cell, engine, engine_version, model, dtype, device,
+    scenario, status, reason, then param.<k> per scenario parameter, <metric> per metric, env.<k> per
+    environment field (values as recorded: numbers, strings, None, or lists/dicts where the record has them)."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        row: dict[str, Any] = {"run": r.run_id, "cell": r.cell_id, "engine": r.engine,
+                               "engine_version": r.engine_version, "model": r.model, "dtype": r.dtype,
+                               "device": r.device, "scenario": r.scenario, "status": r.status, "reason": r.reason}
+        row |= {f"param.{k}": v for k, v in r.params.items()}
+        row |= {k: v for k, v in r.metrics.items() if k not in row}
+        row |= {f"env.{k}": v for k, v in r.env.items()}
+        rows.append(row)
+    base = ["run", "cell", "engine", "engine_version", "model", "dtype", "device", "scenario", "status", "reason"]
+    return pd.DataFrame(rows, columns=list(dict.fromkeys(base + [k for row in rows for k in row])))
+
+
+def load(run_dir: str | Path):
+    """The records of a run folder (or a records.jsonl) as a pandas.DataFrame (see frame)."""
+    return frame(load_records(run_dir))

@@ -12,8 +12,9 @@ for a batch submitted at t0 (host perf_counter after device sync, inside the ada
                             second token); otherwise omitted and prefill_tok_s_note says where they overlapped
   decode_tok_s              tokens generated after the last request's first token / (last token - that time): the
                             rate once every prompt is done (for a serial engine: its last request's decode)
-  step_ms                   median over repeats of the median ITL gap that starts after the last first token
-                            (decode-phase gaps: one decode step of the running batch)
+  step_ms                   one decode step of the running batch: the median over requests of each request's
+                            mean ITL gap starting after the last first token (decode-phase gaps), median over
+                            repeats; per-request means so that tokens handed over in bursts are timed per token
   weight_gb_s               weight bytes read per step (ModelConfig.decode_read_params x dtype bytes) / step: the
                             bandwidth the weights alone need at that speed; weight_pct_copy = that / the run's
                             measured GPU copy bandwidth (GPU only)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from timing_fakes import ChunkedPrefill, Serial, StaticBatch
+from timing_fakes import Bursty, ChunkedPrefill, Serial, StaticBatch
 
 from harness import metrics as M
 from harness.scenarios import latency, throughput
@@ -53,6 +53,7 @@ def test_chunked_prefill_interleaves_so_no_prefill_rate_but_decode_step_is_the_p
     assert t.decode_window == pytest.approx(0.030, **EXACT) and t.decode_window_tokens == 6  # after 60 ms
     assert t.decode_tok_s == pytest.approx(200.0, **EXACT)
     assert t.decode_gaps == pytest.approx([0.010] * 6, **EXACT)  # the 20 ms mixed steps are not decode steps
+    assert t.decode_steps == pytest.approx([0.010] * 3, **EXACT) and t.step == pytest.approx(0.010, **EXACT)
 
 
 def test_throughput_scenario_on_the_interleaving_engine_omits_prefill_and_says_why():
@@ -107,3 +108,11 @@ def test_latency_scenario_uses_the_same_definitions():
     assert m["e2e_p50_ms"] == pytest.approx(80.0)
     assert m["output_tok_s"] == pytest.approx(12 / 0.090, rel=ROUNDED) and m["total_tok_s"] == pytest.approx(400.0)
     assert len(s["itl_s"]) == 9 and len(s["tpot_s"]) == 3
+
+
+def test_tokens_handed_over_in_bursts_are_timed_per_token():
+    params = {"batch": 2, "prompt_len": 8, "gen_len": 7, "warmup": 0, "repeats": 1, "seed": 0}
+    m, _ = throughput.run(Bursty(), params, ctx(weight_bytes=1_000_000_000))  # 40, then 70 70 70 100 100 100
+    assert m["itl_p50_ms"] == pytest.approx(0.0)  # the median gap says nothing about the step ...
+    assert m["step_ms"] == pytest.approx(10.0) and m["tpot_p50_ms"] == pytest.approx(10.0)  # ... the mean does
+    assert m["weight_gb_s"] == pytest.approx(100.0) and m["decode_tok_s"] == pytest.approx(200.0)

@@ -7,6 +7,8 @@ Each one runs its timeline (ms after submit, per request) from a fixed t0; no ti
   requests' second tokens. For 3 requests x 4 tokens:
       r0: 20 40 60 70     r1: 40 60 70 80     r2: 60 70 80 90
 - Serial: the requests one after another (llama.cpp in process): 30 ms prefill, 10 ms per decode step.
+- Bursty: a static batch that decodes a token every 10 ms but hands them over three at a time (every 30 ms), as a
+  streamer that holds tokens back would: ITL gaps of 30, 0, 0 ms.
 """
 
 from __future__ import annotations
@@ -71,3 +73,8 @@ class Serial(Planted):
             out.append(ts)
             t = ts[-1]
         return out
+
+
+class Bursty(Planted):
+    def timeline(self, n_requests, n_tokens):
+        return [[40.0] + [40.0 + 30.0 * -(-k // 3) for k in range(1, n_tokens)] for _ in range(n_requests)]
