@@ -1,4 +1,5 @@
-"""nox sessions: tests, lint, smoke (CPU suite + gate), build_ext (compile the CUDA extension without a GPU).
+"""nox sessions: tests, lint, smoke (CPU suite + gate), build_ext (compile the CUDA extension without a GPU),
+cmake_build (libanvil_kernels.so + anvil_bench without Python or torch, no GPU).
 
 They reuse the current environment (`nox --no-venv` is implied by venv_backend="none") so CI installs once.
 """
@@ -39,3 +40,13 @@ def build_ext(session: nox.Session) -> None:
     if inc:
         env["CPATH"] = os.pathsep.join(inc + [os.environ.get("CPATH", "")]).rstrip(os.pathsep)
     session.run("python", "-m", "engine.kernels.build", "--check", env=env)
+
+
+@nox.session
+def cmake_build(session: nox.Session) -> None:
+    """Configure + build engine/kernels/CMakeLists.txt in build/cmake (sm_80/89/90a, -j2); no GPU needed."""
+    cuda = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    env = {"PATH": os.pathsep.join([os.path.join(cuda, "bin"), os.environ.get("PATH", "")])}
+    session.run("cmake", "-S", "engine/kernels", "-B", "build/cmake", *session.posargs, env=env, external=True)
+    session.run("cmake", "--build", "build/cmake", "-j2", env=env, external=True)
+    session.run("build/cmake/anvil_bench", "--help", external=True, silent=True)
