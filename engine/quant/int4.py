@@ -6,14 +6,16 @@ The format, for a weight W [N, K] (out, in; nn.Linear's layout) and a group size
     qweight  int32 [N, K/8]   nibble j (bits 4j..4j+3, low nibble first) of qweight[n, w] is q[n, 8w + j], 0..15
     scales   dtype [N, K/G]   the model dtype (bf16 / fp16 / fp32)
     zeros    dtype [N, K/G]   the integer zero point of each group, stored in the model dtype (exact: 0..16)
-    perm     int32 [K]        optional (act-order GPTQ checkpoints): column i of qweight is input channel perm[i]
+    g_idx    int32 [K]        optional (act-order GPTQ): the group of input channel k (default k // G)
     in_scale dtype [K]        optional (our AWQ): x is multiplied by in_scale (= 1/s) before the matmul
 
-    W[n, i] = (q[n, i] - zeros[n, i // G]) * scales[n, i // G]          (in float32)
-    y = x' @ W^T   with   x' = (x * in_scale)[:, perm]
+    W[n, k] = (q[n, k] - zeros[n, g(k)]) * scales[n, g(k)]   with g(k) = g_idx[k] or k // G   (in float32)
+    y = (x * in_scale) @ W^T
 
 Row-major in N, so the rows of a fused [q; k; v] or [gate; up] weight split and concatenate like dense rows, and
-a GEMV program reads a contiguous run of K/8 words per row. Zeros are kept as floats (not packed nibbles) so the
+a GEMV program reads a contiguous run of K/8 words per row. Act-order keeps the columns in input order and
+indexes the groups through g_idx (as GPTQ checkpoints do), so fused projections with different orders still
+concatenate and x is never permuted. Zeros are kept as floats (not packed nibbles) so the
 GPTQ v1 convention (stored zero + 1, which reaches 16) needs no special case; they cost 2 bytes per 128 weights.
 """
 
@@ -38,7 +40,7 @@ class Int4Weight:
     scales: torch.Tensor  # [N, K/G] model dtype
     zeros: torch.Tensor  # [N, K/G] model dtype
     group_size: int
-    perm: torch.Tensor | None = None  # int32 [K]
+    g_idx: torch.Tensor | None = None  # int32 [K]
     in_scale: torch.Tensor | None = None  # [K] model dtype
 
     @property
@@ -48,8 +50,8 @@ class Int4Weight:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The layer's buffers by name (optional ones only when present)."""
         out = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
-        if self.perm is not None:
-            out["perm"] = self.perm
+        if self.g_idx is not None:
+            out["g_idx"] = self.g_idx
         if self.in_scale is not None:
             out["in_scale"] = self.in_scale
         return out
@@ -63,7 +65,7 @@ class Int4Weight:
             return t.to(device=device, dtype=dtype if (is_float and dtype is not None) else t.dtype)
 
         return replace(self, qweight=mv(self.qweight, False), scales=mv(self.scales, True),
-                       zeros=mv(self.zeros, True), perm=mv(self.perm, False), in_scale=mv(self.in_scale, True))
+                       zeros=mv(self.zeros, True), g_idx=mv(self.g_idx, False), in_scale=mv(self.in_scale, True))
 
 
 def check_shapes(n: int, k: int, group_size: int) -> None:
@@ -91,30 +93,29 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------- reference
-def dequantize(w: Int4Weight, dtype: torch.dtype = torch.float32, unpermute: bool = False) -> torch.Tensor:
-    """[N, K] weights in dtype (computed in float32). In qweight's column order unless unpermute, which also
-    folds in_scale, giving the dense W with y = x @ W^T for the original x."""
+def group_index(w: Int4Weight) -> torch.Tensor:
+    """int64 [K]: the group of every input channel."""
+    k = w.shape[1]
+    if w.g_idx is not None:
+        return w.g_idx.long()
+    return torch.arange(k, device=w.qweight.device) // w.group_size
+
+
+def dequantize(w: Int4Weight, dtype: torch.dtype = torch.float32, fold_in_scale: bool = False) -> torch.Tensor:
+    """[N, K] weights in dtype (computed in float32); fold_in_scale multiplies column k by in_scale[k], giving
+    the dense W with y = x @ W^T."""
     n, k = w.shape
-    g = w.group_size
-    q = unpack_int4(w.qweight).float().view(n, k // g, g)
-    deq = ((q - w.zeros.float()[:, :, None]) * w.scales.float()[:, :, None]).view(n, k)
-    if unpermute:
-        if w.perm is not None:
-            dense = torch.empty_like(deq)
-            dense[:, w.perm.long()] = deq
-            deq = dense
-        if w.in_scale is not None:
-            deq = deq * w.in_scale.float()[None, :]
+    g = group_index(w)
+    q = unpack_int4(w.qweight).float()
+    deq = (q - w.zeros.float()[:, g]) * w.scales.float()[:, g]
+    if fold_in_scale and w.in_scale is not None:
+        deq = deq * w.in_scale.float()[None, :]
     return deq.to(dtype)
 
 
 def prepare_input(w: Int4Weight, x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] -> x' = (x * in_scale)[:, perm] in x.dtype (a no-op for plain checkpoints)."""
-    if w.in_scale is not None:
-        x = x * w.in_scale.to(x.dtype)
-    if w.perm is not None:
-        x = x.index_select(1, w.perm.long())
-    return x
+    """x [M, K] -> x * in_scale in x.dtype (a no-op without in_scale)."""
+    return x if w.in_scale is None else x * w.in_scale.to(x.dtype)
 
 
 def matmul_reference(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,8 +14,8 @@ from engine.kernels.triton.int4_gemv import _dequant_tile, check_int4_args
 
 @triton.jit
 def _int4_gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-    G: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    G: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # grouped launch order (the Triton matmul tutorial): programs that run together share W tiles in L2
@@ -35,7 +35,7 @@ def _int4_gemm_kernel(
         kk = k0 + offs_k
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :],
                      other=0.0)  # [BM, BK]
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, mask_n, k0, N, K, G, BLOCK_N, BLOCK_K)  # [BN, BK] fp32
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_n, mask_n, k0, N, K, G, HAS_GIDX, BLOCK_N, BLOCK_K)
         acc += tl.dot(xv, tl.trans(w.to(xv.dtype)), input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -54,24 +54,26 @@ def gemm_config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int,
 
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              group_size: int, bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
+              group_size: int, bias: torch.Tensor | None = None, config: tuple | None = None,
+              g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16; fp32 uses IEEE dots) -> y [M, N] in x.dtype."""
-    m, n, k = check_int4_args(x, qweight, scales, zeros, group_size)
+    m, n, k = check_int4_args(x, qweight, scales, zeros, group_size, g_idx)
     bm, bn, bk, warps, stages = config or gemm_config(m, n, k, group_size)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _int4_gemm_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else y, y, m, n, k, x.stride(0), y.stride(0),
-        G=group_size, HAS_BIAS=bias is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        x, qweight, scales, zeros, qweight if g_idx is None else g_idx, bias if bias is not None else y, y,
+        m, n, k, x.stride(0), y.stride(0),
+        G=group_size, HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
     )
     return y
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+                group_size: int, bias: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """GEMV for M <= 8, else the GEMM."""
     from engine.kernels.triton.int4_gemv import int4_gemv
 
     fn = int4_gemv if x.shape[0] <= 8 else int4_gemm
-    return fn(x, qweight, scales, zeros, group_size, bias)
+    return fn(x, qweight, scales, zeros, group_size, bias, g_idx=g_idx)

@@ -25,7 +25,7 @@ def error_and_bound(out: torch.Tensor, x: torch.Tensor, w_deq: torch.Tensor) -> 
 
 
 def run_case(kind: str, n: int, k: int, m: int, dtype: str, group: int = 128, bias: bool = False,
-             device: str = "cpu", seed: int = 0) -> tuple[float, float]:
+             device: str = "cpu", seed: int = 0, act_order: bool = False) -> tuple[float, float]:
     from engine.kernels.triton.int4_gemm import int4_gemm
     from engine.kernels.triton.int4_gemv import int4_gemv
     from engine.kernels.triton.nf4_gemv import nf4_gemv
@@ -42,8 +42,11 @@ def run_case(kind: str, n: int, k: int, m: int, dtype: str, group: int = 128, bi
         out = nf4_gemv(x, p.qweight.to(device), p.absmax.to(device), code_table(device))
         return error_and_bound(out, x, dequantize_nf4(p).to(device))
     p = quantize_rtn(w, group).to(device, dt)
+    if act_order:  # a random act-order grouping: G channels per group, scattered over K
+        perm = torch.randperm(k, generator=g)
+        p.g_idx = (torch.arange(k) // group)[torch.argsort(perm)].to(device, torch.int32)
     fn = {"int4_gemv": int4_gemv, "int4_gemm": int4_gemm}[kind]
-    out = fn(x, p.qweight, p.scales, p.zeros, group, bias=b)
+    out = fn(x, p.qweight, p.scales, p.zeros, group, bias=b, g_idx=p.g_idx)
     if b is not None:
         out = out - b
     return error_and_bound(out, x, dequantize(p))

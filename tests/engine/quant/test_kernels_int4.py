@@ -33,13 +33,15 @@ CPU_CASES = (
        for d in CPU_DTYPES]
     + [dict(kind=kd, n=40, k=256, m=5, dtype="float32", group=gr, bias=True) for kd in ("int4_gemv", "int4_gemm")
        for gr in (32, 64)]
+    + [dict(kind=kd, n=96, k=384, m=m, dtype="float32", act_order=True) for kd in ("int4_gemv", "int4_gemm")
+       for m in (1, 5)]
     + [dict(kind="nf4_gemv", n=n, k=k, m=m, dtype=d, seed=m) for n, k in ((96, 256), (200, 320)) for m in (1, 3, 8)
        for d in CPU_DTYPES]
 )
 
 
 def case_id(c: dict) -> str:
-    extra = f"-g{c['group']}-bias" if "group" in c else ""
+    extra = (f"-g{c['group']}-bias" if "group" in c else "") + ("-act_order" if c.get("act_order") else "")
     return f"{c['kind']}-{c['n']}x{c['k']}-m{c['m']}-{c['dtype']}{extra}"
 
 
@@ -106,6 +108,7 @@ def test_int4_gemm_small_m_and_awkward_gpu(n, k, m):
     if m <= 8:
         gpu_case(kind="int4_gemv", n=n, k=k, m=m, dtype="bfloat16", seed=n)
     gpu_case(kind="int4_gemv" if m <= 8 else "int4_gemm", n=n, k=k, m=m, dtype="float32", group=64, bias=True)
+    gpu_case(kind="int4_gemv" if m <= 8 else "int4_gemm", n=n, k=k, m=m, dtype="bfloat16", act_order=True)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,138 @@
+"""quantize_model: swap every Linear of a model except the lm_head (`output`) to a quantized weight, in place
+(gpt-fast's replace_linear pattern), with RTN, AWQ, GPTQ or NF4.
+
+Two kinds of Linear are handled:
+- engine.model.layers.linear.Linear (the pluggable model): its method becomes Int4LinearMethod / NF4LinearMethod
+  and its `weight` parameter is replaced by the packed buffers;
+- torch.nn.Linear (a model without pluggable linears): fake quantization. The weight is overwritten with the
+  dequantized weight (for AWQ with in_scale folded in: W' = Q(W s) / s), numerically the reference path
+  (dequantize, then F.linear) up to float rounding order. The packed weight is kept as `module.quantized`.
+
+AWQ and GPTQ calibrate one Linear at a time in forward order, each on the inputs it sees with every earlier
+Linear already quantized (GPTQ's sequential mode); the forward stops at the Linear being calibrated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from engine.quant.awq import quantize_awq
+from engine.quant.calib import capture_inputs
+from engine.quant.gptq import Hessian, quantize_gptq
+from engine.quant.int4 import Int4Weight, dequantize, quantize_rtn
+from engine.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+
+METHODS = ("rtn", "awq", "gptq", "nf4")
+SKIP = ("output",)  # the lm_head stays in the model dtype
+
+
+def quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every Linear to quantize, in forward order."""
+    out = []
+    for name, mod in model.named_modules():
+        if name in SKIP:
+            continue
+        if isinstance(mod, nn.Linear) or (hasattr(mod, "method") and hasattr(mod, "in_features")):
+            out.append((name, mod))
+    return out
+
+
+def dense_weight(mod: nn.Module) -> torch.Tensor:
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"{mod}: no dense weight to quantize (already quantized?)")
+    return w
+
+
+def install(mod: nn.Module, q: Int4Weight | NF4Weight) -> None:
+    """Put the quantized weight into the module (see the module docstring for the two kinds)."""
+    if isinstance(mod, nn.Linear):
+        deq = dequantize(q, fold_in_scale=True) if isinstance(q, Int4Weight) else dequantize_nf4(q)
+        mod.weight.data.copy_(deq.to(mod.weight.dtype))
+        mod.quantized = q
+        return
+    from engine.quant.methods import method_for
+
+    method = method_for(q)
+    bias = mod.bias
+    del mod.weight
+    method.create_weights(mod, mod.in_features, mod.out_features, False)
+    for name, t in q.tensors().items():
+        if name in ("absmax_q", "absmax_scale", "absmax_offset"):
+            continue
+        setattr(mod, name, t)
+    if q.__class__ is NF4Weight and q.absmax is None:
+        from engine.quant.nf4 import absmax_of
+
+        mod.absmax = absmax_of(q)
+    mod.bias = bias
+    mod.method = method
+
+
+def quantized_weight(mod: nn.Module) -> Int4Weight | NF4Weight | None:
+    """The packed weight of a quantized module (either kind), None when it is dense."""
+    if isinstance(mod, nn.Linear):
+        return getattr(mod, "quantized", None)
+    fn = getattr(getattr(mod, "method", None), "weight", None)
+    return fn(mod) if callable(fn) else None
+
+
+def _no_clip_rows(model: nn.Module, name: str) -> int:
+    """q and k rows of a fused wqkv are not clipped (AutoAWQ skips q_proj / k_proj in its clip search)."""
+    c = getattr(model, "config", None)
+    return c.q_size + c.kv_size if c is not None and name.endswith("attention.wqkv") else 0
+
+
+def _calibrated(model, name, mod, calib, method, group_size, dtype, opts) -> Int4Weight:
+    w = dense_weight(mod)
+    if method == "gptq":
+        h = Hessian(mod.in_features, w.device)
+        capture_inputs(model, mod, calib, h.add)
+        return quantize_gptq(w, h.h, group_size, dtype, act_order=opts.get("act_order", False),
+                         damp=opts.get("damp", 0.01))
+    rows: list[torch.Tensor] = []
+    capture_inputs(model, mod, calib, lambda x: rows.append(x.detach().clone()))
+    x = torch.cat(rows)
+    max_rows = opts.get("max_rows", 8192)
+    if x.shape[0] > max_rows:  # evenly spaced rows: the search's cost grows with them, its result barely
+        x = x[torch.linspace(0, x.shape[0] - 1, max_rows, device=x.device).long()]
+    return quantize_awq(w, x, group_size, dtype, no_clip_rows=_no_clip_rows(model, name),
+                        clip=opts.get("clip", True))
+
+
+def quantize_model(model: nn.Module, method: str, calib: Iterable[list[list[int]]] | None = None,
+                   group_size: int = 128, **opts) -> dict[str, Int4Weight | NF4Weight]:
+    """Quantize every Linear except `output` in place; returns {module name: packed weight}.
+
+    method: rtn | awq | gptq (int4, asymmetric, group_size) | nf4 (block 64; opts double_quant=True).
+    calib: batches of token lists (engine.quant.calib.stdlib_calibration), required by awq and gptq.
+    opts: act_order (gptq), damp (gptq, 0.01), clip (awq, True), max_rows (awq search rows, 8192)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r} (supported: {', '.join(METHODS)})")
+    if method in ("awq", "gptq"):
+        if calib is None:
+            raise ValueError(f"{method} needs calibration data (calib=...; see engine.quant.calib)")
+        calib = list(calib)  # iterated once per Linear
+    dtype = getattr(model, "dtype", None)
+    out: dict[str, Int4Weight | NF4Weight] = {}
+    with torch.inference_mode():
+        targets = quantizable(model)
+    for name, mod in targets:
+        with torch.inference_mode():
+            w = dense_weight(mod)
+            dt = dtype if isinstance(dtype, torch.dtype) else w.dtype
+            if method == "rtn":
+                q = quantize_rtn(w, group_size, dt)
+            elif method == "nf4":
+                q = quantize_nf4(w, double_quant=opts.get("double_quant", False))
+            else:
+                q = None
+        if q is None:
+            q = _calibrated(model, name, mod, calib, method, group_size, dt, opts)
+        with torch.inference_mode():
+            install(mod, q)
+        out[name] = q
+    return out

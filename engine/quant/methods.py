@@ -1,0 +1,117 @@
+"""LinearMethods for quantized weights (vLLM's LinearMethodBase pattern): `Int4LinearMethod` (int4 g128, the
+format of engine/quant/int4.py) and `NF4LinearMethod` (engine/quant/nf4.py). A Linear with one of these holds
+buffers instead of a `weight` parameter; their names are the checkpoint names below the layer's prefix
+(`layers.0.attention.wqkv.qweight`, ...).
+
+matmul: on CUDA the Triton kernels (int4: GEMV for M <= 8, GEMM above; NF4: GEMV for M <= 8, else dequantize +
+F.linear); elsewhere the torch reference (dequantize into x.dtype, then F.linear).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.quant.int4 import Int4Weight, matmul_reference, prepare_input
+from engine.quant.nf4 import NF4Weight, code_table, dequantize_nf4
+
+try:  # the pluggable Linear (engine/model/layers/linear.py); absent in trees that predate it
+    from engine.model.layers.linear import Linear, LinearMethod
+except ImportError:  # pragma: no cover - only before the restructure lands
+    Linear, LinearMethod = None, object
+
+
+def _buffer_bytes(layer) -> int:
+    tensors = list(layer.buffers(recurse=False)) + list(layer.parameters(recurse=False))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _bias(layer, out_features: int, bias: bool) -> None:
+    layer.bias = torch.nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+
+class Int4LinearMethod(LinearMethod):
+    """Buffers qweight int32 [N, K/8], scales / zeros [N, K/G] (model dtype), and optionally g_idx int32 [K]
+    (act-order) and in_scale [K] (our AWQ)."""
+
+    def __init__(self, group_size: int = 128, has_g_idx: bool = False, has_in_scale: bool = False):
+        self.group_size, self.has_g_idx, self.has_in_scale = group_size, has_g_idx, has_in_scale
+
+    @classmethod
+    def for_weight(cls, w: Int4Weight) -> Int4LinearMethod:
+        return cls(w.group_size, w.g_idx is not None, w.in_scale is not None)
+
+    def create_weights(self, layer, in_features: int, out_features: int, bias: bool) -> None:
+        g = self.group_size
+        if in_features % g or in_features % 8:
+            raise ValueError(f"int4 g{g}: in_features {in_features} is not a multiple of the group size")
+        layer.register_buffer("qweight", torch.empty(out_features, in_features // 8, dtype=torch.int32))
+        layer.register_buffer("scales", torch.empty(out_features, in_features // g))
+        layer.register_buffer("zeros", torch.empty(out_features, in_features // g))
+        if self.has_g_idx:
+            layer.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
+        if self.has_in_scale:
+            layer.register_buffer("in_scale", torch.empty(in_features))
+        _bias(layer, out_features, bias)
+
+    def weight(self, layer) -> Int4Weight:
+        return Int4Weight(layer.qweight, layer.scales, layer.zeros, self.group_size,
+                          layer.g_idx if self.has_g_idx else None,
+                          layer.in_scale if self.has_in_scale else None)
+
+    def matmul(self, layer, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight(layer)
+        if not x.is_cuda:
+            return matmul_reference(x, w, layer.bias)
+        from engine.kernels.triton.int4_gemm import int4_matmul
+
+        shape = x.shape
+        x2 = prepare_input(w, x.reshape(-1, shape[-1])).contiguous()
+        y = int4_matmul(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, g_idx=w.g_idx)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    def weight_bytes(self, layer) -> int:
+        return _buffer_bytes(layer)
+
+
+class NF4LinearMethod(LinearMethod):
+    """Buffers qweight uint8 [N, K/2] and absmax [N, K/64] (double-quantized absmax is expanded at load)."""
+
+    def __init__(self):
+        self._codes: dict[torch.device, torch.Tensor] = {}
+
+    def create_weights(self, layer, in_features: int, out_features: int, bias: bool) -> None:
+        if in_features % 64:
+            raise ValueError(f"nf4: in_features {in_features} is not a multiple of 64")
+        layer.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        layer.register_buffer("absmax", torch.empty(out_features, in_features // 64, dtype=torch.float32))
+        _bias(layer, out_features, bias)
+
+    def process_weights_after_loading(self, layer) -> None:
+        layer.absmax = layer.absmax.float()  # a model-wide .to(bf16) would otherwise have rounded it
+
+    def weight(self, layer) -> NF4Weight:
+        return NF4Weight(layer.qweight, layer.absmax.float())
+
+    def matmul(self, layer, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x.is_cuda and x2.shape[0] <= 8:
+            from engine.kernels.triton.nf4_gemv import nf4_gemv
+
+            code = self._codes.get(x.device)
+            if code is None:
+                code = self._codes[x.device] = code_table(x.device)
+            y = nf4_gemv(x2.contiguous(), layer.qweight, layer.absmax.float(), code)
+            if layer.bias is not None:
+                y = y + layer.bias
+        else:
+            y = F.linear(x2, dequantize_nf4(self.weight(layer), x.dtype), layer.bias)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    def weight_bytes(self, layer) -> int:
+        return _buffer_bytes(layer)
+
+
+def method_for(w: Int4Weight | NF4Weight):
+    return Int4LinearMethod.for_weight(w) if isinstance(w, Int4Weight) else NF4LinearMethod()
