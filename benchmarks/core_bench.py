@@ -98,7 +98,7 @@ def decode_part(lm, copy_gbs: float) -> dict:
             host = (wall - st["wait_s"]) / max(1, st["steps"])
             runs.append({"step_ms": step * 1e3, "decode_tok_s": b / step, "wall_s": wall,
                          "host_ms_per_step_not_waiting": host * 1e3, "host_us_per_token": host * 1e6 / b})  # fmt: skip
-        best = max(runs, key=lambda r: r["decode_tok_s"])
+        best = dict(max(runs, key=lambda r: r["decode_tok_s"]))
         best["weight_gb_s"] = weight_bytes / (best["step_ms"] / 1e3) / 1e9
         best["pct_copy"] = 100 * best["weight_gb_s"] / copy_gbs
         best["runs"] = runs
@@ -164,7 +164,7 @@ def long_part(lm, length: int) -> dict:
     c = lm.config
     p = _prompts(1, length, c.vocab_size, 3)
     res = {"prompt_len": length, "runs": {}}
-    for chunk in (2048, 8192, None):
+    for chunk in (8192, 2048, None):
         budget = chunk or length
         llm = LLM(lm, EngineConfig(max_num_seqs=1, max_model_len=length + 64, max_num_batched_tokens=budget,
                                    chunked_prefill=chunk is not None, prefill_chunk=chunk, cuda_graphs=True))  # fmt: skip
@@ -174,6 +174,8 @@ def long_part(lm, length: int) -> dict:
         t0 = time.perf_counter()
         (o,) = llm.generate(p, max_tokens=32)
         wall = time.perf_counter() - t0
+        if o.error:
+            raise RuntimeError(f"chunk {chunk}: {o.error}")
         ttft = o.token_times[0] - t0
         itl = [y - x for x, y in zip(o.token_times[1:], o.token_times[2:], strict=False)]
         peak = torch.cuda.max_memory_allocated() - base

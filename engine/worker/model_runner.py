@@ -78,9 +78,10 @@ class ModelRunner:
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
             self.report["kv"] = {"num_blocks": num_blocks, "bytes_per_block": bpb, "sized_by": "num_kv_blocks"}
-        elif cuda:
+        elif cuda:  # never more than max_num_seqs full-length sequences need
             self._warmup()
-            plan = plan_kv_blocks(bpb, config.kv_fraction, self.device)
+            need = config.max_num_seqs * self.max_blocks_per_seq + 1
+            plan = plan_kv_blocks(bpb, config.kv_fraction, self.device, max_blocks=need)
             num_blocks = plan.num_blocks
             self.report["kv"] = plan.as_dict()
         else:
@@ -164,14 +165,14 @@ class ModelRunner:
         ids, pos, seq, qs, lens, tables, rows, sampled, patch = [], [], [], [0], [], [], [], [], []
         for b, (req, n) in enumerate(zip(sched.requests, sched.num_new, strict=True)):
             c0 = req.num_computed_tokens
-            for p in range(c0, c0 + n):
-                t = req.token_at(p)
-                if t is None:  # sampled in the previous step, not yet on the host
-                    patch.append((len(ids), prev.rows[req.request_id]))
-                    t = 0
-                ids.append(t)
-                pos.append(p)
-                seq.append(b)
+            p = req.prompt_ids
+            toks = p[c0 : c0 + n] if c0 + n <= len(p) else (p + req.output_ids)[c0 : c0 + n]
+            if len(toks) < n:  # the last one was sampled in the previous step and is not on the host yet
+                patch.append((len(ids) + n - 1, prev.rows[req.request_id]))
+                toks = toks + [0]
+            ids += toks
+            pos += range(c0, c0 + n)
+            seq += [b] * n
             qs.append(len(ids))
             lens.append(c0 + n)
             tables.append(req.block_ids[: math.ceil((c0 + n) / self.config.block_size)])
