@@ -38,14 +38,31 @@ def test_greedy_batch_lengths_and_times(anvil):
         (single,) = anvil.generate([GenRequest(p, 10)])
         assert single.output_ids == r.output_ids
     assert anvil.info()["ops_backend"] in ("reference", "cuda-ext", "triton")
+    assert anvil.info()["core"]["scheduler"]["running"] == 0
 
 
-def test_generator_grows_for_larger_batches_and_sequences(anvil):
+def test_long_prompt_and_larger_batches(anvil):
     (r,) = anvil.generate([GenRequest(list(range(1, 300)), 4)])
     assert len(r.output_ids) == 4
-    assert anvil.gen.max_seq_len >= 303
     res = anvil.generate([GenRequest([1, 2], 3) for _ in range(5)])
-    assert len(res) == 5 and anvil.gen.max_batch_size >= 5
+    assert len(res) == 5 and all(len(x.output_ids) == 3 for x in res)
+
+
+def test_each_request_keeps_its_own_sampling_stop_and_length(anvil):
+    """Today's batch no longer takes request 0's settings for everyone."""
+    from adapters.base import Sampling
+
+    p = [3, 4, 5, 6]
+    (greedy,) = anvil.generate([GenRequest(p, 12)])
+    stop = greedy.output_ids[5]
+    reqs = [GenRequest(p, 12, sampling=Sampling(temperature=1.0, seed=4)), GenRequest(p, 12, stop_ids=[stop]),
+            GenRequest(p, 3)]
+    res = anvil.generate(reqs)
+    (alone,) = anvil.generate([reqs[0]])
+    assert res[0].output_ids == alone.output_ids and res[0].output_ids != greedy.output_ids
+    cut = greedy.output_ids.index(stop) + 1
+    assert res[1].output_ids == greedy.output_ids[:cut] and res[1].finish_reason == "stop"
+    assert res[2].output_ids == greedy.output_ids[:3] and res[2].finish_reason == "length"
 
 
 def test_stop_ids(anvil):
@@ -55,12 +72,16 @@ def test_stop_ids(anvil):
     assert res.output_ids == full.output_ids[: k + 1] and res.finish_reason == "stop"
 
 
-def test_fixed_cache_size_from_options(ckpt):
+def test_engine_options_from_the_suite(ckpt):
     a = AnvilAdapter()
-    a.load(ModelSpec(name=str(ckpt), path=str(ckpt)), {"max_batch_size": 2, "max_seq_len": 32})
-    assert (a.gen.max_batch_size, a.gen.max_seq_len) == (2, 32)
-    with pytest.raises(ValueError, match="exceeds the configured"):
-        a.generate([GenRequest([1, 2, 3], 4) for _ in range(3)])
+    a.load(ModelSpec(name=str(ckpt), path=str(ckpt)), {"max_num_seqs": 2, "max_model_len": 32, "prefill_chunk": 3})
+    assert a.llm.config.max_num_seqs == 2 and a.info()["core"]["max_model_len"] == 32
+    res = a.generate([GenRequest([1, 2, 3, 4, 5], 4) for _ in range(3)])  # 3 requests, 2 at a time
+    assert [len(r.output_ids) for r in res] == [4, 4, 4]
+    with pytest.raises(ValueError, match="^bogus: unknown engine option"):
+        AnvilAdapter.validate_options({"bogus": 1})
+    with pytest.raises(ValueError, match="^max_num_seqs"):
+        AnvilAdapter.validate_options({"max_num_seqs": 0})
 
 
 def test_synthetic_preset():
@@ -84,19 +105,14 @@ def test_parity_with_hf(anvil, ckpt):
     assert [r.output_ids for r in anvil.generate(reqs)] == [r.output_ids for r in hf.generate(reqs)]
 
 
-def test_fast_path_generator_gives_the_reference_tokens_on_cpu():
-    """fast=True runs engine.fast_decode.FastGenerator (paged cache, torch ops on the CPU); fast=False the reference
-    loop. Greedy tokens must be identical, and info() says which generator ran."""
-    from adapters.anvil import AnvilAdapter
-    from adapters.base import GenRequest, ModelSpec
+def test_core_gives_the_reference_loop_tokens_on_the_tiny_model():
+    from engine import load
+    from engine.generator import Generator
     from engine.hub import resolve
 
     reqs = [GenRequest([1, 5, 9, 33, 70], 10), GenRequest([1, 200, 7], 10)]
-    out = {}
-    for fast in (True, False):
-        a = AnvilAdapter()
-        a.load(ModelSpec("tiny", str(resolve("tiny"))), {"fast": fast})
-        out[fast] = [r.output_ids for r in a.generate(reqs)]
-        assert a.info()["generator"] == ("FastGenerator" if fast else "Generator")
-    assert out[True] == out[False]
-    assert all(len(t) == 10 for t in out[True])
+    a = AnvilAdapter()
+    a.load(ModelSpec("tiny", str(resolve("tiny"))))
+    got = [r.output_ids for r in a.generate(reqs)]
+    ref = Generator(load(resolve("tiny")), 2, 64).generate([r.prompt_ids for r in reqs], 10)
+    assert got == [c.tokens for c in ref] and a.info()["core"]["attention_backend"] == "torch"
