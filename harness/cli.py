@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Anvil benchmark harness.")
 console = Console()
@@ -18,17 +20,18 @@ err = Console(stderr=True)
 @app.command()
 def run(
     suite_file: Path = typer.Argument(..., help="suite TOML file, e.g. suites/smoke.toml"),
-    out: Path | None = typer.Option(None, "--out", help="run folder (default results/runs/<suite>-<timestamp>)"),
+    out: Path | None = typer.Option(
+        None, "--out", help="run folder (default results/runs/<suite>-<timestamp>-<6 hex>, always a new one)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="let --out name a folder that already holds files"),
     only: list[str] = typer.Option(
         [], "--only", metavar="KEY=VALUE",
         help="run only the matching cells (repeatable, all must match): engine=, model=, scenario=, dtype=, "
         "device= or a scenario parameter such as batch=8"),
 ) -> None:
     """Run every cell of a suite; write records.jsonl, table.md, table.csv and a copy of the suite into the run
-    folder. Exit code 0 when no cell failed (skipped is fine), 1 when some did, 2 for an invalid suite or
-    filters that match no cell."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    folder. Exit code 0 when no cell failed (skipped is fine), 1 when some did (or the run folder stopped taking
+    writes), 2 for an invalid suite, filters that match no cell, or a run folder that cannot be used; 130 / 143
+    after SIGINT / SIGTERM (the unfinished cells are recorded as failed and the tables written)."""
     from harness import report, runner
     from harness.suite import SuiteError, load, parse_filters, select
 
@@ -38,10 +41,45 @@ def run(
         if not cells:
             raise SuiteError(f"{suite_file}: no cell matches {' '.join(only)} (of {len(suite.cells)} cells)")
     except SuiteError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-        raise typer.Exit(2) from None
-    out_dir = out or runner.default_out_dir(suite)
+        _fail(str(exc), 2)
+    if out is not None and out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        _fail(f"--out {out} already exists and is not an empty folder; pass --overwrite to replace its records", 2)
+    try:
+        out_dir = out or runner.default_out_dir(suite)
+    except OSError as exc:
+        _fail(f"cannot create a run folder under results/runs: {exc.strerror or exc}", 2)
     console.print(f"suite [bold]{suite.name}[/bold]: {len(cells)} cells -> {out_dir}")
+    with runner.stop_on_signals() as stop:
+        try:
+            result = _run_with_progress(runner, suite, cells, out_dir, stop)
+        except runner.OutputError as exc:
+            _fail(str(exc), 1 if exc.started else 2)
+        records = report.ordered(result.records, [c.cell_id for c in cells])
+        for table in report.rich_tables(records):
+            console.print(table)
+        try:
+            md, cs = report.write_tables(records, result.out_dir)
+        except OSError as exc:
+            _fail(f"writing the tables into {result.out_dir} failed: {exc.strerror or exc}", 1)
+    console.print(f"wrote {result.out_dir / 'records.jsonl'}, {md}, {cs}")
+    if stop.signum is not None:
+        err.print(f"interrupted by {runner.signal_name(stop.signum)}: {len(result.failed)} of {len(records)} cells "
+                  "failed or were not run", highlight=False)
+        raise typer.Exit(128 + stop.signum)
+    if result.failed:
+        err.print(f"{len(result.failed)} of {len(records)} cells failed")
+        raise typer.Exit(1)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """One line on stderr, no traceback, and the exit code."""
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run_with_progress(runner, suite, cells, out_dir: Path, stop):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         task = bar.add_task("starting", total=len(cells))
@@ -54,17 +92,9 @@ def run(
                 bar.advance(task)
                 if payload.status != "ok":
                     bar.console.print(f"[{'red' if payload.status == 'failed' else 'yellow'}]{payload.status}"
-                                      f"[/] {payload.cell_id}: {payload.reason}", highlight=False)
+                                      f"[/] {escape(payload.cell_id)}: {escape(payload.reason)}", highlight=False)
 
-        result = runner.run_suite(suite, out_dir, on_event=on_event, cells=cells)
-    records = report.ordered(result.records, [c.cell_id for c in cells])
-    for table in report.rich_tables(records):
-        console.print(table)
-    md, cs = report.write_tables(records, result.out_dir)
-    console.print(f"wrote {result.out_dir / 'records.jsonl'}, {md}, {cs}")
-    if result.failed:
-        err.print(f"{len(result.failed)} of {len(records)} cells failed")
-        raise typer.Exit(1)
+        return runner.run_suite(suite, out_dir, on_event=on_event, cells=cells, stop=stop)
 
 
 @app.command("list")

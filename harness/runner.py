@@ -5,16 +5,24 @@ signal); an engine that is not installed gives skipped cells; an exception in on
 Records are appended and flushed to <out>/records.jsonl as they arrive, so everything received survives.
 Groups run one after another (never two engines on the machine at once); engines that serve as a parity
 reference run first so their outputs exist when the others compare against them.
+
+Workers are not daemonic (vLLM and others start processes of their own, which a daemonic process may not) and
+each leads its own process group, so stopping one (timeout, SIGINT/SIGTERM of the run, a failed write) signals
+the group: the worker and everything it started. A worker whose parent dies (SIGKILL) kills its group itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import os
 import shutil
 import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +34,10 @@ from harness.suite import Cell, Suite
 
 POLL_S = 0.2
 LOAD_TIMEOUT_S = 900.0  # process start + engine load may take this long before the first cell
+STOP_GRACE_S = 2.0  # an interrupted worker gets this long after SIGTERM before SIGKILL
+DONE_GRACE_S = 30.0  # a worker that said 'done' gets this long to release its engine and exit
+PARENT_POLL_S = 0.5  # how often a worker checks that its parent is still there
+STALE = ("records.jsonl", "table.md", "table.csv", "report.md", "report.html")  # removed on --overwrite
 
 
 @dataclass
@@ -33,14 +45,67 @@ class RunOutput:
     run_id: str
     out_dir: Path
     records: list[Record]
+    interrupted: int | None = None  # the signal that stopped the run, if one did
 
     @property
     def failed(self) -> list[Record]:
         return [r for r in self.records if r.status == "failed"]
 
 
+class OutputError(Exception):
+    """The run folder cannot be written. `started`: records were already being written (exit 1), else the run
+    never began (exit 2)."""
+
+    def __init__(self, message: str, started: bool):
+        super().__init__(message)
+        self.started = started
+
+
+class Stop:
+    """Set by a signal handler (stop_on_signals); the runner polls it and stops at the next poll."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[Stop]:
+    """While inside, SIGINT / SIGTERM only record themselves in the yielded Stop (the first one wins), so the run
+    can stop its worker, record the unfinished cells and write its tables instead of dying mid-write."""
+    stop = Stop()
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield stop
+        return
+
+    def handler(signum, frame) -> None:
+        if stop.signum is None:
+            stop.signum = signum
+
+    old = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
 def default_out_dir(suite: Suite, root: str | Path = "results/runs") -> Path:
-    return Path(root) / f"{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """results/runs/<suite>-<time>-<6 hex>, created here and only here (exclusively): two runs started in the same
+    second never share a folder. Raises OSError when root cannot be written."""
+    while True:
+        p = Path(root) / f"{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        try:
+            p.mkdir(parents=True, exist_ok=False)
+            return p
+        except FileExistsError:
+            continue
 
 
 def _groups(suite: Suite, cells: list[Cell]) -> list[tuple[str, int, list[Cell]]]:
@@ -81,31 +146,47 @@ def _availability(engine: str) -> tuple[bool, str]:
 
 
 def run_suite(suite: Suite, out_dir: str | Path | None = None,
-              on_event: Callable[[str, Any], None] | None = None, cells: list[Cell] | None = None) -> RunOutput:
+              on_event: Callable[[str, Any], None] | None = None, cells: list[Cell] | None = None,
+              stop: Stop | None = None) -> RunOutput:
     """Run every cell (or only `cells`, a subset of suite.cells); return the records (also in
     out_dir/records.jsonl). on_event(kind, payload) gets ('start', Cell) before a cell runs and ('record', Record)
-    after, for progress display."""
+    after, for progress display. When `stop` is set (a signal), the running worker is stopped and every cell
+    not finished is recorded as failed ("interrupted"). Raises OutputError when the run folder cannot be written."""
     cells = suite.cells if cells is None else cells
     out = Path(out_dir) if out_dir else default_out_dir(suite)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("records.jsonl", "table.md", "table.csv"):
-        (out / stale).unlink(missing_ok=True)
-    shutil.rmtree(out / "artifacts", ignore_errors=True)
-    (out / "suite.toml").write_text(suite.text, encoding="utf-8")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in STALE:
+            (out / stale).unlink(missing_ok=True)
+        for folder in ("artifacts", "plots"):
+            shutil.rmtree(out / folder, ignore_errors=True)
+        (out / "suite.toml").write_text(suite.text, encoding="utf-8")
+        writer = RecordWriter(out / "records.jsonl")
+    except OSError as exc:
+        raise OutputError(f"cannot write the run folder {out}: {exc.strerror or exc}", started=False) from None
     notify = on_event or (lambda kind, payload: None)
+    stop = stop or Stop()
     run_id, env = new_run_id(), envinfo.snapshot()
     if env.get("cuda_available") and any(c.model.device == "cuda" for c in cells):
         env.update(envinfo.measure_copy_bandwidth())  # the denominator of weight_pct_copy, once per run
     records: list[Record] = []
     ctx = mp.get_context("spawn")
-    with RecordWriter(out / "records.jsonl") as writer:
 
-        def emit(rec: Record) -> None:
+    def emit(rec: Record) -> None:
+        try:
             writer.write(rec)
-            records.append(rec)
-            notify("record", rec)
+        except OSError as exc:  # disk full, folder removed: the records cannot be kept, so the run stops
+            raise OutputError(f"writing {writer.path} failed: {exc.strerror or exc}", started=True) from None
+        records.append(rec)
+        notify("record", rec)
 
+    try:
         for engine, _, group in _groups(suite, cells):
+            if stop.signum is not None:
+                for cell in group:
+                    emit(Record(**_base(run_id, suite, env, engine, "not run", cell), status="failed",
+                                reason=f"interrupted ({signal_name(stop.signum)}) before the cell ran"))
+                continue
             ok, version = _availability(engine)
             if ok and group[0].model.device == "cuda" and not env.get("cuda_available"):
                 ok, version = False, "needs a CUDA GPU (device = 'cuda'); torch.cuda.is_available() is False here"
@@ -114,37 +195,50 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None,
                     emit(Record(**_base(run_id, suite, env, engine, "unavailable", cell), status="skipped",
                                 reason=version))
                 continue
-            _run_group(ctx, suite, engine, version, group, run_id, env, out, emit, notify)
-    return RunOutput(run_id, out, records)
+            _run_group(ctx, suite, engine, version, group, run_id, env, out, emit, notify, stop)
+    finally:
+        with contextlib.suppress(OSError):  # every record was flushed as it was written
+            writer.close()
+    return RunOutput(run_id, out, records, stop.signum)
 
 
 def _run_group(ctx, suite: Suite, engine: str, version: str, cells: list[Cell], run_id: str, env: dict,
-               out: Path, emit: Callable[[Record], None], notify: Callable[[str, Any], None]) -> None:
+               out: Path, emit: Callable[[Record], None], notify: Callable[[str, Any], None], stop: Stop) -> None:
     by_id = {c.cell_id: c for c in cells}
     payload = {
         "engine": engine, "registry_entry": base.REGISTRY[engine], "model": cells[0].model.spec,
         "opts": suite.options.get(engine, {}), "out_dir": str(out), "warmup_s": suite.warmup_s(cells[0].model),
         "copy_gb_s": env.get("gpu_copy_gb_s") if cells[0].model.device == "cuda" else None,
+        "parent_pid": os.getpid(),
         "cells": [(c.cell_id, c.case_id, c.scenario, c.param_dict, _base(run_id, suite, env, engine, version, c))
                   for c in cells],
     }
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=worker_main, args=(payload, send), name=f"bench-{engine}", daemon=True)
+    # not daemonic: engines such as vLLM start processes of their own, which a daemonic process may not
+    proc = ctx.Process(target=worker_main, args=(payload, send), name=f"bench-{engine}", daemon=False)
     proc.start()
     send.close()  # the child holds the only write end: recv() raises EOFError once it is gone
+    worker = _Worker(proc)
     pending = dict(by_id)
     last = time.monotonic()
     started = False  # a cell is running (else the worker is still starting / loading the engine)
     limit = suite.cell_timeout_s
     reason = None
+    finished = False  # the worker said 'done' or closed its end: it may still be releasing the engine
     try:
-        while True:  # until 'done', EOF or death: the worker may still be releasing the engine
+        while True:
+            if stop.signum is not None:
+                reason = f"interrupted ({signal_name(stop.signum)})"
+                worker.stop(STOP_GRACE_S)
+                break
             if recv.poll(POLL_S):
                 try:
                     kind, data = recv.recv()
                 except (EOFError, OSError):
+                    finished = True
                     break
                 last = time.monotonic()
+                worker.note_group()
                 if kind == "start":
                     started = True
                     notify("start", by_id[data])
@@ -153,24 +247,59 @@ def _run_group(ctx, suite: Suite, engine: str, version: str, cells: list[Cell], 
                     pending.pop(rec.cell_id, None)
                     emit(rec)
                 elif kind == "done":
+                    finished = True
                     break
             elif not proc.is_alive() and not recv.poll(0):
+                finished = True
                 break
             elif time.monotonic() - last > (limit if started else max(limit, LOAD_TIMEOUT_S)):
                 what = "the cell" if started else "the engine to load"
                 reason = f"timed out: waited {time.monotonic() - last:.0f} s for {what}; worker killed"
-                proc.kill()
+                worker.stop(0)
                 break
-    finally:
+    finally:  # also on an exception (a failed write): never leave the worker running
         recv.close()
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=10)
+        if finished:
+            deadline = time.monotonic() + DONE_GRACE_S
+            while proc.is_alive() and time.monotonic() < deadline and stop.signum is None:
+                proc.join(POLL_S)
+        worker.stop(STOP_GRACE_S if proc.is_alive() and stop.signum is not None else 0)
     if pending:
-        reason = reason or _exit_reason(proc.exitcode)
+        reason = reason or (f"interrupted ({signal_name(stop.signum)})" if stop.signum is not None
+                            else _exit_reason(proc.exitcode))
         for cell in pending.values():
             emit(Record(**_base(run_id, suite, env, engine, version, cell), status="failed", reason=reason))
+
+
+class _Worker:
+    """Stops a worker process and what it started. The worker makes itself a process-group leader first thing
+    (worker_main); the group is signalled only once it is seen to be the worker's own, never the parent's."""
+
+    def __init__(self, proc) -> None:
+        self.proc = proc
+        self.own_group = False
+
+    def note_group(self) -> None:
+        if not self.own_group and self.proc.is_alive():
+            with contextlib.suppress(OSError):
+                self.own_group = os.getpgid(self.proc.pid) == self.proc.pid
+
+    def _signal(self, sig: int) -> None:
+        self.note_group()
+        if self.own_group:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)  # children left behind after the worker exited are in it too
+        elif self.proc.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+
+    def stop(self, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL after grace_s (at once when 0); reaps the worker."""
+        if grace_s > 0 and self.proc.is_alive():
+            self._signal(signal.SIGTERM)
+            self.proc.join(grace_s)
+        self._signal(signal.SIGKILL)
+        self.proc.join(10)
 
 
 def _short(exc: BaseException) -> str:
@@ -185,6 +314,9 @@ def worker_main(payload: dict, conn) -> None:
     from harness.telemetry import measure_cell
     from harness.workload import Context, vocab_size, weight_bytes_per_step
 
+    with contextlib.suppress(OSError):
+        os.setpgrp()  # its own process group: the parent stops it and every process it starts with one signal
+    _watch_parent(payload.get("parent_pid"))
     engine = payload["engine"]
     base.REGISTRY[engine] = payload["registry_entry"]  # adapters registered at run time (tests) reach the child
 
@@ -244,6 +376,22 @@ def worker_main(payload: dict, conn) -> None:
         conn.close()
     except OSError:  # the parent stopped listening (it had every record already)
         pass
+
+
+def _watch_parent(parent_pid: int | None) -> None:
+    """A thread that ends this worker (and its process group) when the parent is gone (SIGKILL, crash): a
+    non-daemonic worker would otherwise run on as an orphan, holding the GPU."""
+    if not parent_pid:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        if os.getpgrp() == os.getpid():  # only a group this worker leads, never the one it came from
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _engine_warmup(adapter, vocab: int, seconds: float) -> None:
