@@ -30,12 +30,6 @@ class AttentionMetadata:
     def all_decode(self) -> bool:
         return self.num_decodes == self.num_seqs
 
-    @property
-    def fresh_prefill(self) -> bool:
-        """Every non-decode sequence starts at position 0 (no cached prefix): plain causal self-attention."""
-        qs, sl = self.query_start, self.seq_lens_host
-        return all(qs[b + 1] - qs[b] == sl[b] for b in range(self.num_decodes, self.num_seqs))
-
 
 @dataclass
 class ForwardBatch:

@@ -1,15 +1,19 @@
-"""The CUDA attention backend: Triton RoPE + paged KV write, split-KV decode, and for prompt chunks either SDPA
-(fresh prompts: no cached prefix, no window; flash / cuDNN kernels) or the Triton paged prefill kernel (a chunk
-over a cached prefix, sliding windows, speculative verification). Decode rows come first in every batch.
+"""The CUDA attention backend: Triton RoPE + paged KV write, split-KV decode, and per prompt chunk the fastest kernel
+that handles it: SDPA on the chunk's own K/V (a fresh prompt), SDPA over the K/V gathered from the cache with a
+bottom-right causal mask (a long chunk over a cached prefix), or the Triton paged prefill kernel (sliding windows,
+short chunks such as speculative verification). Decode rows come first in every batch.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from engine.attention.base import AttentionBackend, AttentionLayerSpec
 from engine.attention.metadata import ForwardBatch
+
+PREFIX_SDPA_MIN_Q = 16  # shorter chunks over a prefix (verification) take the paged kernel: no gather
 
 
 class TritonBackend(AttentionBackend):
@@ -31,8 +35,8 @@ class TritonBackend(AttentionBackend):
         a = batch.attn
         t, h, hkv, d = qkv.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim
         nd = a.num_decodes
-        sdpa = not a.all_decode and spec.window == 0 and a.fresh_prefill and qkv.is_cuda
-        k_out = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device) if sdpa else None
+        kinds = [] if a.all_decode else [self._kind(a, b, spec) for b in range(nd, a.num_seqs)]
+        k_out = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device) if "fresh" in kinds else None
         q = self._rope_kv(qkv, cos_sin, batch.positions, h, hkv, d, batch.seq_idx, a.block_tables,
                           k_cache, v_cache, k_out=k_out)  # fmt: skip  [T, H, D]
         if a.all_decode:
@@ -42,24 +46,61 @@ class TritonBackend(AttentionBackend):
         if nd:
             self._decode(q[:nd], k_cache, v_cache, a.block_tables[:nd], a.seq_lens[:nd], spec.scale, spec.window,
                          num_splits=self.num_splits(nd, hkv, a.max_seq_len), out=out[:nd])  # fmt: skip
-        if sdpa:
-            v = qkv[:, (h + hkv) * d :].view(t, hkv, d)
-            self._fresh(q, k_out, v, a, spec, out)
-        else:
-            self._prefill(q, k_cache, v_cache, a.block_tables, a.cu_seqlens_q, a.seq_lens, spec.scale, spec.window,
-                          nd, a.num_seqs - nd, a.max_q_len, out=out)  # fmt: skip
+        v = qkv[:, (h + hkv) * d :].view(t, hkv, d)
+        b = nd
+        while b < a.num_seqs:  # runs of sequences of one kind, each through its kernel
+            kind = kinds[b - nd]
+            e = b + 1
+            while e < a.num_seqs and kinds[e - nd] == kind:
+                e += 1
+            if kind == "fresh":
+                self._fresh(q, k_out, v, a, spec, out, b, e)
+            elif kind == "prefix":
+                for s in range(b, e):
+                    self._prefix(q, k_cache, v_cache, a, spec, out, s)
+            else:
+                qs = a.query_start
+                self._prefill(q, k_cache, v_cache, a.block_tables, a.cu_seqlens_q, a.seq_lens, spec.scale,
+                              spec.window, b, e - b, max(qs[i + 1] - qs[i] for i in range(b, e)), out=out)  # fmt: skip
+            b = e
         return out.view(t, h * d)
 
     @staticmethod
-    def _fresh(q, k, v, a, spec: AttentionLayerSpec, out) -> None:
-        """Causal SDPA per run of equal-length fresh prompts (q [T, H, D], k/v [T, Hkv, D])."""
+    def _kind(a, b: int, spec: AttentionLayerSpec) -> str:
+        """fresh: a prompt from position 0 (causal SDPA on its own K/V); prefix: a long chunk over a cached prefix
+        (SDPA over the gathered cache, bottom-right causal); paged: the Triton kernel (sliding windows, short
+        chunks such as speculative verification)."""
+        q_len = a.query_start[b + 1] - a.query_start[b]
+        if spec.window > 0:
+            return "paged"
+        if q_len == a.seq_lens_host[b]:
+            return "fresh"
+        return "prefix" if q_len >= PREFIX_SDPA_MIN_Q else "paged"
+
+    @staticmethod
+    def _prefix(q, k_cache, v_cache, a, spec: AttentionLayerSpec, out, b: int) -> None:
+        """One chunk over its cached prefix: gather its n cached K/V (this chunk's included) and run SDPA with the
+        causal mask aligned to the bottom right (query i sees keys <= n - q_len + i)."""
+        s0, s1, n = a.query_start[b], a.query_start[b + 1], a.seq_lens_host[b]
+        bs = k_cache.shape[2]
+        blocks = a.block_tables[b, : (n + bs - 1) // bs].long()
+        ks = k_cache[blocks].permute(1, 0, 2, 3).reshape(1, spec.n_kv_heads, -1, spec.head_dim)[:, :, :n]
+        vs = v_cache[blocks].permute(1, 0, 2, 3).reshape(1, spec.n_kv_heads, -1, spec.head_dim)[:, :, :n]
+        x = q[s0:s1].transpose(0, 1)[None]  # [1, H, q_len, D]
+        o = F.scaled_dot_product_attention(x, ks, vs, attn_mask=causal_lower_right(s1 - s0, n), scale=spec.scale,
+                                           enable_gqa=True)  # fmt: skip
+        out[s0:s1] = o[0].transpose(0, 1)
+
+    @staticmethod
+    def _fresh(q, k, v, a, spec: AttentionLayerSpec, out, first: int, end: int) -> None:
+        """Causal SDPA per run of equal-length fresh prompts (q [T, H, D], k/v [T, Hkv, D]), sequences first..end-1."""
         rep = spec.n_heads // spec.n_kv_heads
         qs = a.query_start
-        b = a.num_decodes
-        while b < a.num_seqs:
+        b = first
+        while b < end:
             n = qs[b + 1] - qs[b]
             e = b
-            while e < a.num_seqs and qs[e + 1] - qs[e] == n:
+            while e < end and qs[e + 1] - qs[e] == n:
                 e += 1
             s0, s1, m = qs[b], qs[e], e - b
             x = q[s0:s1].view(m, n, spec.n_heads, spec.head_dim).transpose(1, 2)  # [m, H, n, D]

@@ -174,4 +174,6 @@ def test_anvil_commit_names_the_commit_of_a_copied_checkout(monkeypatch):
     assert env["commit"] == "93a8c4d" and env["dirty"] is None and env["commit_source"] == "ANVIL_COMMIT"
     from adapters.anvil import AnvilAdapter
 
-    assert AnvilAdapter.available() == (True, "anvil 0.1.0+93a8c4d")  # the engine version names it too
+    import engine
+
+    assert AnvilAdapter.available() == (True, f"anvil {engine.__version__}+93a8c4d")  # the engine version names it too
