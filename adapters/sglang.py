@@ -9,9 +9,7 @@ tests run it against a stand-in `sglang` module.
 Conventions: all requests of a generate() call are submitted at once (SGLang batches them continuously) and share
 its submit_time; a token's time is when the streamed chunk carrying it reached this process's event loop (the
 engine's own loop, Engine.loop). Tokens that arrive together share that time. logits() is not offered.
-SGLang starts its scheduler in a subprocess: the harness's worker is a daemonic process, which may not have
-children, so run it through its server (`python -m sglang.launch_server`) and the openai_http engine until the
-worker is made non-daemonic.
+SGLang starts its scheduler and detokenizer in subprocesses; the harness's workers are not daemonic, so they may.
 Synthetic models ('synthetic:<preset>') use the folder the vLLM adapter writes (adapters.vllm.synthetic_model_dir:
 the preset's config.json + a word-level tokenizer.json) with load_format="dummy".
 

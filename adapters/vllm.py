@@ -9,8 +9,9 @@ Synthetic models ('synthetic:<preset>', real shapes, random weights): vLLM needs
 under a cache dir (opts cache_dir, default ~/.cache/anvil/vllm-synthetic/<preset>-<dtype>): the preset's HF
 config.json (engine.presets -> ModelConfig.to_hf()) and a word-level tokenizer.json with exactly the preset's
 vocabulary size (built with `tokenizers`, nothing downloaded), and vllm.LLM gets load_format="dummy" (random weights).
-load() sets VLLM_ENABLE_V1_MULTIPROCESSING=0 unless it is set: the harness's worker is a daemonic process, and
-vLLM's engine-core subprocess fails there ("daemonic processes are not allowed to have children").
+load() sets VLLM_ENABLE_V1_MULTIPROCESSING=0 unless it is set, defensively: in a daemonic process (the harness's
+workers were until they were made non-daemonic) vLLM's engine-core subprocess fails ("daemonic processes are not
+allowed to have children"), and in process the step loop's timestamps need no IPC hop.
 
 Conventions: all requests of a generate() call are added before the first step (one continuous batch) and share
 its submit_time; a token's time is when the step that produced it returned (outputs are on the host then). When a
