@@ -47,6 +47,7 @@ class RequestStatus(enum.Enum):
 
 
 _ids = itertools.count()
+MAX_LOGPROBS = 20  # OpenAI's ceiling on top logprobs
 
 
 @dataclass
@@ -57,6 +58,8 @@ class Request:
     stop_ids: frozenset[int] = frozenset()  # finish when one of these is sampled (it is kept in the output)
     ignore_eos: bool = False  # informational: callers put EOS into stop_ids unless this is set
     request_id: str = ""
+    logprobs: int | None = None  # top-k logprobs of each sampled token (0 = its own only; None = off), at most 20
+    session_id: str | None = None  # KV reuse: its full blocks stay cached when it finishes, for the next turn
     arrival_time: float = field(default_factory=time.perf_counter)
     # ---- state the core updates
     output_ids: list[int] = field(default_factory=list)
@@ -68,6 +71,10 @@ class Request:
     token_times: list[float] = field(default_factory=list)  # host time each output token became known
     num_preemptions: int = 0
     generator: object | None = None  # torch.Generator of a seeded sampling request (made by the core)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
+    # output index -> (host float32 tensor [rows, 1 + 2k], row, this request's k, k of the tensor), filled when the
+    # token is sampled, read (take_logprobs) once the step's copy to the host has completed
+    logprob_rows: dict[int, tuple] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -77,6 +84,9 @@ class Request:
         if not self.prompt_ids:
             raise ValueError(f"request {self.request_id}: empty prompt")
         self.stop_ids = frozenset(self.stop_ids)
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an int in [0, {MAX_LOGPROBS}] or None, got {lp!r}")
 
     @property
     def num_tokens(self) -> int:
@@ -103,6 +113,24 @@ class Request:
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    def take_logprobs(self, i: int) -> TokenLogprobs | None:
+        """The logprobs of output token i (None when they were not asked for); call once its step has completed."""
+        got = self.logprob_rows.pop(i, None)
+        if got is None:
+            return None
+        host, row, k, kmax = got
+        v = host[row].tolist()  # [token logprob, k top logprobs, k top ids (as floats: exact below 2**24)]
+        return TokenLogprobs(v[0], [(int(v[1 + kmax + m]), v[1 + m]) for m in range(k)])
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities of one sampled token under the model's raw distribution (before temperature / top-k /
+    top-p, as vLLM reports by default)."""
+
+    logprob: float  # of the sampled token
+    top: list[tuple[int, float]]  # the k most likely (token id, logprob), most likely first
+
 
 @dataclass
 class RequestOutput:
@@ -114,3 +142,4 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" when finished
     token_times: list[float]  # host time of each new token
     num_output_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None  # one per new token when the request asked for logprobs

@@ -87,7 +87,8 @@ class EngineCore:
             if reason is not None:
                 self.scheduler.finish(req, reason)
                 self.requests.pop(req.request_id, None)
-            outs.append(RequestOutput(req.request_id, [t], reason is not None, reason, [now], len(req.output_ids)))
+            lp = None if req.logprobs is None else [req.take_logprobs(len(req.output_ids) - 1)]
+            outs.append(RequestOutput(req.request_id, [t], reason is not None, reason, [now], len(req.output_ids), lp))
         return outs
 
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:

@@ -71,11 +71,22 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        if req.session_id is not None:
+            self.blocks.cache_blocks(req)  # the session's next turn starts from these blocks
         self.blocks.free(req)
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def _reuse_prefix(self, req: Request) -> int:
+        """Share the cached full blocks of req's known tokens (a session's earlier turns), always leaving its last
+        token to compute so the step has logits to sample from; returns the tokens reused."""
+        toks = req.prompt_ids + req.output_ids
+        blocks = self.blocks.match(toks, len(toks) - 1)
+        self.blocks.share(req, blocks)
+        req.num_computed_tokens = len(blocks) * self.blocks.block_size
+        return req.num_computed_tokens
 
     # ---------------------------------------------------------------- policy
     def _can_continue(self, req: Request) -> bool:
@@ -125,11 +136,18 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_pending:  # its last token is still on the way (one step ahead): next step
                 break
+            hit = self._reuse_prefix(req) if req.session_id is not None and not req.block_ids else 0
             n = min(req.num_tokens - req.num_computed_tokens, chunk, budget)
-            if not cfg.chunked_prefill and n < req.num_tokens - req.num_computed_tokens:
-                break  # the whole prompt must fit one step's budget
-            if not self.blocks.allocate(req, req.num_computed_tokens + n):
+            # not chunked: the whole prompt must fit one step's budget
+            if (not cfg.chunked_prefill and n < req.num_tokens - req.num_computed_tokens) or \
+                    not self.blocks.allocate(req, req.num_computed_tokens + n):
+                if hit:
+                    self.blocks.free(req)
+                    req.num_computed_tokens = 0
                 break
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = hit
+                self.blocks.cache.record(req.num_prompt_tokens, hit)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -143,4 +161,4 @@ class Scheduler:
 
     def stats(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting), "kv_usage": self.blocks.usage,
-                "preemptions": self.num_preemptions}  # fmt: skip
+                "preemptions": self.num_preemptions, "prefix_cache": self.blocks.cache.stats()}  # fmt: skip

@@ -214,8 +214,6 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """logits [N, V] -> tokens [N] int64 on the device; each request with its own params and generator."""
-        if all(r.sampling.greedy for r in reqs):
-            return logits.argmax(dim=-1)
         out = logits.argmax(dim=-1)
         for i, r in enumerate(reqs):
             s = r.sampling
@@ -224,7 +222,27 @@ class ModelRunner:
             if r.generator is None:
                 r.generator = make_generator(s.seed, self.device) if s.seed is not None else self.default_gen
             out[i : i + 1] = sample(logits[i : i + 1].float(), s.temperature, s.top_k, s.top_p, r.generator)
+        if any(r.logprobs is not None for r in reqs):
+            self._logprobs(logits, out, reqs)
         return out
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Request]) -> None:
+        """Top-k logprobs of the raw distribution for the requests that ask, packed into one tensor whose copy to the
+        host is started here without a sync (the step's event, recorded after it, says when it is readable)."""
+        rows = [i for i, r in enumerate(reqs) if r.logprobs is not None]
+        k = max(reqs[i].logprobs for i in rows)
+        idx = self._tensor(rows, torch.int64)
+        lp = torch.log_softmax(logits[idx].float(), dim=-1)  # [m, V]
+        parts = [lp.gather(1, tokens[idx].unsqueeze(1))]
+        if k:
+            top = lp.topk(k, dim=-1)
+            parts += [top.values, top.indices.float()]
+        packed = torch.cat(parts, dim=1)  # [m, 1 + 2k]
+        host = torch.empty(packed.shape, dtype=torch.float32, pin_memory=self.cuda)
+        host.copy_(packed, non_blocking=self.cuda)
+        for j, i in enumerate(rows):
+            r = reqs[i]
+            r.logprob_rows[len(r.output_ids) + r.num_pending] = (host, j, r.logprobs, k)
 
     def info(self) -> dict:
         return {**self.report, **self.backend.info()}
