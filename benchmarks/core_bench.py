@@ -20,22 +20,7 @@ import torch
 import engine
 from engine import LLM, EngineConfig
 from engine.presets import synthetic
-
-
-def copy_bandwidth_gb_s(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy, read + write bytes over the median of 10 timed copies."""
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(12):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    return 2 * nbytes / statistics.median(times[2:]) / 1e9
+from harness.envinfo import copy_bandwidth_gb_s
 
 
 def env() -> dict:
@@ -120,20 +105,28 @@ def decode_part(lm, copy_gbs: float) -> dict:
     return out
 
 
-def cb_part(lm, n: int = 512) -> dict:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cb_part(lm, n: int = 512, prompt: tuple[int, int] = (32, 2048), output: tuple[int, int] = (16, 512),
+            max_seqs: int = 256, static_batch: int = 32) -> dict:
     """Continuous batching (all requests added at once, the scheduler mixes prefill chunks and decode) vs static
     batching (the same engine, batches of 32 run to completion one after another), same requests."""
     c = lm.config
     rnd = random.Random(0)
-    lens = [(rnd.randint(32, 2048), rnd.randint(16, 512)) for _ in range(n)]
+    lens = [(rnd.randint(*prompt), rnd.randint(*output)) for _ in range(n)]
     prompts = [torch.randint(0, c.vocab_size, (pl,), generator=torch.Generator().manual_seed(i)).tolist()
                for i, (pl, _) in enumerate(lens)]  # fmt: skip
     outs_n = [ol for _, ol in lens]
     total_out = sum(outs_n)
-    res = {"requests": n, "prompt_len": "U(32, 2048)", "output_len": "U(16, 512)", "output_tokens": total_out}
-    llm = LLM(lm, EngineConfig(max_num_seqs=256, max_model_len=2560, max_num_batched_tokens=8192))
+    res = {"requests": n, "prompt_len": f"U{prompt}", "output_len": f"U{output}", "output_tokens": total_out,
+           "device": str(lm.model.device)}  # fmt: skip
+    mlen = prompt[1] + output[1]
+    llm = LLM(lm, EngineConfig(max_num_seqs=max_seqs, max_model_len=mlen, max_num_batched_tokens=8192))
     llm.generate(prompts[:4], max_tokens=[4] * 4)
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, max_tokens=outs_n)
     wall = time.perf_counter() - t0
@@ -142,21 +135,22 @@ def cb_part(lm, n: int = 512) -> dict:
                          "kv": llm.info()["kv"]}  # fmt: skip
     print(f"continuous: {total_out / wall:.0f} output tok/s ({wall:.1f} s)", flush=True)
     del llm
-    torch.cuda.empty_cache()
-    llm = LLM(lm, EngineConfig(max_num_seqs=32, max_model_len=2560, max_num_batched_tokens=8192))
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    sb = static_batch
+    llm = LLM(lm, EngineConfig(max_num_seqs=sb, max_model_len=mlen, max_num_batched_tokens=8192))
+    _sync()
     t0 = time.perf_counter()
-    got = 0
-    for s in range(0, n, 32):
-        mx = max(outs_n[s : s + 32])  # a static batch runs until its longest request is done
-        o = llm.generate(prompts[s : s + 32], max_tokens=mx)
-        got += sum(min(len(x.tokens), k) for x, k in zip(o, outs_n[s : s + 32], strict=True))
+    for s in range(0, n, sb):
+        mx = max(outs_n[s : s + sb])  # a static batch runs until its longest request is done
+        llm.generate(prompts[s : s + sb], max_tokens=mx)
     wall = time.perf_counter() - t0
-    res["static"] = {"wall_s": wall, "output_tok_s": total_out / wall, "batch": 32}
+    res["static"] = {"wall_s": wall, "output_tok_s": total_out / wall, "batch": sb}
     res["speedup"] = res["continuous"]["output_tok_s"] / res["static"]["output_tok_s"]
-    print(f"static(32): {total_out / wall:.0f} output tok/s ({wall:.1f} s); speed-up {res['speedup']:.2f}x", flush=True)
+    print(f"static({sb}): {total_out / wall:.0f} output tok/s ({wall:.1f} s); speed-up {res['speedup']:.2f}x", flush=True)
     del llm
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return res
 
 
@@ -195,18 +189,31 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--parts", default="decode,cb,long")
     ap.add_argument("--long-len", type=int, default=131008)
+    ap.add_argument("--model", default="", help="a model folder or name (e.g. tiny) instead of --preset")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cb", default="512,32,2048,16,512", help="requests,prompt_lo,prompt_hi,out_lo,out_hi")
     args = ap.parse_args()
     parts = args.parts.split(",")
-    res = {"env": env(), "engine": engine.__version__, "preset": args.preset, "dtype": "bfloat16"}
-    res["copy_gb_s"] = copy_bandwidth_gb_s()
-    print(f"copy bandwidth {res['copy_gb_s']:.0f} GB/s", flush=True)
-    lm = synthetic(args.preset, "bfloat16", "cuda", seed=0)
+    cuda = args.device == "cuda"
+    dtype = "bfloat16" if cuda else "float32"
+    res = {"env": env() if cuda else {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                                      "python": platform.python_version(), "threads": torch.get_num_threads(),
+                                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+           "engine": engine.__version__, "model": args.model or f"synthetic:{args.preset}", "dtype": dtype}  # fmt: skip
+    if cuda:
+        res["copy_gb_s"] = copy_bandwidth_gb_s()
+        print(f"copy bandwidth {res['copy_gb_s']:.0f} GB/s", flush=True)
+    if args.model:
+        lm = engine.load(engine.hub.resolve(args.model), dtype, args.device)
+    else:
+        lm = synthetic(args.preset, dtype, args.device, seed=0)
+    n, plo, phi, olo, ohi = (int(x) for x in args.cb.split(","))
     for part in parts:
         try:
             if part == "decode":
                 res["decode"] = decode_part(lm, res["copy_gb_s"])
             elif part == "cb":
-                res["continuous_batching"] = cb_part(lm)
+                res["continuous_batching"] = cb_part(lm, n, (plo, phi), (olo, ohi), 256 if cuda else 64, 32 if cuda else 8)
             elif part == "long":
                 res["long_context"] = long_part(lm, args.long_len)
         except Exception as e:  # one failed part must not lose the others

@@ -1,4 +1,4 @@
-"""Model-level bf16 parity: anvil (CUDA extension) vs HF transformers, both measured against an fp32 reference.
+"""Model-level bf16 parity: anvil (its generation core, engine.LLM) vs HF transformers, both against an fp32 reference.
 
 usage: PYTHONPATH=. python3 benchmarks/model_parity_bf16.py [--model tiny] [--device cuda] [--out results/gpu/x.json]
 
@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import engine  # noqa: E402
-from engine.generator import Generator, SamplingParams  # noqa: E402
-from engine.hub import resolve  # noqa: E402
-from harness.envinfo import snapshot  # noqa: E402
+import engine
+from engine import LLM, EngineConfig
+from engine.hub import resolve
+from harness.envinfo import snapshot
 
 
 def hf_model(path: Path, dtype: torch.dtype, device: str):
@@ -56,7 +53,7 @@ def main() -> None:
     lm = engine.load(path, "bfloat16", dev)
     from engine import ops
 
-    gen = Generator(lm.model, max_batch_size=1, max_seq_len=1024)
+    llm = LLM(lm, EngineConfig(max_num_seqs=4, max_model_len=1024))
     vocab = lm.config.vocab_size
     rows = []
     for plen in [int(x) for x in a.prompt_lens.split(",")]:
@@ -65,9 +62,9 @@ def main() -> None:
             ids = torch.randint(3, vocab, (plen,), generator=g).tolist()
             lr = hf_logits(ref, ids, dev)
             err_hf = (hf_logits(hfb, ids, dev) - lr).abs().max().item()
-            err_anvil = (gen.logits([ids])[0] - lr).abs().max().item()
+            err_anvil = (llm.logits(ids) - lr).abs().max().item()
             greedy_hf = hf_greedy(hfb, ids, a.n_tokens, dev)
-            greedy_anvil = gen.generate([ids], a.n_tokens, SamplingParams())[0].tokens
+            greedy_anvil = llm.generate([ids], max_tokens=a.n_tokens)[0].tokens
             match = next((i for i, (x, y) in enumerate(zip(greedy_hf, greedy_anvil, strict=False)) if x != y), a.n_tokens)
             rows.append(
                 dict(prompt_len=plen, seed=seed, err_anvil_bf16=err_anvil, err_hf_bf16=err_hf,
@@ -80,6 +77,7 @@ def main() -> None:
         prompts_full_greedy_match=sum(r["greedy_match_tokens"] == a.n_tokens for r in rows),
         prompts=len(rows),
         ops_backend=list(ops.backend()),
+        attention_backend=llm.info()["attention_backend"],
     )
     print(json.dumps(summary))
     if a.out:
