@@ -146,6 +146,11 @@ FMA_CONFIGS = [  # (BN, BK): few rows x long K slices (llama.cpp mmvf style) to 
     GemvConfig("fma", 8, 512, 4, 1),
     GemvConfig("fma", 16, 512, 8, 1),
     GemvConfig("fma", 8, 1024, 8, 1),
+    # more bytes in flight per SM (the H200 needs ~1.4x the H100's to reach its copy bandwidth)
+    GemvConfig("fma", 2, 4096, 8, 1),
+    GemvConfig("fma", 4, 4096, 8, 1),
+    GemvConfig("fma", 4, 1024, 4, 3),
+    GemvConfig("fma", 8, 1024, 8, 2),
 ]
 DOT_CONFIGS = [
     GemvConfig("dot", 16, 256, 4, 4),
@@ -154,6 +159,8 @@ DOT_CONFIGS = [
     GemvConfig("dot", 64, 256, 8, 3),
     GemvConfig("dot", 16, 512, 4, 3),
     GemvConfig("dot", 32, 512, 8, 3),
+    GemvConfig("dot", 64, 128, 8, 4),
+    GemvConfig("dot", 32, 128, 4, 5),
 ]
 
 
