@@ -61,6 +61,14 @@ class AnvilAdapter(Adapter):
         from engine.config import EngineConfig
 
         config = EngineConfig.from_options(dict(opts or {}))
+        self.device = model.device
+        if config.tensor_parallel_size > 1:  # this process is rank 0; the other ranks are spawned and mirror it
+            from engine.distributed import driver
+
+            self.llm = driver.start(model.synthetic or model.path, model.dtype, model.device, config,
+                                    synthetic=bool(model.synthetic))  # fmt: skip
+            self.lm = self.llm.lm
+            return
         if model.synthetic:
             from engine.presets import synthetic
 
@@ -118,6 +126,8 @@ class AnvilAdapter(Adapter):
             torch.cuda.synchronize()
 
     def close(self) -> None:
+        if hasattr(self.llm, "shutdown"):  # tensor parallel: stop the other ranks
+            self.llm.shutdown()
         self.llm = None
         self.lm = None
         if self.device.startswith("cuda"):

@@ -308,9 +308,10 @@ class EngineConfig:
     gemv: str = "tune"  # tune (fastest of Triton configs and cuBLAS per shape, measured) | cublas | triton
     seed: int = 0  # seed of requests that sample without their own
     allow_fallback: bool = False  # True: a fast path that fails to build falls back (reason in info()); else raise
+    tensor_parallel_size: int = 1  # ranks the model is split over (engine/distributed; one process per rank)
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             _positive_int(name, getattr(self, name))
         for name in ("max_model_len", "num_kv_blocks", "prefill_chunk"):
             if getattr(self, name) is not None:

@@ -28,7 +28,16 @@ class LLM:
         self.lm = model if isinstance(model, LoadedModel) else None
         self.model: Transformer = model.model if isinstance(model, LoadedModel) else model
         self.config = config or EngineConfig()
+        tp = getattr(self.model, "tp", None)  # tensor parallelism: this process is one rank, the model its shard
+        if (1 if tp is None else tp.world) != self.config.tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size {self.config.tensor_parallel_size}, but the model is "
+                             f"{'not sharded' if tp is None else f'sharded over {tp.world} ranks'}: start the ranks "
+                             f"with engine.distributed (launch.build_llm in each rank, or driver.start)")  # fmt: skip
         self.core = EngineCore(self.model, self.config)
+        if tp is not None:
+            from engine.distributed.launch import agree_kv_blocks
+
+            agree_kv_blocks(self)  # the same KV block count on every rank, or the schedulers would diverge
 
     @property
     def tokenizer(self):

@@ -4,6 +4,10 @@ HF names map to engine names (model.layers.{i}.self_attn.q_proj.weight -> layers
 packed [q; k; v]; mlp.gate_proj/up_proj -> feed_forward.w13, packed [gate; up]). Every tensor's shape is checked
 against the config before its data is read; a missing, unexpected or mis-shaped tensor raises WeightsError
 naming the tensor and the file.
+
+Tensor parallelism: with `tp` (engine/model/layers/parallel.py TPShard) each rank reads only its slices of each
+tensor through safe_open(...).get_slice (its query / KV heads of q/k/v, its columns of o_proj, its ffn rows of
+gate/up and columns of down, its vocabulary rows of embed_tokens / lm_head), after the full shapes are checked.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from engine.config import ModelConfig
+from engine.model.layers.parallel import TPShard
 from engine.model.llama import Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -149,9 +154,11 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
 
 def load_state_dict(
-    path: str | Path, config: ModelConfig, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+    path: str | Path, config: ModelConfig, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+    tp: TPShard | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read, check, fuse and convert a checkpoint into engine-named tensors on `device` in `dtype`."""
+    """Read, check, fuse and convert a checkpoint into engine-named tensors on `device` in `dtype` (this rank's
+    shard of each under tensor parallelism: `tp`, built for this `config`)."""
     path = Path(path)
     dt = to_dtype(dtype)
     files = checkpoint_files(path)
@@ -184,7 +191,8 @@ def load_state_dict(
                         f"tensor {name} in {file} has shape {list(shape)}, expected {list(expected[name])} "
                         f"for this config.json"
                     )
-                hf[name] = f.get_tensor(name).to(device=device, dtype=dt)
+                t = f.get_tensor(name) if tp is None else tp.read(name, f.get_slice(name))
+                hf[name] = t.to(device=device, dtype=dt)
 
     state: dict[str, torch.Tensor] = {}
     for eng, parts in engine_layout(config).items():
@@ -193,6 +201,10 @@ def load_state_dict(
 
 
 def load_model(
-    path: str | Path, config: ModelConfig, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+    path: str | Path, config: ModelConfig, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+    tp: TPShard | None = None,
 ) -> Transformer:
-    return Transformer.from_state_dict(config, load_state_dict(path, config, dtype, device))
+    """The model (under tensor parallelism: this rank's shard, built on tp.local_config())."""
+    if tp is None or tp.world == 1:
+        return Transformer.from_state_dict(config, load_state_dict(path, config, dtype, device))
+    return Transformer.from_state_dict(tp.local_config(), load_state_dict(path, config, dtype, device, tp), tp)

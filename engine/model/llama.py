@@ -22,14 +22,15 @@ from engine.config import ModelConfig
 from engine.model.layers.attention import Attention
 from engine.model.layers.linear import Linear, LinearMethod
 from engine.model.layers.norm import RMSNorm
+from engine.model.layers.parallel import TPShard, VocabParallelEmbedding, gather_logits, row_linear
 from engine.model.layers.rotary import rope_inv_freq
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: ModelConfig, method: LinearMethod | None = None) -> None:
+    def __init__(self, config: ModelConfig, method: LinearMethod | None = None, tp: TPShard | None = None) -> None:
         super().__init__()
-        self.w13 = Linear(config.dim, 2 * config.ffn_dim, method=method)  # [gate; up] rows
-        self.w2 = Linear(config.ffn_dim, config.dim, method=method)
+        self.w13 = Linear(config.dim, 2 * config.ffn_dim, method=method)  # [gate; up] rows (this rank's, under TP)
+        self.w2 = row_linear(tp, config.ffn_dim, config.dim, method=method)  # row-parallel under TP: all-reduce
 
     def forward(self, r: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """r + w2(silu(gate) * up), [gate | up] = w13(norm(r))."""
@@ -37,12 +38,13 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, method: LinearMethod | None = None) -> None:
+    def __init__(self, config: ModelConfig, layer: int, method: LinearMethod | None = None,
+                 tp: TPShard | None = None) -> None:  # fmt: skip
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.rms_norm_eps)
-        self.attention = Attention(config, layer, method)
+        self.attention = Attention(config, layer, method, tp)
         self.ffn_norm = RMSNorm(config.dim, config.rms_norm_eps)
-        self.feed_forward = FeedForward(config, method)
+        self.feed_forward = FeedForward(config, method, tp)
 
     def forward(self, r: torch.Tensor, batch: ForwardBatch, cos_sin: torch.Tensor) -> torch.Tensor:
         r = self.attention(r, self.attention_norm, batch, cos_sin)
@@ -51,24 +53,33 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """Build on the meta device and load with `from_state_dict` (weights.py / presets.py do this); the model
-    runner binds an attention backend and the paged KV cache before the first forward."""
+    runner binds an attention backend and the paged KV cache before the first forward.
 
-    def __init__(self, config: ModelConfig, method: LinearMethod | None = None) -> None:
+    Tensor parallelism: `tp` (engine/model/layers/parallel.py) and `config` = tp.local_config() (this rank's
+    heads / KV heads / ffn rows): vocab-parallel embedding and lm_head, row-parallel wo / w2."""
+
+    def __init__(self, config: ModelConfig, method: LinearMethod | None = None, tp: TPShard | None = None) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config, i, method) for i in range(config.n_layers))
+        self.tp = tp if tp is not None and tp.world > 1 else None
+        tp = self.tp
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim) if tp is None else \
+            VocabParallelEmbedding(tp, config.dim)  # fmt: skip
+        self.layers = nn.ModuleList(Block(config, i, method, tp) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.rms_norm_eps)
-        self.output = None if config.tie_word_embeddings else Linear(config.dim, config.vocab_size)
+        n_out = config.vocab_size if tp is None else tp.vocab_per_rank
+        self.output = None if config.tie_word_embeddings else Linear(config.dim, n_out)
         self._cos_sin: torch.Tensor | None = None  # [max_pos, D] float32; not a buffer so .to(dtype) keeps it fp32
         self.capture_hidden = False  # True: forward keeps each layer's output in self.hidden (layer-wise parity)
         self.hidden: list[torch.Tensor] = []
 
     @classmethod
-    def from_state_dict(cls, config: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
-        """Engine-named tensors (already on their device and dtype) -> model, without copying them."""
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, torch.Tensor], tp: TPShard | None = None
+                        ) -> Transformer:  # fmt: skip
+        """Engine-named tensors (already on their device and dtype) -> model, without copying them. Under
+        tensor parallelism `config` is tp.local_config() and `state` this rank's shard."""
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, tp=tp)
         model.load_state_dict(state, strict=True, assign=True)
         model.requires_grad_(False).eval()
         for m in model.modules():
@@ -113,9 +124,8 @@ class Transformer(nn.Module):
                 self.hidden.append(r)
         if batch.logits_indices is not None:
             r = r[batch.logits_indices]  # [N, dim]
-        if self.output is not None:
-            return self.output(r, norm=self.norm)  # [N, V]
-        return self._tied_head(r)
+        logits = self.output(r, norm=self.norm) if self.output is not None else self._tied_head(r)  # [N, V]
+        return logits if self.tp is None else gather_logits(logits, self.tp)  # [N, V/W] per rank -> [N, V]
 
     def _tied_head(self, r: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(self.norm(r), self.tok_embeddings.weight)

@@ -11,17 +11,20 @@ from engine.attention.metadata import ForwardBatch
 from engine.config import ModelConfig
 from engine.model.layers.linear import Linear, LinearMethod
 from engine.model.layers.norm import RMSNorm
+from engine.model.layers.parallel import TPShard, row_linear
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, method: LinearMethod | None = None) -> None:
+    def __init__(self, config: ModelConfig, layer: int, method: LinearMethod | None = None,
+                 tp: TPShard | None = None) -> None:  # fmt: skip
+        """Under tensor parallelism config is the rank's local view: its query / KV heads only."""
         super().__init__()
         c = config
         self.layer = layer
         self.window = c.window(layer)
         self.spec = AttentionLayerSpec(c.n_heads, c.n_kv_heads, c.head_dim, c.attn_scale, self.window)
         self.wqkv = Linear(c.dim, c.qkv_size, bias=c.qkv_bias, method=method)  # [q; k; v] rows
-        self.wo = Linear(c.q_size, c.dim, method=method)
+        self.wo = row_linear(tp, c.q_size, c.dim, method=method)  # row-parallel under TP: all-reduce
         # bound by the model runner (engine/worker/kv_pool.py): this layer's paged cache and the backend
         self.backend: AttentionBackend | None = None
         self.k_cache: torch.Tensor | None = None  # [num_blocks, Hkv, block_size, D]
