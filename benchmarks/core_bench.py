@@ -41,30 +41,61 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def timed_generate(llm: LLM, prompts, max_tokens) -> tuple[list, float, dict]:
-    """Completions, wall seconds, and host-side step statistics (time in step() not blocked on the GPU)."""
-    wait = [0.0]
+    """Completions, wall seconds, and host-side step statistics: time in step() blocked on the GPU (`wait_s`) and
+    host seconds per phase (schedule, build inputs, launch the forward or graph, sample + token copy, process the
+    previous step's tokens), measured by wrapping the core's own methods."""
+    core = llm.core
+    phases = {"wait": 0.0, "schedule": 0.0, "inputs": 0.0, "launch": 0.0, "sample": 0.0, "process": 0.0}
     steps = [0]
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    wrapped = []
+
+    def wrap(obj, name, key, count=False):
+        real = getattr(obj, name)
+
+        def f(*a, **k):
+            t = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                phases[key] += time.perf_counter() - t
+                if count:
+                    steps[0] += 1
+
+        setattr(obj, name, f)
+        wrapped.append((obj, name))
+
     import engine.worker.model_runner as mr
 
     real_wait = mr.StepHandle.wait
 
     def w(self):
-        a = time.perf_counter()
+        t = time.perf_counter()
         r = real_wait(self)
-        wait[0] += time.perf_counter() - a
-        steps[0] += 1
+        phases["wait"] += time.perf_counter() - t
         return r
 
+    r = core.runner
+    wrap(core.scheduler, "schedule", "schedule", count=True)
+    wrap(r, "_inputs", "inputs")
+    wrap(r, "sample", "sample")
+    wrap(r.model, "forward", "launch")
+    if r.graphs is not None:
+        wrap(r.graphs, "run", "launch")
+    wrap(core, "_process", "process")
     mr.StepHandle.wait = w
+    _sync()
+    t0 = time.perf_counter()
     try:
         outs = llm.generate(prompts, max_tokens=max_tokens)
     finally:
         mr.StepHandle.wait = real_wait
-    torch.cuda.synchronize()
+        for obj, name in wrapped:
+            delattr(obj, name)
+    _sync()
     wall = time.perf_counter() - t0
-    return outs, wall, {"wait_s": wait[0], "steps": steps[0]}
+    phases["process"] -= phases["wait"]  # _process includes the wait
+    return outs, wall, {"wait_s": phases.pop("wait"), "steps": steps[0],
+                        "host_ms_per_step": {k: 1e3 * v / max(1, steps[0]) for k, v in phases.items()}}  # fmt: skip
 
 
 def decode_part(lm, copy_gbs: float) -> dict:
@@ -82,7 +113,8 @@ def decode_part(lm, copy_gbs: float) -> dict:
             step = statistics.median(itl)
             host = (wall - st["wait_s"]) / max(1, st["steps"])
             runs.append({"step_ms": step * 1e3, "decode_tok_s": b / step, "wall_s": wall,
-                         "host_ms_per_step_not_waiting": host * 1e3, "host_us_per_token": host * 1e6 / b})  # fmt: skip
+                         "host_ms_per_step_not_waiting": host * 1e3, "host_us_per_token": host * 1e6 / b,
+                         "host_ms_per_step_by_phase": st["host_ms_per_step"]})  # fmt: skip
         best = dict(max(runs, key=lambda r: r["decode_tok_s"]))
         best["weight_gb_s"] = weight_bytes / (best["step_ms"] / 1e3) / 1e9
         best["pct_copy"] = 100 * best["weight_gb_s"] / copy_gbs
