@@ -25,8 +25,10 @@ def _paged_decode_split_kernel(
     stride_btb,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
+    out_ptr, cnt_ptr, stride_outb, stride_outh, num_kv_heads,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr,
+    FUSED: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -86,6 +88,30 @@ def _paged_decode_split_kernel(
         mask=mask_g[:, None] & mask_d[None, :],
     )
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g)
+    if FUSED:
+        # The last split of this (sequence, KV head) to finish merges all of them: the acq_rel counter makes the
+        # other splits' partial stores visible to it. It resets the counter for the next call (graph replays).
+        done = tl.atomic_add(cnt_ptr + b * num_kv_heads + kvh, 1, sem="acq_rel")
+        if done == NUM_SPLITS - 1:
+            gmask = mask_g[:, None] & mask_d[None, :]
+            mx = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+            for s in range(NUM_SPLITS):
+                ls = tl.load(lse_ptr + b * stride_lb + heads * stride_lh + s, mask=mask_g, other=float("-inf"))
+                mx = tl.maximum(mx, ls)
+            mx = tl.where(mx == float("-inf"), 0.0, mx)
+            den = tl.zeros([GROUP_PAD], tl.float32)
+            acc2 = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+            for s in range(NUM_SPLITS):
+                ls = tl.load(lse_ptr + b * stride_lb + heads * stride_lh + s, mask=mask_g, other=float("-inf"))
+                w = tl.exp(ls - mx)  # 0 for empty splits
+                o_s = tl.load(o_ptr + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + offs_d[None, :],
+                              mask=gmask, other=0.0)  # fmt: skip
+                den += w
+                acc2 += w[:, None] * o_s
+            res = acc2 / tl.where(den == 0.0, 1.0, den)[:, None]
+            tl.store(out_ptr + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :],
+                     res.to(out_ptr.dtype.element_ty), mask=gmask)  # fmt: skip
+            tl.atomic_xchg(cnt_ptr + b * num_kv_heads + kvh, 0)
 
 
 @triton.jit
@@ -132,6 +158,19 @@ def workspace(batch: int, num_heads: int, head_dim: int, num_splits: int, device
     return o, lse
 
 
+_COUNTERS: dict[str, torch.Tensor] = {}
+
+
+def _counters(n: int, device) -> torch.Tensor:
+    """Zeroed int32 split counters, one per (sequence, KV head); kept (the kernel resets what it uses), grown on
+    demand outside graph capture (every capture is preceded by warm-up calls of the same sizes)."""
+    key = str(device)
+    c = _COUNTERS.get(key)
+    if c is None or c.numel() < n:
+        c = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return c
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -143,9 +182,12 @@ def paged_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     ws: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """q [B, H, D]; k_cache/v_cache [NB, Hkv, PAGE, D] (last dim contiguous); block_tables [B, max_blocks] int32;
-    seq_lens [B] int32 (0 = padding row -> zeros). Returns out [B, H, D] in q.dtype. Graph-safe: no host sync."""
+    seq_lens [B] int32 (0 = padding row -> zeros). Returns out [B, H, D] in q.dtype. Graph-safe: no host sync.
+    fused: the last split of each (sequence, KV head) merges the partials in the same kernel (one launch instead
+    of two); False runs the separate merge kernel (the reference arrangement)."""
     b, h, d = q.shape
     nb, hkv, page, dk = k_cache.shape
     assert q.is_cuda or q.device.type == "cpu", "Triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
@@ -166,6 +208,7 @@ def paged_decode_attention(
     group = h // hkv
     block_d = triton.next_power_of_2(d)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    cnt = _counters(b * hkv, q.device) if fused else lse
     _paged_decode_split_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o_part, lse,
         float(scale), int(window),
@@ -175,10 +218,13 @@ def paged_decode_attention(
         block_tables.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
+        out, cnt, out.stride(0), out.stride(1), hkv,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d,
-        PAGE=page, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, PREC=prec,
+        PAGE=page, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, PREC=prec, FUSED=fused,
         num_warps=4, num_stages=2,
     )  # fmt: skip
+    if fused:
+        return out
     _paged_decode_merge_kernel[(b, h)](
         o_part, lse, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
