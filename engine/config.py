@@ -287,6 +287,7 @@ def _parse_window(d: dict[str, Any], model_type: str, n_layers: int) -> tuple[in
 # ---------------------------------------------------------------- the engine core's settings
 _BACKENDS = ("auto", "torch", "triton")
 _GEMV = ("tune", "cublas", "triton")
+_SPEC = ("none", "draft", "ngram", "lookahead", "medusa")
 
 
 @dataclass(frozen=True)
@@ -309,6 +310,10 @@ class EngineConfig:
     seed: int = 0  # seed of requests that sample without their own
     allow_fallback: bool = False  # True: a fast path that fails to build falls back (reason in info()); else raise
     tensor_parallel_size: int = 1  # ranks the model is split over (engine/distributed; one process per rank)
+    spec: str = "none"  # speculative decoding (engine/spec): none | draft | ngram | lookahead | medusa
+    num_spec_tokens: int = 4  # k: drafts per request per step, verified in one forward of k+1 tokens
+    draft_model: str | None = None  # spec=draft: the draft's folder or name; spec=medusa: the heads' folder (or the
+    #                                 model whose medusa/ subfolder holds them)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
@@ -342,6 +347,15 @@ class EngineConfig:
             object.__setattr__(self, "graph_buckets", tuple(sorted(set(b))))
         if not self.chunked_prefill and self.prefill_chunk is not None:
             raise ValueError("prefill_chunk: set, but chunked_prefill is false")
+        if self.spec not in _SPEC:
+            raise ValueError(f"spec: expected one of {', '.join(_SPEC)}, got {self.spec!r}")
+        _positive_int("num_spec_tokens", self.num_spec_tokens)
+        if self.num_spec_tokens > 32:
+            raise ValueError(f"num_spec_tokens: at most 32, got {self.num_spec_tokens}")
+        if self.draft_model is not None and (not isinstance(self.draft_model, str) or not self.draft_model):
+            raise ValueError(f"draft_model: expected a folder or model name, got {self.draft_model!r}")
+        if self.spec in ("draft", "medusa") and self.draft_model is None:
+            raise ValueError(f"draft_model: required when spec = {self.spec!r}")
 
     @property
     def chunk(self) -> int:

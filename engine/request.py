@@ -71,6 +71,13 @@ class Request:
     token_times: list[float] = field(default_factory=list)  # host time each output token became known
     num_preemptions: int = 0
     generator: object | None = None  # torch.Generator of a seeded sampling request (made by the core)
+    # ---- speculative decoding (engine/spec): drafts verified in the next step, and their running totals
+    speculate: bool = True  # False: this request never gets drafts, even when the engine speculates
+    spec_tokens: list[int] = field(default_factory=list)  # drafts after the last token, scheduled with it
+    spec_probs: object | None = None  # [len(spec_tokens), V] draft distributions (sampled drafts), else None
+    spec_proposed: int = 0  # drafts verified so far
+    spec_accepted: int = 0  # of which accepted
+    spec_steps: int = 0  # verify steps with at least one draft
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
     # output index -> (host float32 tensor [rows, 1 + 2k], row, this request's k, k of the tensor), filled when the
     # token is sampled, read (take_logprobs) once the step's copy to the host has completed
@@ -143,3 +150,15 @@ class RequestOutput:
     token_times: list[float]  # host time of each new token
     num_output_tokens: int = 0
     logprobs: list[TokenLogprobs] | None = None  # one per new token when the request asked for logprobs
+    spec_proposed: int = 0  # the request's speculative totals so far (0 without speculation)
+    spec_accepted: int = 0
+    spec_steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else None
+
+    @property
+    def mean_accepted_len(self) -> float | None:
+        """Tokens emitted per verify step (accepted drafts + the target's own token)."""
+        return (self.spec_accepted + self.spec_steps) / self.spec_steps if self.spec_steps else None

@@ -29,6 +29,11 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self.inflight: StepHandle | None = None
         self.stats = {"steps": 0, "tokens": 0, "prompt_tokens": 0, "generated": 0}
+        self.spec = None  # speculative decoding (engine/spec/step.py): its own synchronous step
+        if config.spec != "none":
+            from engine.spec.step import SpecDecoder
+
+            self.spec = SpecDecoder(config, model, self.runner)
 
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
@@ -47,12 +52,16 @@ class EngineCore:
         if req is None or req.finished:
             return None
         self.scheduler.finish(req, "abort")
+        if self.spec is not None:
+            self.spec.release(req)
         return RequestOutput(req.request_id, [], True, "abort", [], req.num_output_tokens)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self.inflight is not None
 
     def step(self) -> list[RequestOutput]:
+        if self.spec is not None:
+            return self.spec.step(self)
         sched = self.scheduler.schedule()
         handle = None
         if sched.requests:
@@ -109,4 +118,4 @@ class EngineCore:
 
     def info(self) -> dict:
         return {**self.runner.info(), "max_model_len": self.max_model_len, "num_kv_blocks": self.blocks.num_blocks,
-                "scheduler": self.scheduler.stats()}  # fmt: skip
+                "scheduler": self.scheduler.stats(), **({"spec": self.spec.info()} if self.spec else {})}  # fmt: skip

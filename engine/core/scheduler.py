@@ -36,7 +36,7 @@ class SchedulerOutput:
     def samples(self, i: int) -> bool:
         """Whether request i's chunk reaches its last token (so the step samples its next token)."""
         r = self.requests[i]
-        return r.num_computed_tokens + self.num_new[i] == r.num_tokens
+        return r.num_computed_tokens + self.num_new[i] == r.num_tokens + len(r.spec_tokens)
 
 
 class Scheduler:
@@ -117,10 +117,13 @@ class Scheduler:
             if not self._can_continue(req):
                 i += 1
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, chunk, budget)
+            want = req.num_tokens + len(req.spec_tokens) - req.num_computed_tokens  # drafts ride with the last token
+            n = min(want, chunk, budget)
             if n <= 0:
                 i += 1
                 continue
+            if n < want and req.spec_tokens:  # the budget cuts the drafts short
+                del req.spec_tokens[max(0, len(req.spec_tokens) - (want - n)) :]
             while not self.blocks.allocate(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim, out)

@@ -23,7 +23,7 @@ from engine.core.scheduler import SchedulerOutput
 from engine.model.llama import Transformer
 from engine.request import Request
 from engine.sampling import make_generator, sample
-from engine.worker.graphs import DecodeGraphs
+from engine.worker.graphs import DecodeGraphs, PrefillGraphs
 from engine.worker.kv_pool import KVPool, bytes_per_block, plan_kv_blocks
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,11 @@ class ModelRunner:
                 raise RuntimeError(f"CUDA graph capture failed: {self.graphs.fallback} (allow_fallback = true runs eagerly)")
         else:
             self.report["graph_fallback"] = "disabled" if cuda else "not a CUDA device"
+        self.prefill_graphs: PrefillGraphs | None = None
+        if cuda and config.cuda_graphs:
+            self.prefill_graphs = PrefillGraphs(self, min(max_model_len, config.max_num_batched_tokens))
+            self.report["prefill_graphs"] = list(self.prefill_graphs.buckets) or None
+            self.report["prefill_graph_fallback"] = self.prefill_graphs.fallback
         self.default_gen = make_generator(config.seed, self.device)
 
     # ---------------------------------------------------------------- setup
@@ -166,18 +171,20 @@ class ModelRunner:
         for b, (req, n) in enumerate(zip(sched.requests, sched.num_new, strict=True)):
             c0 = req.num_computed_tokens
             p = req.prompt_ids
-            toks = p[c0 : c0 + n] if c0 + n <= len(p) else (p + req.output_ids)[c0 : c0 + n]
-            if len(toks) < n:  # the last one was sampled in the previous step and is not on the host yet
-                patch.append((len(ids) + n - 1, prev.rows[req.request_id]))
+            d = req.spec_tokens  # speculative drafts after the last token (verified at their rows), usually none
+            m = n - len(d)
+            toks = p[c0 : c0 + m] if c0 + m <= len(p) else (p + req.output_ids)[c0 : c0 + m]
+            if len(toks) < m:  # the last one was sampled in the previous step and is not on the host yet
+                patch.append((len(ids) + m - 1, prev.rows[req.request_id]))
                 toks = toks + [0]
-            ids += toks
+            ids += toks + d if d else toks
             pos += range(c0, c0 + n)
             seq += [b] * n
             qs.append(len(ids))
             lens.append(c0 + n)
             tables.append(req.block_ids[: math.ceil((c0 + n) / self.config.block_size)])
             if sched.samples(b):
-                rows.append(len(ids) - 1)
+                rows.extend(range(len(ids) - 1 - len(d), len(ids)) if d else (len(ids) - 1,))
                 sampled.append(req)
         return ids, pos, seq, qs, lens, tables, rows, sampled, patch
 
@@ -187,8 +194,12 @@ class ModelRunner:
         ids, pos, seq, qs, lens, tables, rows, sampled, patch = self._inputs(sched, prev)
         nd = sched.num_decodes
         b = len(lens)
+        pg = self.prefill_graphs
+        t = pg.bucket(lens[0]) if pg is not None and b == 1 and nd == 0 and qs[1] == lens[0] and rows else None
         if self.graphs is not None and nd == b and self.graphs.bucket(b) is not None:
             logits = self.graphs.run(ids, pos, lens, tables, patch, prev)  # [b, V]: every row samples
+        elif t is not None and rows == [lens[0] - 1]:  # one fresh short prompt that samples: a prefill graph
+            logits = pg.run(ids, tables[0], t)
         else:
             batch = self._batch(ids, pos, seq, qs, lens, tables, nd, rows)
             if patch:
@@ -203,6 +214,24 @@ class ModelRunner:
             event.record()
         return StepHandle(sampled, tokens, host, event, {r.request_id: i for i, r in enumerate(sampled)},
                           time.perf_counter())  # fmt: skip
+
+    @torch.inference_mode()
+    def execute_verify(self, sched: SchedulerOutput, want_hidden: bool = False):
+        """The speculative path's forward, synchronous: (logits [R, V] at every sampling request's last row and its
+        drafts' rows, in batch order; the requests; their final normed hidden states [R, dim] or None).
+        Decode-only steps without drafts still replay a CUDA graph when no hidden state is wanted."""
+        ids, pos, seq, qs, lens, tables, rows, sampled, _ = self._inputs(sched, None)
+        b, nd = len(lens), sched.num_decodes
+        if not want_hidden and self.graphs is not None and nd == b and self.graphs.bucket(b) is not None:
+            return self.graphs.run(ids, pos, lens, tables, [], None), sampled, None
+        batch = self._batch(ids, pos, seq, qs, lens, tables, nd, rows)
+        self.model.capture_hidden = want_hidden
+        try:
+            logits = self.model(batch)
+            hidden = self.model.norm(self.model.hidden[-1][batch.logits_indices]) if want_hidden else None
+        finally:
+            self.model.capture_hidden, self.model.hidden = False, []
+        return logits, sampled, hidden
 
     def _patch(self, input_ids: torch.Tensor, patch: list[tuple[int, int]], prev: StepHandle) -> None:
         dst, src = zip(*patch, strict=True)
