@@ -62,3 +62,58 @@ class DecodeGraphs:
         if patch:
             r._patch(self.input_ids, patch, prev)
         return self.graphs.run(bs, lambda _: r.model(self.batches[bs]))[:b]
+
+
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)  # batch-1 prompt lengths replayed from a graph (padded up to one)
+
+
+class PrefillGraphs:
+    """Batch-1 prefill of a fresh prompt of <= 512 tokens, replayed from a graph per token bucket: an eager short
+    prefill is bound by launching ~10 kernels a layer from Python. The prompt is padded up to the bucket; padding
+    rows continue the positions, causal attention keeps them out of the prompt's rows, and the K/V they write past
+    the prompt land in the request's last block beyond its tokens (overwritten by decode before any step reads
+    them) or, past its blocks, in the scratch block (zero block-table entries)."""
+
+    def __init__(self, runner, cap: int) -> None:
+        self.runner = runner
+        want = [t for t in PREFILL_BUCKETS if t <= cap]
+        self.buckets: tuple[int, ...] = ()
+        self.fallback: str | None = None if want else f"no bucket fits {cap} tokens"
+        if not want:
+            return
+        dev, tmax = runner.device, want[-1]
+        self.ids = torch.zeros(tmax, dtype=torch.int64, device=dev)
+        self.pos = torch.arange(tmax, dtype=torch.int64, device=dev)
+        self.seq = torch.zeros(tmax, dtype=torch.int32, device=dev)
+        self.cols = -(-tmax // runner.config.block_size)
+        self.block_tables = torch.zeros(1, self.cols, dtype=torch.int32, device=dev)
+        self.last = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.batches = {t: self._static(t) for t in want}
+        self.graphs = GraphRunner(dev)
+        with torch.inference_mode():
+            self.graphs.capture(lambda t: runner.model(self.batches[t]), want, self.block_tables.zero_)
+        self.buckets = tuple(sorted(self.graphs.graphs))
+        self.fallback = self.graphs.fallback
+
+    def _static(self, t: int) -> ForwardBatch:
+        dev = self.runner.device
+        meta = AttentionMetadata(
+            num_seqs=1, num_decodes=0, query_start=[0, t], seq_lens_host=[t],
+            cu_seqlens_q=torch.tensor([0, t], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([t], dtype=torch.int32, device=dev), block_tables=self.block_tables,
+            max_q_len=t, max_seq_len=t,
+        )  # fmt: skip
+        return ForwardBatch(self.ids[:t], self.pos[:t], self.seq[:t], meta, self.last)
+
+    def bucket(self, n: int) -> int | None:
+        return next((t for t in self.buckets if t >= n), None)
+
+    def run(self, ids: list[int], table: list[int], t: int) -> torch.Tensor:
+        """Logits [1, V] at the last prompt token, K/V written through `table` (the request's block ids)."""
+        r = self.runner
+        n = len(ids)
+        self.ids[:t].copy_(r._tensor(ids + [0] * (t - n), torch.int64), non_blocking=True)
+        row = (table + [0] * self.cols)[: self.cols]
+        self.block_tables[0].copy_(r._tensor(row, torch.int32), non_blocking=True)
+        self.last.fill_(n - 1)
+        return self.graphs.run(t, lambda _: r.model(self.batches[t]))
