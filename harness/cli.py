@@ -186,5 +186,9 @@ def profile_cmd(
     raise typer.Exit(profile.main(tool, [a for a in ctx.args if a != "--"], out, top, shlex.split(tool_args)))
 
 
+from harness.serve_cmd import serve as _serve  # noqa: E402  (`bench serve`: engine/server over the core)
+
+app.command("serve")(_serve)
+
 if __name__ == "__main__":
     app()
