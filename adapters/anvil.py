@@ -82,7 +82,10 @@ class AnvilAdapter(Adapter):
         from engine import ops
 
         backend, why = ops.backend()
-        return {"ops_backend": backend, "ops_reason": why, "core": self.llm.info() if self.llm is not None else None}
+        core = self.llm.info() if self.llm is not None else None
+        # speculative decoding's totals (method, k, proposed, accepted, acceptance_rate, mean_accepted_len, per request)
+        spec = None if core is None else core.get("spec")
+        return {"ops_backend": backend, "ops_reason": why, "core": core, "spec": spec}
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         from engine.request import SamplingParams
