@@ -34,6 +34,7 @@ def _commit() -> str | None:
 class AnvilAdapter(Adapter):
     name = "anvil"
     install_hint = "pip install -e . (the engine package of this repository)"
+    supports_quant = True
 
     def __init__(self) -> None:
         self.lm = None
@@ -75,8 +76,24 @@ class AnvilAdapter(Adapter):
             self.lm = synthetic(model.synthetic, model.dtype, model.device, seed=config.seed)
         else:
             self.lm = engine.load(model.path, model.dtype, model.device)
+        if model.quant:
+            self._quantize(model)
         self.device = model.device
         self.llm = engine.LLM(self.lm, config)
+
+    def _quantize(self, model: ModelSpec) -> None:
+        """Weight-only 4-bit in place. A synthetic preset has random weights and no text to calibrate on, so awq and
+        gptq pack RTN-quantized weights in their (shared) int4 g128 format: the same kernels and bytes, speed only."""
+        from engine.quant import quantize_model, stdlib_calibration
+
+        method = model.quant
+        if method in ("awq", "gptq"):
+            if model.synthetic or self.lm.tokenizer is None:
+                method = "rtn"
+            else:
+                quantize_model(self.lm.model, method, calib=stdlib_calibration(self.lm.tokenizer))
+                return
+        quantize_model(self.lm.model, method)
 
     def info(self) -> dict[str, Any]:
         from engine import ops

@@ -60,6 +60,7 @@ class ModelSpec:
     path: str | None
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "cpu"  # cpu | cuda
+    quant: str | None = None  # rtn | awq | gptq | nf4 (weight-only 4-bit); an engine that cannot apply it refuses
 
     @property
     def synthetic(self) -> str | None:
@@ -79,6 +80,7 @@ class Adapter(ABC):
 
     name: str = ""
     install_hint: str = ""
+    supports_quant = False  # True: load() applies ModelSpec.quant itself
 
     @classmethod
     @abstractmethod

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -29,7 +30,8 @@ def _tokenizer(path: Path):
 
 
 def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
-    """Load an HF-layout checkpoint folder (or a name engine.hub.resolve knows, such as 'tiny')."""
+    """Load an HF-layout checkpoint folder (or a name engine.hub.resolve knows, such as 'tiny'); a folder whose
+    config.json has a quantization_config (AutoAWQ GEMM, GPTQ, or `bench quantize` output) loads with 4-bit Linears."""
     from engine.config import ModelConfig
     from engine.hub import resolve
     from engine.weights import load_model
@@ -37,6 +39,10 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str | t
     p = Path(path)
     if not (p / "config.json").is_file():
         p = resolve(str(path))
+    if "quantization_config" in json.loads((p / "config.json").read_text()):
+        from engine.quant import load_quantized  # AutoAWQ / GPTQ / anvil int4 and NF4 folders
+
+        return load_quantized(p, dtype, device)
     config = ModelConfig.from_dir(p)
     model = load_model(p, config, dtype, device)
     return LoadedModel(model=model, config=config, tokenizer=_tokenizer(p))

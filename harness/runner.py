@@ -327,6 +327,10 @@ def worker_main(payload: dict, conn) -> None:
     load_error = None
     try:
         adapter = base.get(engine)
+        quant = getattr(payload["model"], "quant", None)
+        if quant and not adapter.supports_quant:
+            raise ValueError(f"{engine} does not apply quant = {quant!r} to a model (anvil does; point {engine} "
+                             f"at a checkpoint quantized in its own format instead)")  # fmt: skip
         adapter.load(payload["model"], dict(payload["opts"]))
         try:
             vocab = vocab_size(payload["model"])

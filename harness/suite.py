@@ -48,7 +48,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 SUITE_KEYS = {"name", "description", "engines", "cell_timeout_s", "engine_warmup_s"}
 TOP_KEYS = {"suite", "models", "scenarios", "options"}
-MODEL_KEYS = {"name", "dtype", "device"}
+QUANT_METHODS = ("rtn", "awq", "gptq", "nf4")
+MODEL_KEYS = {"name", "dtype", "device", "quant"}
 SCENARIO_COMMON_KEYS = {"type", "engines"}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a run folder name: no separators, no '..'
 # Sanity bounds on lengths: a typo like gen_len = 10000000 must not run for a day before anyone notices.
@@ -67,14 +68,15 @@ class ModelEntry:
     path: str | None  # resolved local directory (None for synthetic:<preset>)
     dtype: str = "float32"
     device: str = "cpu"
+    quant: str | None = None  # rtn | awq | gptq | nf4: weight-only 4-bit, applied by engines that support it
 
     @property
     def spec(self) -> ModelSpec:
-        return ModelSpec(name=self.name, path=self.path, dtype=self.dtype, device=self.device)
+        return ModelSpec(name=self.name, path=self.path, dtype=self.dtype, device=self.device, quant=self.quant)
 
     @property
     def label(self) -> str:
-        return f"{self.name} {self.dtype} {self.device}"
+        return f"{self.name} {self.dtype} {self.device}" + (f" {self.quant}" if self.quant else "")
 
 
 @dataclass(frozen=True)
@@ -269,13 +271,14 @@ def parse(text: str, source: str, resolve: bool = True) -> Suite:
         mname = c.expect(f"{key}.name", m["name"], str)
         dtype = c.choice(f"{key}.dtype", m.get("dtype", "float32"), DTYPES)
         device = c.choice(f"{key}.device", m.get("device", "cpu"), DEVICES)
+        quant = c.choice(f"{key}.quant", m["quant"], QUANT_METHODS) if "quant" in m else None
         path = None
         if resolve:
             try:
                 path = resolve_model(mname)
             except (FileNotFoundError, KeyError, ValueError) as exc:
                 raise c.fail(f"{key}.name", f"model {mname!r} not found: {exc}") from None
-        models.append(ModelEntry(mname, path, dtype, device))
+        models.append(ModelEntry(mname, path, dtype, device, quant))
 
     scen_raw = doc["scenarios"]
     if not isinstance(scen_raw, list) or not scen_raw:

@@ -116,3 +116,40 @@ def test_core_gives_the_reference_loop_tokens_on_the_tiny_model():
     got = [r.output_ids for r in a.generate(reqs)]
     ref = Generator(load(resolve("tiny")), 2, 64).generate([r.prompt_ids for r in reqs], 10)
     assert got == [c.tokens for c in ref] and a.info()["core"]["attention_backend"] == "torch"
+
+
+def test_quant_from_the_model_entry_swaps_the_linears():
+    from engine.hub import resolve
+
+    a = AnvilAdapter()
+    a.load(ModelSpec("tiny", str(resolve("tiny")), quant="rtn"))
+    names = {type(m.method).__name__ for m in a.lm.model.modules() if hasattr(m, "method")}
+    assert names == {"Int4LinearMethod", "UnquantizedLinearMethod"}  # every Linear but the lm_head
+    assert type(a.lm.model.output.method).__name__ == "UnquantizedLinearMethod"
+    (r,) = a.generate([GenRequest([1, 2, 3, 4, 5, 6], 8)])
+    assert len(r.output_ids) == 8
+
+
+def test_suite_model_quant_key_is_validated_and_refused_by_engines_that_cannot_apply_it(tmp_path):
+    from harness.suite import SuiteError, parse
+
+    text = """
+[suite]
+name = "q"
+engines = ["anvil", "hf"]
+[[models]]
+name = "tiny"
+quant = "{q}"
+[[scenarios]]
+type = "throughput"
+batch = 1
+prompt_len = 8
+gen_len = 4
+"""
+    s = parse(text.replace("{q}", "awq"), "q.toml")
+    assert s.models[0].quant == "awq" and s.models[0].spec.quant == "awq"
+    with pytest.raises(SuiteError, match=r"models\[0\]\.quant"):
+        parse(text.replace("{q}", "int3"), "q.toml")
+    from adapters.hf import HFAdapter
+
+    assert AnvilAdapter.supports_quant and not HFAdapter.supports_quant
