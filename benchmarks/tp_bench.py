@@ -85,8 +85,8 @@ def bench_rank(model: str, n_layers: int | None, a: dict) -> dict | None:
     """One (model, TP) case on every rank; rank 0 returns the numbers."""
     world = state.world_size()
     cfg = EngineConfig(max_num_seqs=max(a["batches"]), max_model_len=max(a["prompt_ttft"], 128 + a["gen"]) + 16,
-                       tensor_parallel_size=world, gemv=a["gemv"], cuda_graphs=a["device"].startswith("cuda"),
-                       graph_buckets=tuple(a["batches"]) if a["device"].startswith("cuda") else None)  # fmt: skip
+                       tensor_parallel_size=world, gemv=a["gemv"], cuda_graphs=a["graphs"],
+                       graph_buckets=tuple(a["batches"]) if a["graphs"] else None)  # fmt: skip
     t0 = time.perf_counter()
     llm = launch.build_llm(model, a["dtype"], a["device"], cfg, synthetic=True, n_layers=n_layers)
     load_s = time.perf_counter() - t0
@@ -129,9 +129,9 @@ def bench_rank(model: str, n_layers: int | None, a: dict) -> dict | None:
     return res if state.rank() == 0 else None
 
 
-def tiny_rank(device: str, n_new: int) -> dict:
-    """Greedy tokens and logits of the trained tiny model (float32) on this group."""
-    cfg = EngineConfig(max_num_seqs=4, max_model_len=256, tensor_parallel_size=state.world_size(), cuda_graphs=False)
+def tiny_rank(device: str, n_new: int, graphs: bool) -> dict:
+    """Greedy tokens (decode through CUDA graphs when `graphs`) and logits of the trained tiny model (float32)."""
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=256, tensor_parallel_size=state.world_size(), cuda_graphs=graphs)
     llm = launch.build_llm("tiny", "float32", device, cfg)
     prompts = [_prompts(1, n, 4096, n)[0] for n in (5, 17, 40, 64)]
     return {"tokens": [o.tokens for o in llm.generate(prompts, max_tokens=n_new)],
@@ -167,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv", default="tune", choices=["tune", "cublas", "triton"])
     ap.add_argument("--profile-tp1", action="store_true", help="profile TP=1 too (no collectives: a 0 baseline)")
     ap.add_argument("--tiny-tokens", type=int, default=32, help="greedy tokens of the tiny TP check (0: skip it)")
+    ap.add_argument("--no-graphs", action="store_true", help="decode eagerly (every collective under the watchdog)")
+    ap.add_argument("--case-timeout", type=float, default=540.0, help="kill a case's ranks after this many seconds")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per rank on the CPU (default cores / TP)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
 
     a = {"batches": [int(x) for x in args.batches.split(",")], "gen": args.gen, "prompt_ttft": args.prompt_ttft,
          "repeats": args.repeats, "device": args.device, "dtype": args.dtype, "gemv": args.gemv,
-         "profile_tp1": args.profile_tp1}  # fmt: skip
+         "profile_tp1": args.profile_tp1, "graphs": args.device.startswith("cuda") and not args.no_graphs}  # fmt: skip
     tps = [int(x) for x in args.tp.split(",")]
     out: dict = {"argv": sys.argv, "args": a, "tp": tps, "env": snapshot(),
                  "env_vars": {k: os.environ.get(k) for k in state.NO_MULTICAST}, "cases": []}  # fmt: skip
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
                 continue
             try:
                 out["cases"].append(launch.spawn(bench_rank, tp, (model, n_layers, a), device=args.device,
-                                             threads=args.threads)[0])
+                                             threads=args.threads, deadline_s=args.case_timeout)[0])
             except launch.TPLaunchError as e:
                 print(f"  failed: {e}", flush=True)
                 out["cases"].append({"model": model, "n_layers": n_layers, "tp": tp, "failed": str(e)})
@@ -208,7 +210,13 @@ def main(argv=None) -> int:
         ref = None
         out["tiny_check"] = []
         for tp in sorted(set(tps) | {1}):
-            r = launch.spawn(tiny_rank, tp, (args.device, args.tiny_tokens), device=args.device, threads=args.threads)
+            try:
+                r = launch.spawn(tiny_rank, tp, (args.device, args.tiny_tokens, a["graphs"]), device=args.device,
+                                 threads=args.threads, deadline_s=args.case_timeout)
+            except launch.TPLaunchError as e:
+                print(f"tiny TP={tp} failed: {e}", flush=True)
+                out["tiny_check"].append({"tp": tp, "failed": str(e), "greedy_tokens_equal_tp1_on_every_rank": False})
+                continue
             if ref is None:
                 ref = r[0]
             d = max((x - y).abs().max().item() for x, y in zip(r[0]["logits"], ref["logits"], strict=True))

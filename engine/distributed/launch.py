@@ -84,10 +84,12 @@ def spawn(
     timeout_s: float = state.DEFAULT_TIMEOUT_S,
     threads: int | None = None,
     grace_s: float = 15.0,
+    deadline_s: float | None = None,
 ) -> list[Any]:
     """Run fn(*args) on `world_size` new processes (rank r on cuda:r when device is CUDA), each in the group.
     Returns [rank 0's result, rank 1's, ...] (results are pickled). fn must be importable (a module-level function).
-    `threads`: torch intra-op threads per rank (CPU; default cores / world)."""
+    `threads`: torch intra-op threads per rank (CPU; default cores / world). `deadline_s`: kill every rank still
+    running after this long (a bound for what no timeout sees, e.g. a CUDA-graph replay waiting on a dead peer)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
@@ -98,6 +100,7 @@ def spawn(
         p.start()
     done: dict[int, tuple[str, Any]] = {}
     first_done: float | None = None
+    started = time.monotonic()
     try:
         while len(done) < world_size:
             try:
@@ -119,6 +122,11 @@ def spawn(
                         done[r] = ("error", f"rank {r} died ({how}) without a result")
             if first_done is None and done:  # SPMD ranks finish together: one still running long after is hung
                 first_done = time.monotonic()
+            if deadline_s is not None and time.monotonic() - started > deadline_s:
+                for r, p in enumerate(procs):
+                    if r not in done:
+                        p.kill()
+                        done[r] = ("error", f"rank {r} still running after the deadline of {deadline_s:g} s: killed")
             if first_done is not None and time.monotonic() - first_done > timeout_s + grace_s:
                 for r, p in enumerate(procs):
                     if r not in done:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_TIMEOUT_S = float(os.environ.get("ANVIL_TP_TIMEOUT_S", 60))  # per collective; the env var overrides it
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 _state: dict = {"timeout_s": DEFAULT_TIMEOUT_S, "backend": None, "gather": None}
