@@ -6,12 +6,14 @@ hidden_states / info). Every call that changes the engine's state is sent to the
 repeat it on their LLM (SPMD: the same scheduler on every rank, fed the same calls in the same order, with request
 ids fixed by rank 0), so every rank runs the same forwards and meets in the same collectives; rank 0 returns the
 results. add_request / abort are sent with the next step (one message per step per worker); generate / logits /
-hidden_states are sent whole. Commands go over pipes, not collectives, so an idle driver never hits the group's
+hidden_states are sent whole. `core` is rank 0's EngineCore with add_request / abort mirrored too, for callers that
+drive the core directly (engine/async_llm.py, which the server runs). Commands go over pipes, not collectives, so an idle driver never hits the group's
 timeout; a worker that dies makes rank 0's next collective fail (TPError) and rank 0 reports the worker's error.
 """
 
 from __future__ import annotations
 
+import copy
 import multiprocessing as mp
 import os
 import traceback
@@ -38,7 +40,10 @@ def _worker(rank: int, world: int, port: int, conn, spec: dict) -> None:
             if calls is None:
                 break
             for name, args, kw in calls:
-                getattr(llm, name)(*args, **kw)
+                obj = llm
+                for part in name.split(".")[:-1]:  # "core.add_request"
+                    obj = getattr(obj, part)
+                getattr(obj, name.rsplit(".", 1)[-1])(*args, **kw)
     except BaseException:
         try:
             conn.send(("error", traceback.format_exc()))
@@ -63,6 +68,14 @@ class TPLLM:
     @property
     def tokenizer(self):
         return self.llm.tokenizer
+
+    @property
+    def model(self):
+        return self.llm.model
+
+    @property
+    def core(self) -> _MirroredCore:
+        return _MirroredCore(self)
 
     # ---- state-changing calls: run here, then on every worker
     def _send(self, calls: list) -> None:
@@ -147,6 +160,27 @@ class TPLLM:
                 p.join()
         self.llm = None
         state.destroy()
+
+
+class _MirroredCore:
+    """Rank 0's EngineCore for callers that drive it directly (AsyncLLM): add_request / abort also go to the
+    workers with the next step; everything else reads rank 0's core."""
+
+    def __init__(self, tp: TPLLM) -> None:
+        self._tp = tp
+
+    def __getattr__(self, name: str):
+        return getattr(self._tp.llm.core, name)
+
+    def add_request(self, req) -> None:
+        fresh = copy.deepcopy(req)  # as it is before the scheduler touches it
+        self._tp.llm.core.add_request(req)  # raises here (nothing sent) for a refused request
+        self._tp._pending.append(("core.add_request", (fresh,), {}))
+
+    def abort(self, request_id: str):
+        out = self._tp.llm.core.abort(request_id)
+        self._tp._pending.append(("core.abort", (request_id,), {}))
+        return out
 
 
 def start(model, dtype: str, device: str, config, *, synthetic: bool = False,

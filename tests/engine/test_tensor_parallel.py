@@ -140,6 +140,28 @@ def test_a_dead_or_hung_rank_fails_the_other_within_the_timeout(models, mode, ti
 
 
 # ---------------------------------------------------------------- the driver (adapter) path
+def _serve_like(llm) -> list[int]:
+    """Requests added and aborted between steps, one through the core as engine/async_llm.py adds them."""
+    from engine.request import Request
+
+    toks: dict[str, list[int]] = {}
+
+    def step():
+        for o in llm.step():
+            toks.setdefault(o.request_id, []).extend(o.new_token_ids)
+
+    first = llm.add_request(PROMPTS[1], max_tokens=20)
+    step()
+    req = Request(list(PROMPTS[2]), max_tokens=9)
+    llm.core.add_request(req)
+    step()
+    step()
+    llm.abort(first)
+    while llm.has_unfinished():
+        step()
+    return toks[req.request_id]
+
+
 def test_adapter_tensor_parallel_2_matches_1(models):
     from adapters.anvil import AnvilAdapter
     from adapters.base import GenRequest, ModelSpec
@@ -151,7 +173,10 @@ def test_adapter_tensor_parallel_2_matches_1(models):
         a = AnvilAdapter()
         a.load(spec, {"tensor_parallel_size": tp, "max_model_len": 128, "max_num_seqs": 4})
         try:
-            got[tp] = ([r.output_ids for r in a.generate(reqs)], a.logits(PROMPTS[0]), a.llm.info())
+            gen = [r.output_ids for r in a.generate(reqs)]
+            served = _serve_like(a.llm)
+            again = [r.output_ids for r in a.generate(reqs)]  # still in lockstep after the abort
+            got[tp] = (gen, a.logits(PROMPTS[0]), a.llm.info(), served, again)
             if tp == 2:
                 procs = a.llm.procs
         finally:
@@ -159,6 +184,8 @@ def test_adapter_tensor_parallel_2_matches_1(models):
     assert got[1][0] == got[2][0] and [len(t) for t in got[2][0]] == [12, 7]
     assert (got[1][1] - got[2][1]).abs().max().item() < 1e-5
     assert got[2][2]["tensor_parallel_size"] == 2
+    assert got[1][3] == got[2][3] and len(got[2][3]) == 9
+    assert got[2][4] == got[2][0]
     assert all(p.exitcode == 0 for p in procs)  # close() stopped the other rank
 
 
