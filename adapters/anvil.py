@@ -102,7 +102,27 @@ class AnvilAdapter(Adapter):
         core = self.llm.info() if self.llm is not None else None
         # speculative decoding's totals (method, k, proposed, accepted, acceptance_rate, mean_accepted_len, per request)
         spec = None if core is None else core.get("spec")
-        return {"ops_backend": backend, "ops_reason": why, "core": core, "spec": spec}
+        return {"ops_backend": backend, "ops_reason": why, "core": core, "spec": spec,
+                "weight_bytes_per_step": self._weight_bytes()}  # fmt: skip
+
+    def _weight_bytes(self) -> int | None:
+        """Bytes of weights one decode step reads as stored (4-bit packed weights, scales and zeros included): every
+        Linear and norm; the input embedding table only when the lm_head shares it. The harness's GB/s uses it."""
+        if self.lm is None:
+            return None
+        from itertools import chain
+
+        from engine.model.layers.linear import Linear
+        from engine.model.layers.norm import RMSNorm
+
+        m = self.lm.model
+        total = 0
+        for mod in m.modules():
+            if isinstance(mod, Linear | RMSNorm):
+                total += sum(t.numel() * t.element_size() for t in chain(mod.parameters(False), mod.buffers(False)))
+        if m.output is None:
+            total += m.tok_embeddings.weight.numel() * m.tok_embeddings.weight.element_size()
+        return total
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         from engine.request import SamplingParams

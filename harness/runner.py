@@ -355,7 +355,8 @@ def worker_main(payload: dict, conn) -> None:
         try:
             ctx = Context(engine=engine, case_id=case_id, vocab_size=vocab, out_dir=Path(payload["out_dir"]),
                           model=payload["model"], opts=dict(payload["opts"]),
-                          weight_bytes=weight_bytes_per_step(payload["model"]), copy_gb_s=payload.get("copy_gb_s"))
+                          weight_bytes=(info or {}).get("weight_bytes_per_step") or weight_bytes_per_step(payload["model"]),
+                          copy_gb_s=payload.get("copy_gb_s"))  # fmt: skip
             scen = scenarios.get(scenario)
             if getattr(scen, "OWN_TELEMETRY", False):  # it samples around its measured phase itself
                 metrics, samples = scen.run(adapter, dict(params), ctx)
