@@ -1,5 +1,6 @@
 """nox sessions: tests, lint, smoke (CPU suite + gate), build_ext (compile the CUDA extension without a GPU),
-cmake_build (libanvil_kernels.so + anvil_bench without Python or torch, no GPU).
+cmake_build (libanvil_kernels.so + anvil_bench without Python or torch, no GPU), report (docs/report.md + .html from
+results/).
 
 They reuse the current environment (`nox --no-venv` is implied by venv_backend="none") so CI installs once.
 """
@@ -29,6 +30,12 @@ def smoke(session: nox.Session) -> None:
     out = "results/runs/ci-smoke"
     session.run("bench", "run", "suites/smoke.toml", "--out", out)
     session.run("bench", "gate", out, "--baseline", "results/baselines/smoke.json")
+
+
+@nox.session
+def report(session: nox.Session) -> None:
+    """Regenerate the technical report from results/: docs/report.md, docs/report.html, docs/img/*.png."""
+    session.run("python", "-m", "harness.report_build", "--out", "docs", *session.posargs)
 
 
 @nox.session

@@ -1,0 +1,154 @@
+"""The technical report generator (harness/report_build.py, harness/report_sections.py): it renders from the committed
+results, every figure it references exists, every placeholder resolves (or the build fails naming it), a missing
+result file degrades to "not measured yet", and a planted change in a result file changes the output."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from harness import report_build as rb  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "results"
+SECTIONS = ["1. Architecture", "2. Baseline", "3. Kernels", "4. Decode and prefill vs the bandwidth", "5. Continuous",
+            "6. Int4", "7. Speculative", "8. Serving", "9. Long context", "10. Tensor parallelism", "11. Profiles",
+            "12. Lessons learned", "Sources"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return rb.build(out), out
+
+
+def test_renders_markdown_and_html(built):
+    info, out = built
+    md, page = info["md"].read_text(encoding="utf-8"), info["html"].read_text(encoding="utf-8")
+    for title in SECTIONS:
+        assert re.search(rf"^## {re.escape(title)}", md, re.M), title
+        assert f">{title}" in page, title
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    assert page.count("<table>") == md.count("\n|---") + md.startswith("|---")  # every markdown table is in the HTML
+    assert "```mermaid" in md and "class='mermaid'" in page
+    # every table says where it came from: hardware, driver, torch and commit
+    assert md.count("*Source:*") >= 10
+    for line in re.findall(r"^\*Source:\*.*$", md, re.M):
+        assert all(k in line for k in ("hardware:", "driver:", "torch:", "commit:")), line
+
+
+def test_every_figure_exists_and_is_small(built):
+    info, out = built
+    md, page = info["md"].read_text(encoding="utf-8"), info["html"].read_text(encoding="utf-8")
+    refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert refs and set(refs) == set(info["figures"])
+    assert set(re.findall(r"<img alt='[^']*' src='([^']+)'", page)) == set(refs)
+    for ref in refs:
+        p = out / ref
+        assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", ref
+        assert p.stat().st_size < 300_000, (ref, p.stat().st_size)
+    assert "img/modules.png" in refs and "img/roofline.png" in refs
+
+
+def test_placeholders_all_resolved(built):
+    info, _ = built
+    md = info["md"].read_text(encoding="utf-8")
+    assert "{{" not in md and "}}" not in md
+    lessons = (REPO / "docs" / "lessons.md").read_text(encoding="utf-8")
+    assert lessons.count("{{") >= 10  # the prose cites its numbers through placeholders
+    typed = set(re.findall(r"[^\s(]*\d[^\s),.:;]*", rb.PLACEHOLDER.sub("", lessons)))
+    names = {"Llama-3-8B", "Mistral-7B", "H100", "H200", "N+1", "N", "2k-token", "4k", "FlashAttention-2-style",
+             "batch-1", "1", "bf16", "H200's"}  # names and configurations ("batch 1"), not measurements
+    assert typed <= names, f"numbers typed into lessons.md: {sorted(typed - names)}"
+
+
+def test_placeholder_syntax():
+    r = RESULTS
+    d = json.loads((r / "gpu/core-h200/core-bench.json").read_text())
+    assert rb.resolve("core-h200/core-bench.json:continuous_batching.requests", r) == str(d["continuous_batching"]["requests"])
+    v = d["decode"]["decode"]["1"]["decode_tok_s"]
+    assert rb.resolve("core-h200/core-bench.json:decode.decode.1.decode_tok_s|.1f", r) == f"{v:.1f}"
+    rec = [json.loads(x) for x in (r / "gpu/core-h200/gpu-decode-records.jsonl").read_text().splitlines() if x.strip()]
+    want = next(x for x in rec if x["engine"] == "anvil" and x["params"]["batch"] == 8 and x["params"]["prompt_len"] == 128)
+    got = rb.resolve("gpu/core-h200/gpu-decode-records.jsonl[engine=anvil,batch=8,prompt_len=128]:metrics.step_ms|.3f", r)
+    assert got == f"{want['metrics']['step_ms']:.3f}"
+    assert rb.resolve("gpu/kernels-h100.json:results[kernel=prefill seq=4096,impl=anvil].tflops|.0f", r).isdigit()
+    with pytest.raises(rb.PlaceholderError, match=r"\{\{nope/missing.json:a\.b\}\}.*no file"):
+        rb.fill("x {{nope/missing.json:a.b}} y", r, where="t.md")
+    with pytest.raises(rb.PlaceholderError, match=r"matches 6 of 12"):
+        rb.fill("{{gpu/core-h200/gpu-decode-records.jsonl[engine=anvil]:metrics.step_ms}}", r)
+    with pytest.raises(rb.PlaceholderError, match=r"no key 'nokey'"):
+        rb.fill("{{core-h200/core-bench.json:decode.nokey}}", r)
+    with pytest.raises(rb.PlaceholderError, match=r"not a value"):
+        rb.fill("{{core-h200/core-bench.json:decode}}", r)
+    with pytest.raises(rb.PlaceholderError, match=r"unclosed"):
+        rb.fill("{{core-h200/core-bench.json:copy_gb_s", r)
+
+
+def test_unresolvable_placeholder_fails_the_build(tmp_path):
+    lessons = tmp_path / "lessons.md"
+    lessons.write_text("# L\n\nSpeed was {{gpu/core-h200/core-bench.json:decode.decode.64.decode_tok_s|.1f}} tok/s.\n")
+    with pytest.raises(rb.PlaceholderError, match=r"lessons\.md: \{\{gpu/core-h200/core-bench\.json:decode\.decode\.64"):
+        rb.build(tmp_path / "out", lessons=lessons)
+    assert rb.main(["--out", str(tmp_path / "out2"), "--lessons", str(lessons)]) == 1
+
+
+def test_planted_result_change_changes_the_report(tmp_path, built):
+    info, _ = built
+    res = tmp_path / "results"
+    shutil.copytree(RESULTS, res, ignore=shutil.ignore_patterns("runs"))
+    p = res / "gpu/core-h200/core-bench.json"
+    d = json.loads(p.read_text())
+    d["continuous_batching"]["speedup"] = 9.87
+    d["continuous_batching"]["continuous"]["output_tok_s"] = 12345.6
+    p.write_text(json.dumps(d))
+    lines = (res / "gpu/core-h200/gpu-decode-records.jsonl").read_text().splitlines()
+    rec = json.loads(lines[0])
+    assert rec["engine"] == "anvil" and rec["params"]["batch"] == 1
+    rec["metrics"]["decode_tok_s"] = 777.7
+    (res / "gpu/core-h200/gpu-decode-records.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+    for prof in res.glob("gpu/profile-*"):  # missing files: the section says so, the rest still builds
+        shutil.rmtree(prof) if prof.is_dir() else prof.unlink()
+    out = rb.build(tmp_path / "out", results=res)
+    md = out["md"].read_text(encoding="utf-8")
+    assert md != info["md"].read_text(encoding="utf-8")
+    assert "9.87x" in md  # lessons.md's placeholder and the batching table
+    assert "12,346" in md and "777.7" in md
+    assert "*Not measured yet:* profiles; it would be in `results/gpu/profile-*`" in md
+    assert "profiles (results/gpu/profile-*)" in out["missing"]
+    (res / "gpu/kernels-h100.json").unlink()  # a file lessons.md cites: the build fails and names the placeholder
+    with pytest.raises(rb.PlaceholderError, match=r"gpu/kernels-h100\.json:results\[kernel=rms_norm"):
+        rb.build(tmp_path / "out3", results=res)
+
+
+def test_missing_sections_say_what_file_would_hold_them(built):
+    info, _ = built
+    md = info["md"].read_text(encoding="utf-8")
+    files = {p.relative_to(RESULTS).as_posix() for p in RESULTS.rglob("*") if p.is_file()}
+    if not any(re.search(r"(^|[/_-])tp\d*([/_.-]|$)|tensor[-_]?parallel", f) for f in files):
+        assert "*Not measured yet:* tensor-parallel scaling" in md
+    for m in info["missing"]:
+        assert m.split(" (")[0] in md
+
+
+def test_module_graph_without_graphviz(tmp_path):
+    nodes, edges = rb.module_graph(REPO)
+    assert {"engine.core", "engine.worker", "engine.model", "engine.attention", "engine.kernels"} <= set(nodes)
+    assert ("engine.core", "engine.request") in edges or any(a == "engine.core" for a, _ in edges)
+    png, how = rb.draw_module_graph(nodes, edges, tmp_path, use_dot=False)
+    assert how.startswith("matplotlib") and png.read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "modules.dot").read_text().startswith("digraph engine {")
+
+
+def test_markdown_subset_to_html():
+    blocks = rb.parse_markdown("# T\n\npara `a<b` and **bold**\nmore\n\n- one\n  cont\n- two\n\n```mermaid\nx-->y\n```\n")
+    assert blocks == [("h", 1, "T"), ("p", "para `a<b` and **bold** more"), ("ul", ["one cont", "two"]),
+                      ("code", "mermaid", "x-->y")]
+    page = rb.to_html(blocks, "t")
+    assert "<code>a&lt;b</code>" in page and "<strong>bold</strong>" in page and "<li>one cont</li>" in page
