@@ -17,6 +17,7 @@ import copy
 import multiprocessing as mp
 import os
 import traceback
+
 from engine.distributed import state
 from engine.distributed.launch import build_llm, free_port, rank_env
 
@@ -216,7 +217,11 @@ def start(model, dtype: str, device: str, config, *, synthetic: bool = False,
         for r, (c, p) in enumerate(zip(conns, procs, strict=True), start=1):
             if not c.poll(ready_timeout_s):
                 raise state.TPError(f"tensor-parallel rank {r} not ready after {ready_timeout_s:g} s")
-            kind, msg = c.recv()
+            try:
+                kind, msg = c.recv()
+            except EOFError:  # it died before reporting
+                p.join(timeout=5)
+                kind, msg = "error", f"died while loading (exit code {p.exitcode})"
             if kind != "ready":
                 raise state.TPError(f"tensor-parallel rank {r} failed to start: {msg}")
     except BaseException:

@@ -166,7 +166,8 @@ def load_shard(model: str | Path, dtype: str = "float32", device: str = "cpu", *
     dev = rank_device(device)
     rank, world = state.rank(), state.world_size()
     if synthetic:
-        from engine.presets import PRESETS, synthetic as make
+        from engine.presets import PRESETS
+        from engine.presets import synthetic as make
 
         if str(model) not in PRESETS:
             raise ValueError(f"unknown preset {model!r}; known: {', '.join(PRESETS)}")

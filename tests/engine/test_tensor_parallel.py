@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,6 +188,40 @@ def test_adapter_tensor_parallel_2_matches_1(models):
     assert got[1][3] == got[2][3] and len(got[2][3]) == 9
     assert got[2][4] == got[2][0]
     assert all(p.exitcode == 0 for p in procs)  # close() stopped the other rank
+
+
+# ---------------------------------------------------------------- torchrun
+TORCHRUN_SCRIPT = """
+import torch
+from engine import EngineConfig, SamplingParams
+from engine.distributed import launch, state
+
+torch.set_num_threads(1)
+state.init()  # RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from torchrun
+llm = launch.build_llm({path!r}, "float32", "cpu", EngineConfig(max_model_len=128, tensor_parallel_size=state.world_size()))
+(out,) = llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0), max_tokens=12)
+print(f"rank {{state.rank()}}/{{state.world_size()}} tokens {{out.tokens}}", flush=True)
+state.destroy()
+"""
+
+
+def test_torchrun_spmd(models, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "spmd.py"
+    script.write_text(TORCHRUN_SCRIPT.format(path=models["qwen2"]))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(launch.free_port()), str(script)], capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    cfg = EngineConfig(max_model_len=128)
+    from engine.llm import LLM
+
+    (want,) = LLM(launch.load_shard(models["qwen2"]), cfg).generate([[1, 2, 3]], SamplingParams(temperature=0.0),
+                                                                    max_tokens=12)  # fmt: skip
+    lines = sorted(line for line in p.stdout.splitlines() if line.startswith("rank "))
+    assert lines == [f"rank {r}/2 tokens {want.tokens}" for r in range(2)]
 
 
 # ---------------------------------------------------------------- sharding rule (no processes)
