@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import report_sections as rs
 from harness.html_report import CSS, _html_table
 from harness.report import _pipe_table, fmt
 
@@ -196,13 +195,8 @@ def parse_markdown(text: str) -> list[tuple]:
 
 def inline_html(text: str) -> str:
     """Inline markdown (`code`, **bold**, *italic*, [text](url)) -> HTML, everything else escaped."""
-    out, pos = [], 0
-    for m in re.finditer(r"`([^`]+)`", text):
-        out.append(_inline_rest(text[pos:m.start()]))
-        out.append(f"<code>{html.escape(m.group(1))}</code>")
-        pos = m.end()
-    out.append(_inline_rest(text[pos:]))
-    return "".join(out)
+    parts = re.split(r"`([^`]+)`", text)  # odd items are code spans
+    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else _inline_rest(p) for i, p in enumerate(parts))
 
 
 def _inline_rest(s: str) -> str:
@@ -216,68 +210,73 @@ def _anchor(text: str) -> str:
     return re.sub(r"[^a-z0-9 -]", "", text.lower()).strip().replace(" ", "-")
 
 
+MD = {"h": lambda b: "#" * b[1] + " " + b[2], "p": lambda b: b[1], "ul": lambda b: "\n".join(f"- {x}" for x in b[1]),
+      "table": lambda b: _pipe_table(b[1], b[2]), "img": lambda b: f"![{b[1]}]({b[2]})",
+      "code": lambda b: f"```{b[1]}\n{b[2]}\n```", "toc": lambda b: "\n".join(f"- [{t}](#{_anchor(t)})" for t in b[1])}
+HTML = {"h": lambda b: f"<h{b[1]} id='{_anchor(b[2])}'>{inline_html(b[2])}</h{b[1]}>",
+        "p": lambda b: f"<p>{inline_html(b[1])}</p>",
+        "ul": lambda b: "<ul>" + "".join(f"<li>{inline_html(x)}</li>" for x in b[1]) + "</ul>",
+        "table": lambda b: _html_table(b[1], [[str(c) for c in row] for row in b[2]]),
+        "img": lambda b: f"<figure><img alt='{html.escape(b[1])}' src='{html.escape(b[2])}'><figcaption>"
+                         f"{html.escape(b[1])}</figcaption></figure>",
+        "code": lambda b: f"<pre class='mermaid'>{html.escape(b[2])}</pre>" if b[1] == "mermaid" else
+                          f"<pre><code>{html.escape(b[2])}</code></pre>",
+        "toc": lambda b: "<ul>" + "".join(f"<li><a href='#{_anchor(t)}'>{html.escape(t)}</a></li>" for t in b[1]) + "</ul>"}
+MERMAID = ("<script type='module'>import mermaid from 'https://cdn.jsdelivr.net/npm/mermaid@10/dist/mermaid.esm.min.mjs';"
+           "mermaid.initialize({startOnLoad:true});</script>")  # draws the flowchart where the page can load it
+
+
 def to_markdown(blocks: list[tuple]) -> str:
-    out: list[str] = []
-    for b in blocks:
-        kind = b[0]
-        if kind == "h":
-            out.append("#" * b[1] + " " + b[2])
-        elif kind == "p":
-            out.append(b[1])
-        elif kind == "ul":
-            out.append("\n".join(f"- {it}" for it in b[1]))
-        elif kind == "table":
-            out.append(_pipe_table(b[1], b[2]))
-        elif kind == "img":
-            out.append(f"![{b[1]}]({b[2]})")
-        elif kind == "code":
-            out.append(f"```{b[1]}\n{b[2]}\n```")
-        elif kind == "toc":
-            out.append("\n".join(f"{'  ' * (lvl - 2)}- [{t}](#{_anchor(t)})" for lvl, t in b[1]))
-    return "\n\n".join(out) + "\n"
+    return "\n\n".join(MD[b[0]](b) for b in blocks) + "\n"
 
 
 def to_html(blocks: list[tuple], title: str) -> str:
-    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-         f"<style>{CSS}\npre.mermaid{{background:#fff}}</style></head><body>"]
-    for b in blocks:
-        kind = b[0]
-        if kind == "h":
-            h.append(f"<h{b[1]} id='{_anchor(b[2])}'>{inline_html(b[2])}</h{b[1]}>")
-        elif kind == "p":
-            h.append(f"<p>{inline_html(b[1])}</p>")
-        elif kind == "ul":
-            h.append("<ul>" + "".join(f"<li>{inline_html(it)}</li>" for it in b[1]) + "</ul>")
-        elif kind == "table":
-            h.append(_html_table(b[1], [[str(c) for c in row] for row in b[2]]))
-        elif kind == "img":
-            h.append(f"<figure><img alt='{html.escape(b[1])}' src='{html.escape(b[2])}'>"
-                     f"<figcaption>{html.escape(b[1])}</figcaption></figure>")
-        elif kind == "code":
-            cls = " class='mermaid'" if b[1] == "mermaid" else ""
-            h.append(f"<pre{cls}><code>{html.escape(b[2])}</code></pre>" if not cls else
-                     f"<pre{cls}>{html.escape(b[2])}</pre>")
-        elif kind == "toc":
-            h.append("<ul>" + "".join(f"<li><a href='#{_anchor(t)}'>{html.escape(t)}</a></li>"
-                                      for lvl, t in b[1] if lvl == 2) + "</ul>")
-    if any(b[0] == "code" and b[1] == "mermaid" for b in blocks):  # rendered where the page can load mermaid
-        h.append("<script type='module'>import mermaid from "
-                 "'https://cdn.jsdelivr.net/npm/mermaid@10/dist/mermaid.esm.min.mjs';"
-                 "mermaid.initialize({startOnLoad:true});</script>")
-    h.append("</body></html>")
-    return "\n".join(h) + "\n"
+    return "\n".join([f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                      f"<style>{CSS}\npre.mermaid{{background:#fff}}</style></head><body>", *(HTML[b[0]](b) for b in blocks),
+                      *([MERMAID] if any(b[:2] == ("code", "mermaid") for b in blocks) else []), "</body></html>"]) + "\n"
 
 
 def figures(blocks: list[tuple]) -> list[str]:
     return [b[2] for b in blocks if b[0] == "img"]
 
 
+# ---------------------------------------------------------------------------------------------------- values
+SCALAR = (int, float, str, bool, type(None))
+
+
+def _names(gpus: Any) -> str | None:
+    ok = isinstance(gpus, list) and gpus
+    return " + ".join(sorted({str(g.get("name")) for g in gpus if isinstance(g, dict)})) if ok else None
+
+
+def env_of(d: Any) -> dict:
+    envs = [d[k] for k in ("env", "environment") if isinstance(d, dict) and isinstance(d.get(k), dict)]
+    return envs[0] if envs else {}
+
+
+def num(v: Any, d: int = 1) -> str:
+    if isinstance(v, (bool, str)):
+        return str(v)[:80]
+    if not isinstance(v, (int, float)) or v != v:
+        return "-"
+    if isinstance(v, int) or abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{d}f}" if abs(v) >= 1 or v == 0 else f"{v:.3g}"
+
+
+def prov(env: dict, src: str, stated: bool = False) -> tuple:
+    hw = env.get("gpu") or _names(env.get("gpus")) or (f"CPU ({env['cpu']})" if env.get("cpu") else None)
+    items = (("hardware", hw), ("driver", env.get("driver")), ("torch", env.get("torch")), ("commit", env.get("commit")))
+    how = " (as stated in the file's text or its README: it has no env fields)" if stated else ""
+    return ("p", f"*Source:* `results/{src}`; " + ", ".join(f"{k}: {v or 'not recorded'}" for k, v in items) + how + ".")
+
+
 # ---------------------------------------------------------------------------------------------------- module graph
 def module_graph(root: Path = REPO, package: str = "engine") -> tuple[dict[str, int], dict[tuple[str, str], int]]:
     """(node -> number of modules, (importer, imported) -> import statements) over package/**/*.py, read with ast.
     A node is a subpackage of the package (engine.core) or one of its top-level modules (engine.config)."""
-    base = root / package
-    files = _tracked(root, package) or sorted(base.rglob("*.py"))
+    tracked = [root / p for p in _git(root, "ls-files", "--", f"{package}/*.py").split() if (root / p).is_file()]
+    files = sorted(tracked) or sorted((root / package).rglob("*.py"))
     mods = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p for p in files}
 
     def node(mod: str) -> str:
@@ -310,11 +309,6 @@ def module_graph(root: Path = REPO, package: str = "engine") -> tuple[dict[str, 
                 if a != b:
                     edges[(a, b)] = edges.get((a, b), 0) + 1
     return nodes, edges
-
-
-def _tracked(root: Path, package: str) -> list[Path]:
-    out = _git(root, "ls-files", "--", f"{package}/*.py").split()
-    return sorted(root / p for p in out if (root / p).is_file())
 
 
 def _git(root: Path, *args: str) -> str:
@@ -410,16 +404,18 @@ def sources(ctx) -> list[tuple]:
             ("table", ["file", "git", "size", "note"], rows)]
 
 
-SECTIONS = (
-    ("1. Architecture", architecture), ("2. Baseline: decode throughput, TTFT and memory", rs.baseline),
-    ("3. Kernels vs SDPA / cuDNN", rs.kernels), ("4. Decode and prefill vs the bandwidth and compute floors", rs.roofline),
-    ("5. Continuous vs static batching", rs.batching), ("6. Int4 weights", rs.int4), ("7. Speculative decoding", rs.speculative),
-    ("8. Serving (vs vLLM)", rs.serving), ("9. Long context", rs.long_context), ("10. Tensor parallelism", rs.tensor_parallel),
-    ("11. Profiles", rs.profiles),
+SECTIONS = (  # (title, the function of harness.report_sections that builds it; architecture is here)
+    ("1. Architecture", "architecture"), ("2. Baseline: decode throughput, TTFT and memory", "baseline"),
+    ("3. Kernels vs SDPA / cuDNN", "kernels"), ("4. Decode and prefill vs the bandwidth and compute floors", "roofline"),
+    ("5. Continuous vs static batching", "batching"), ("6. Int4 weights", "int4"), ("7. Speculative decoding", "speculative"),
+    ("8. Serving (vs vLLM)", "serving"), ("9. Long context", "long_context"), ("10. Tensor parallelism", "tensor_parallel"),
+    ("11. Profiles", "profiles"),
 )
 
 
 def all_sections(ctx, lessons_blocks) -> list[tuple]:
+    from harness import report_sections as rs  # lazily: the sections import this module's helpers
+
     head = _git(ctx.root, "rev-parse", "--short", "HEAD") or "unknown"
     titles = [t for t, _ in SECTIONS] + ["12. Lessons learned", "Sources"]
     blocks: list[tuple] = [
@@ -429,11 +425,11 @@ def all_sections(ctx, lessons_blocks) -> list[tuple]:
               f"harness.report_build` at commit `{head}` from the files under `results/` (listed under Sources): no "
               "number here is typed by hand but the datasheet peaks, which live in `results/hardware/h100-h200.json`. A "
               "section whose results are not in yet says so and names the file."),
-        ("toc", [(2, t) for t in titles])]
+        ("toc", titles)]
     for title, fn in SECTIONS:
         blocks.append(("h", 2, title))
         try:
-            blocks += fn(ctx)
+            blocks += (architecture if fn == "architecture" else getattr(rs, fn))(ctx)
         except Exception as exc:  # a result file of a new shape must not take the whole report down: say so instead
             ctx.missing.append(f"{title}: could not be built ({type(exc).__name__}: {exc})")
             blocks.append(("p", f"*Could not be built from its files:* `{type(exc).__name__}: {exc}`"))
@@ -449,7 +445,9 @@ def build(out: str | Path = "docs", results: str | Path | None = None, lessons: 
     lessons = Path(lessons) if lessons else root / "docs" / "lessons.md"
     img = out / "img"
     img.mkdir(parents=True, exist_ok=True)
-    ctx = rs.Ctx(results=results, img=img, out=out, root=root)
+    from harness.report_sections import Ctx
+
+    ctx = Ctx(results=results, img=img, out=out, root=root)
     prose = _lessons(lessons, results, ctx)  # first: an unresolvable placeholder fails before any figure is drawn
     blocks = all_sections(ctx, lessons_blocks=lambda: prose)
     for png in img.rglob("*.png"):  # figures of an earlier build that this one no longer draws
@@ -492,5 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # one instance of this module: report_sections imports harness.report_build
+    from harness.report_build import main as _main
+
+    sys.exit(_main())

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.plots import _plt
+from harness.report_build import SCALAR, _names, env_of, num, prov
 from harness.results import Record, load_records
 
 HARDWARE = "hardware/h100-h200.json"
-SCALAR = (int, float, str, bool, type(None))
 
 
 @dataclass
@@ -78,30 +78,10 @@ class Ctx:
         return ("img", title, (self.img / name).relative_to(self.out).as_posix())
 
 
-def num(v: Any, d: int = 1) -> str:
-    if isinstance(v, (bool, str)):
-        return str(v)[:80]
-    if not isinstance(v, (int, float)) or v != v:
-        return "-"
-    if isinstance(v, int) or abs(v) >= 1000:
-        return f"{v:,.0f}"
-    return f"{v:.{d}f}" if abs(v) >= 1 or v == 0 else f"{v:.3g}"
-
-
 def ratio(a: Any, b: Any, pct: bool = False) -> str:
     if not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and b):
         return "-"
     return f"{100 * a / b:.1f}%" if pct else f"{a / b:.2f}x"
-
-
-def _names(gpus: Any) -> str | None:
-    ok = isinstance(gpus, list) and gpus
-    return " + ".join(sorted({str(g.get("name")) for g in gpus if isinstance(g, dict)})) if ok else None
-
-
-def env_of(d: Any) -> dict:
-    envs = [d[k] for k in ("env", "environment") if isinstance(d, dict) and isinstance(d.get(k), dict)]
-    return envs[0] if envs else {}
 
 
 def text_env(text: str) -> dict:
@@ -109,13 +89,6 @@ def text_env(text: str) -> dict:
     pats = {"gpu": r"(?:NVIDIA )?H[12]00(?: 80GB HBM3)?", "driver": r"driver (\d+\.\d+(?:\.\d+)?)",
             "torch": r"torch (\d+\.\d+\.\d+[^\s,;)]*)", "commit": r"commit ([0-9a-f]{7,40})"}
     return {k: (m.group(1) if m.groups() else m.group(0)) for k, p in pats.items() if (m := re.search(p, text))}
-
-
-def prov(env: dict, src: str, stated: bool = False) -> tuple:
-    hw = env.get("gpu") or _names(env.get("gpus")) or (f"CPU ({env['cpu']})" if env.get("cpu") else None)
-    items = (("hardware", hw), ("driver", env.get("driver")), ("torch", env.get("torch")), ("commit", env.get("commit")))
-    how = " (as stated in the file's text or its README: it has no env fields)" if stated else ""
-    return ("p", f"*Source:* `results/{src}`; " + ", ".join(f"{k}: {v or 'not recorded'}" for k, v in items) + how + ".")
 
 
 def rec_env(recs: list[Record]) -> dict:
@@ -129,6 +102,7 @@ def rec_env(recs: list[Record]) -> dict:
 def generic(data: Any, rel: str, limit: int = 40) -> list[tuple]:
     """A file of an unknown shape: its list of row dicts, or a dict of row dicts, as a table; else its scalar fields
     (depth-first, the first `limit`). Always with its provenance."""
+    what = [("p", str(data["what"]))] if isinstance(data, dict) and isinstance(data.get("what"), str) else []
     rows = data if isinstance(data, list) else None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
@@ -138,7 +112,7 @@ def generic(data: Any, rel: str, limit: int = 40) -> list[tuple]:
     if rows:
         cols = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, SCALAR)))[:12]
         more = [("p", f"({len(rows) - limit} more rows in the file.)")] if len(rows) > limit else []
-        return [("table", cols, [[num(r.get(c)) for c in cols] for r in rows[:limit]]), *more, prov(env_of(data), rel)]
+        return [*what, ("table", cols, [[num(r.get(c)) for c in cols] for r in rows[:limit]]), *more, prov(env_of(data), rel)]
     flat, todo = [], [("", data)]
     while todo and len(flat) < limit:  # depth-first over the dicts, scalars kept
         path, x = todo.pop(0)
@@ -146,7 +120,7 @@ def generic(data: Any, rel: str, limit: int = 40) -> list[tuple]:
             todo[:0] = [(f"{path}.{k}".lstrip("."), v) for k, v in x.items() if k not in ("env", "environment")]
         elif isinstance(x, SCALAR):
             flat.append([path, num(x)])
-    return [("table", ["field", "value"], flat), prov(env_of(data), rel)]
+    return [*what, ("table", ["field", "value"], flat), prov(env_of(data), rel)]
 
 
 def shown(ctx: Ctx, rel: str) -> list[tuple]:
@@ -397,10 +371,6 @@ def speculative(ctx: Ctx) -> list[tuple]:
                     lines(ctx, f"spec-{Path(rel).stem}.png", f"Speculative speed-up vs k ({rel})",
                           {k: [(r.get("k") or 0, r.get("speedup")) for r in g] for k, g in groups.items()},
                           "k (drafted tokens per step)", "speed-up over plain decode", one=True)]
-        elif isinstance(data, dict) and isinstance(data.get("projection"), list):
-            out += [("p", f"**A projection, not measured end to end:** {data.get('what', '')}; {data.get('formula', '')}."),
-                    *generic({"rows": [p for p in data["projection"] if p.get("plain") in ("graph_1", None)]}, rel)[:-1],
-                    prov(env, rel)]
         else:
             out += shown(ctx, rel)
     return out
@@ -465,9 +435,33 @@ def long_context(ctx: Ctx) -> list[tuple]:
 
 def tensor_parallel(ctx: Ctx) -> list[tuple]:
     files = ctx.find(r"(^|[/_-])tp\d*([/_.-]|$)|tensor[-_]?parallel")
-    if not files:
-        return [ctx.not_measured("tensor-parallel scaling", "results/gpu/tp-*.json or results/gpu/tp-*/records.jsonl")]
-    return [b for rel in files for b in (("h", 3, f"`{rel}`"), *shown(ctx, rel))]
+    out = [] if files else [ctx.not_measured("tensor-parallel scaling", "results/gpu/tp-<gpus>-<model>.json "
+                                             "(benchmarks/tp_bench.py)")]
+    for rel in files:
+        data = ctx.json(rel) if rel.endswith(".json") else None
+        out.append(("h", 3, f"`{rel}`"))
+        if not (isinstance(data, dict) and isinstance(data.get("cases"), list)):  # not benchmarks/tp_bench.py output
+            out += shown(ctx, rel)
+            continue
+        cases, dev = data["cases"], data.get("args", {}).get("device")
+        bs = sorted({b for c in cases for b in c.get("decode", {})}, key=int)
+        rows = [[c.get("model"), c.get("n_layers"), c.get("tp"), c.get("failed") or c.get("skipped") or "ok",
+                 *(num(c.get("decode", {}).get(b, {}).get("decode_tok_s")) for b in bs),
+                 *(num(c.get("decode", {}).get(b, {}).get("comm", {}).get(k, {}).get("ms_per_step"), 3)
+                   for b in bs[:1] for k in ("all_reduce", "all_gather")),
+                 num(c.get("ttft_ms", {}).get("median"))] for c in cases]
+        scale = [[s.get("model"), s.get("n_layers"), s.get("tp"), ratio(s.get("ttft_speedup"), 1),
+                  *(ratio(s.get("decode_speedup", {}).get(b), 1) for b in bs)] for s in data.get("scaling", [])]
+        groups = {f"{c['model']}:{c.get('n_layers')} TP={c['tp']}": [(int(b), v.get("decode_tok_s")) for b, v in
+                                                                   c["decode"].items()] for c in cases if "decode" in c}
+        out += [*([("p", "*A CPU dry run:* its numbers only show that the benchmark runs.")] if dev == "cpu" else []),
+                ("table", ["model", "layers", "TP", "status", *(f"b{b} tok/s" for b in bs), f"all-reduce ms/step b{bs[0]}"
+                           if bs else "all-reduce", "all-gather ms/step", "TTFT ms"], rows),
+                *([("table", ["model", "layers", "TP", "TTFT speed-up", *(f"b{b} decode speed-up" for b in bs)], scale)]
+                  if scale else []), *generic({"rows": data.get("tiny_check") or []}, rel)[:-1], prov(env_of(data), rel),
+                lines(ctx, f"tp-{Path(rel).stem}.png", f"Decode tok/s by TP size ({rel})", groups, "batch",
+                      "decode tok/s", log="x")]
+    return out
 
 
 def profiles(ctx: Ctx) -> list[tuple]:
