@@ -108,11 +108,16 @@ def bench_rank(model: str, n_layers: int | None, a: dict) -> dict | None:
             runs.append({"step_ms": step * 1e3, "decode_tok_s": b / step, "wall_s": wall})
         best = dict(max(runs, key=lambda r: r["decode_tok_s"]))
         best["runs"] = runs
-        best["comm"] = _comm_profile(llm, prompts, min(a["gen"], 16), dev) if world > 1 or a["profile_tp1"] else None
+        best["comm"] = None
+        if world > 1 or a["profile_tp1"]:
+            try:
+                best["comm"] = _comm_profile(llm, prompts, min(a["gen"], 16), dev)
+            except Exception as e:  # the profiler must not cost the case its numbers
+                best["comm_error"] = f"{type(e).__name__}: {e}"
         res["decode"][str(b)] = best
         if state.rank() == 0:
             cm = best["comm"]
-            ar = f", all-reduce {cm['all_reduce']['ms_per_step']:.3f} ms/step" if cm else ""
+            ar = f", all-reduce {cm['all_reduce']['ms_per_step']:.3f} ms/step" if cm else best.get("comm_error", "")
             print(f"  {model}:{c.n_layers} TP={world} b{b}: {best['decode_tok_s']:.1f} tok/s, "
                   f"step {best['step_ms']:.3f} ms{ar}", flush=True)  # fmt: skip
     p = _prompts(1, a["prompt_ttft"], c.vocab_size, 7)
@@ -139,9 +144,11 @@ def tiny_rank(device: str, n_new: int, graphs: bool) -> dict:
 
 
 def fits(model: str, n_layers: int | None, tp: int, a: dict) -> str | None:
-    """Why the case cannot run (weights per rank past 90% of the GPU), or None."""
+    """Why the case cannot run (fewer GPUs than ranks; weights per rank past 90% of the GPU), or None."""
     if not a["device"].startswith("cuda"):
         return None
+    if torch.cuda.device_count() < tp:
+        return f"needs {tp} GPUs, {torch.cuda.device_count()} visible"
     from dataclasses import replace
 
     from engine.presets import PRESETS
@@ -181,6 +188,9 @@ def main(argv=None) -> int:
     tps = [int(x) for x in args.tp.split(",")]
     out: dict = {"argv": sys.argv, "args": a, "tp": tps, "env": snapshot(),
                  "env_vars": {k: os.environ.get(k) for k in state.NO_MULTICAST}, "cases": []}  # fmt: skip
+    if args.device.startswith("cuda"):
+        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        out["gpus"] = torch.cuda.device_count()
     t_all = time.perf_counter()
     for spec in args.models.split(","):
         model, _, layers = spec.partition(":")
