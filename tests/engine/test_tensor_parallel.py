@@ -190,6 +190,23 @@ def test_adapter_tensor_parallel_2_matches_1(models):
     assert all(p.exitcode == 0 for p in procs)  # close() stopped the other rank
 
 
+def test_driver_reports_a_dead_worker(models):
+    from engine.distributed import driver
+
+    llm = driver.start(models["qwen2"], "float32", "cpu", EngineConfig(max_model_len=128, tensor_parallel_size=2),
+                       timeout_s=10)  # fmt: skip
+    try:
+        assert llm.generate([[1, 2, 3]], max_tokens=4)[0].tokens
+        os.kill(llm.procs[0].pid, signal.SIGKILL)
+        llm.procs[0].join(10)
+        t = time.monotonic()
+        with pytest.raises(state.TPError, match=r"rank 1: exited with code -9"):
+            llm.generate([[1, 2, 3]], max_tokens=8)
+        assert time.monotonic() - t < 15
+    finally:
+        llm.shutdown()
+
+
 # ---------------------------------------------------------------- torchrun
 TORCHRUN_SCRIPT = """
 import torch
