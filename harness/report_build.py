@@ -71,22 +71,19 @@ def _get(obj: Any, parts: list[str]) -> Any:
 
 
 def _select(items: list, sel: str) -> Any:
-    conds = []
-    for c in sel.split(","):
-        k, eq, v = c.partition("=")
-        if not eq:
-            raise KeyError(f"selector [{sel}]: {c!r} is not key=value")
-        conds.append((k.strip(), v.strip()))
+    conds = [c.partition("=") for c in sel.split(",")]
+    if not all(eq for _, eq, _ in conds):
+        raise KeyError(f"selector [{sel}]: every condition must be key=value")
 
     def field(item: Any, k: str) -> Any:
         for root in (item, item.get("params", {}) if isinstance(item, dict) else {}):
             try:
-                return _get(root, _split_path(k))
+                return _get(root, _split_path(k.strip()))
             except KeyError:
                 continue
         return KeyError
 
-    hits = [it for it in items if all(str(field(it, k)) == v for k, v in conds)]
+    hits = [it for it in items if all(str(field(it, k)) == v.strip() for k, _, v in conds)]
     if len(hits) != 1:
         raise KeyError(f"selector [{sel}] matches {len(hits)} of {len(items)} items (needs exactly 1)")
     return hits[0]
@@ -245,13 +242,13 @@ SCALAR = (int, float, str, bool, type(None))
 
 
 def _names(gpus: Any) -> str | None:
-    ok = isinstance(gpus, list) and gpus
-    return " + ".join(sorted({str(g.get("name")) for g in gpus if isinstance(g, dict)})) if ok else None
+    names = [str(g.get("name")) for g in gpus if isinstance(g, dict)] if isinstance(gpus, list) else []
+    return " + ".join(f"{names.count(n)} x {n}" if names.count(n) > 1 else n for n in sorted(set(names))) or None
 
 
 def env_of(d: Any) -> dict:
     envs = [d[k] for k in ("env", "environment") if isinstance(d, dict) and isinstance(d.get(k), dict)]
-    return envs[0] if envs else {}
+    return envs[0] if envs else {k: d[k] for k in ("gpu", "driver", "torch", "commit") if isinstance(d, dict) and k in d}
 
 
 def num(v: Any, d: int = 1) -> str:
@@ -269,6 +266,14 @@ def prov(env: dict, src: str, stated: bool = False) -> tuple:
     items = (("hardware", hw), ("driver", env.get("driver")), ("torch", env.get("torch")), ("commit", env.get("commit")))
     how = " (as stated in the file's text or its README: it has no env fields)" if stated else ""
     return ("p", f"*Source:* `results/{src}`; " + ", ".join(f"{k}: {v or 'not recorded'}" for k, v in items) + how + ".")
+
+
+def text_env(text: str) -> dict:
+    """Hardware / driver / torch / commit as a log or README states them in prose (files without env fields)."""
+    pats = {"gpu": r"(?:NVIDIA )?H[12]00(?: 80GB HBM3)?", "driver": r"driver (\d+\.\d+(?:\.\d+)?)",
+            "torch": r"torch (\d+\.\d+\.\d+[^\s,;)]*)", "commit": r"commit ([0-9a-f]{7,40})"}
+    return {k: (m.group(1) if m.groups() else m.group(0)) for k, p in pats.items() if (m := re.search(p, text))}
+
 
 
 # ---------------------------------------------------------------------------------------------------- module graph
@@ -444,7 +449,6 @@ def build(out: str | Path = "docs", results: str | Path | None = None, lessons: 
     results = Path(results) if results else root / "results"
     lessons = Path(lessons) if lessons else root / "docs" / "lessons.md"
     img = out / "img"
-    img.mkdir(parents=True, exist_ok=True)
     from harness.report_sections import Ctx
 
     ctx = Ctx(results=results, img=img, out=out, root=root)
@@ -455,10 +459,9 @@ def build(out: str | Path = "docs", results: str | Path | None = None, lessons: 
     missing = [f for f in figures(blocks) if not (out / f).is_file()]
     if missing:
         raise FileNotFoundError(f"figures referenced but not written: {', '.join(missing)}")
-    title = "Anvil: technical report"
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text(to_markdown(blocks), encoding="utf-8")
-    html_path.write_text(to_html(blocks, title), encoding="utf-8")
+    html_path.write_text(to_html(blocks, "Anvil: technical report"), encoding="utf-8")
     return {"md": md_path, "html": html_path, "figures": figures(blocks), "sources": sorted(ctx.sources),
             "missing": list(ctx.missing)}
 

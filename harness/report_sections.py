@@ -1,9 +1,7 @@
 """The sections of the technical report (harness/report_build.py): each reads the result files under results/ that
-exist when it runs and returns blocks (("h", level, text), ("p", text), ("table", header, rows), ("img", title, path),
-("code", lang, text), ("ul", items)). A missing file gives a "not measured yet" line naming the file that would hold
-it; a file of a shape this module does not know is shown generically (its rows or its scalar fields), never skipped.
-Every table is followed by its provenance: hardware, driver, torch and commit, read from the file's env fields.
-"""
+exist when it runs and returns blocks. A missing file gives a "not measured yet" line naming the file that would hold
+it; a file of a shape no section knows is shown generically, never skipped. Every table is followed by its provenance
+(hardware, driver, torch, commit) read from the file's env fields."""
 
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.plots import _plt
-from harness.report_build import SCALAR, _names, env_of, num, prov
+from harness.report_build import SCALAR, _names, env_of, num, prov, text_env
 from harness.results import Record, load_records
 
 HARDWARE = "hardware/h100-h200.json"
@@ -35,11 +33,10 @@ class Ctx:
         self.sources.setdefault(rel, note)
 
     def json(self, rel: str) -> Any:
-        p = self.results / rel
-        if not p.is_file():
-            return None
-        self.source(rel)
-        return json.loads(p.read_text(encoding="utf-8"))
+        if (p := self.results / rel).is_file():
+            self.source(rel)
+            return json.loads(p.read_text(encoding="utf-8"))
+        return None
 
     def records(self, rel: str) -> list[Record]:
         """The records of a .jsonl file; none (noted under Sources) when it is not a records file."""
@@ -84,13 +81,6 @@ def ratio(a: Any, b: Any, pct: bool = False) -> str:
     return f"{100 * a / b:.1f}%" if pct else f"{a / b:.2f}x"
 
 
-def text_env(text: str) -> dict:
-    """Hardware / driver / torch / commit as a log or README states them in prose (files without env fields)."""
-    pats = {"gpu": r"(?:NVIDIA )?H[12]00(?: 80GB HBM3)?", "driver": r"driver (\d+\.\d+(?:\.\d+)?)",
-            "torch": r"torch (\d+\.\d+\.\d+[^\s,;)]*)", "commit": r"commit ([0-9a-f]{7,40})"}
-    return {k: (m.group(1) if m.groups() else m.group(0)) for k, p in pats.items() if (m := re.search(p, text))}
-
-
 def rec_env(recs: list[Record]) -> dict:
     """The env of a run's records; a field that differs between records lists every value."""
     out = {k: " / ".join(dict.fromkeys(str(r.env[k]) for r in recs if r.env.get(k))) for k in
@@ -124,18 +114,32 @@ def generic(data: Any, rel: str, limit: int = 40) -> list[tuple]:
 
 
 def shown(ctx: Ctx, rel: str) -> list[tuple]:
-    """A file no section knows the shape of: records as one row each, JSON through generic()."""
-    if not rel.endswith(".jsonl") or not (recs := ctx.records(rel)):
+    """A file no section knows the shape of: throughput records as cells(), other records and JSON via generic()."""
+    if not (rel.endswith(".jsonl") and (recs := ctx.records(rel))):
         return generic(ctx.json(rel) if rel.endswith(".json") else {}, rel)
-    body = [[r.engine, r.scenario, r.model, r.status, " ".join(f"{k}={v}" for k, v in r.params.items()
-             if k not in ("seed", "warmup", "repeats"))[:80], ", ".join(f"{k} {num(v)}" for k, v in list(r.metrics.items())[:5])]
-            for r in recs[:40]]
-    return [("table", ["engine", "scenario", "model", "status", "params", "first metrics"], body),
-            prov(rec_env(recs), rel)]
+    return cells(recs, rel) if all(r.scenario == "throughput" for r in recs) else [*generic([{
+        "engine": r.engine, "scenario": r.scenario, "model": r.model, "status": r.status, **r.params, **r.metrics}
+        for r in recs], rel)[:-1], prov(rec_env(recs), rel)]
 
 
 def _group(items, key) -> dict:
     return {k: [it for it in items if key(it) == k] for k in dict.fromkeys(map(key, items))}
+
+
+def wgb(r: Record) -> float | None:
+    """GB of weights one decode step of the record reads: as the engine stores them (4-bit packed) where it says."""
+    b, m = (r.engine_info or {}).get("weight_bytes_per_step"), r.metrics
+    return round(b / 1e9, 2) if b else (round(m["weight_gb_s"] * m["step_ms"] / 1000, 2) if m.get("step_ms") else None)
+
+
+def cells(recs: list[Record], rel: str) -> list[tuple]:
+    """Every throughput cell of a run, one row each, with its provenance."""
+    keys = ("decode_tok_s", "step_ms", "ttft_p50_ms", "prefill_tok_s", "weight_pct_copy", "gpu_mem_peak_mb", "j_per_token")
+    return [("table", ["engine", "model", "weights GB/step", "batch", "prompt", "decode tok/s", "step ms", "TTFT p50 ms",
+                       "prefill tok/s", "weights % of copy", "GPU mem MB", "J/token"],
+             [[r.engine, r.model.removeprefix("synthetic:"), num(wgb(r), 2), r.params.get("batch"),
+               r.params.get("prompt_len"), *(num(r.metrics.get(k), 2) for k in keys)] for r in recs]),
+            prov(rec_env(recs), rel)]
 
 
 def _gpu_records(ctx: Ctx) -> list[tuple[str, list[Record]]]:
@@ -165,22 +169,19 @@ def baseline(ctx: Ctx) -> list[tuple]:
     if not runs:
         return [ctx.not_measured("the gpu-decode suite", "results/gpu/<run>/records.jsonl")]
     body, series, detail = [], {}, []
-    keys = ("decode_tok_s", "step_ms", "ttft_p50_ms", "prefill_tok_s", "weight_pct_copy", "gpu_mem_peak_mb", "j_per_token")
     for rel, recs in runs:
-        for (eng, model), grp in _group(recs, lambda r: (r.engine, r.model.removeprefix("synthetic:"))).items():
+        for (eng, model, w), grp in _group(recs, lambda r: (r.engine, r.model.removeprefix("synthetic:"),
+                                                              round(wgb(r), 1) if wgb(r) else None)).items():
             gpu = (_names(grp[0].env.get("gpus")) or "?").replace("NVIDIA ", "")
             cell = {(r.params.get("batch"), r.params.get("prompt_len")): r.metrics for r in grp}
             pk = min(p for _, p in cell)
-            body.append([gpu, model, eng, grp[0].engine_version,
+            body.append([gpu, model, num(w), eng, grp[0].engine_version,
                          *(num(cell.get((b, pk), {}).get("decode_tok_s")) for b in (1, 8, 32)),
                          *(num(cell.get((1, p), {}).get("ttft_p50_ms")) for p in (128, 2048)),
                          num(max((m.get("gpu_mem_peak_mb") or 0) for m in cell.values()) or None), f"`{rel}`"])
             if "before" not in rel:
-                series[f"{eng} {gpu} {model} ({rel.split('/')[1]})"] = [(b, m.get("decode_tok_s")) for (b, p), m in cell.items() if p == pk]
-        detail += [("table", ["engine", "model", "batch", "prompt", "decode tok/s", "step ms", "TTFT p50 ms",
-                              "prefill tok/s", "weights % of copy", "GPU mem MB", "J/token"],
-                    [[r.engine, r.model.removeprefix("synthetic:"), r.params.get("batch"), r.params.get("prompt_len"),
-                      *(num(r.metrics.get(k), 2) for k in keys)] for r in recs]), prov(rec_env(recs), rel)]
+                series[f"{eng} {gpu} {model} {num(w)} GB ({rel.split('/')[1]})"] = [(b, m.get("decode_tok_s")) for (b, p), m in cell.items() if p == pk]
+        detail += cells(recs, rel)
     engines = {r.engine for _, recs in runs for r in recs}
     absent = [ctx.not_measured(f"{name} on the gpu-decode suite", f"results/gpu/<run>/records.jsonl, engine={e}")
               for e, name in (("vllm", "vLLM"), ("llamacpp", "llama.cpp (CUDA)"), ("sglang", "SGLang")) if e not in engines]
@@ -188,7 +189,7 @@ def baseline(ctx: Ctx) -> list[tuple]:
                   "tokens after the last prompt finished, TTFT is p50, peak GPU memory is NVML's device-wide maximum "
                   "over the run's cells. Synthetic weights with the real shapes: speed only. Decode columns are at "
                   "each run's shortest prompt; `before-prefill-graphs` is an earlier commit kept as history."),
-            ("table", ["GPU", "model", "engine", "version", "b1 tok/s", "b8 tok/s", "b32 tok/s", "TTFT b1 p128 ms",
+            ("table", ["GPU", "model", "weights GB/step", "engine", "version", "b1 tok/s", "b8 tok/s", "b32 tok/s", "TTFT b1 p128 ms",
                        "TTFT b1 p2048 ms", "peak GPU mem MB", "source"], body),
             *(prov(rec_env(recs), rel) for rel, recs in runs), *absent,
             lines(ctx, "baseline_decode.png", "Decode tok/s vs batch (shortest prompt), every GPU run", series, "batch",
@@ -258,22 +259,23 @@ def roofline(ctx: Ctx) -> list[tuple]:
     rows, pts, used = [], [], []
     for rel, recs in runs:
         pmin = min(x.params.get("prompt_len") for x in recs)
+        full = {m: max(wgb(x) or 0 for x in recs if x.model == m) for m in {x.model for x in recs}}  # bf16 bytes
         for r in recs:
             m, gpu, b, p = r.metrics, _names(r.env.get("gpus")) or "", r.params.get("batch"), r.params.get("prompt_len")
             peak, copy = hw["gpus"].get(gpu, {}).get("bf16_dense_tflops"), r.env.get("gpu_copy_gb_s")
             if not (m.get("weight_gb_s") and m.get("step_ms") and copy and peak):
                 continue
             used += [rel] if rel not in used else []
-            w_gb = m["weight_gb_s"] * m["step_ms"] / 1000  # weight GB read per decode step (bf16: 2 bytes / param)
-            dec_tf = m["weight_gb_s"] * b / 1000  # 2 FLOP / param / token = W bytes x batch FLOP per step
-            pts.append((gpu, r.engine, "decode", b, dec_tf, copy))
-            cell = [gpu.replace("NVIDIA ", ""), r.model.removeprefix("synthetic:"), r.engine]
+            w_gb, f_gb = wgb(r), full[r.model]  # GB read per step; the model's bf16 GB = 2 x params: FLOPs / token
+            dec_tf = f_gb * b / m["step_ms"]  # 2 FLOP / param / token x batch tokens per step
+            pts.append((gpu, r.engine, "decode", b * f_gb / w_gb, dec_tf, copy))
+            cell = [gpu.replace("NVIDIA ", ""), r.model.removeprefix("synthetic:"), num(w_gb), r.engine]
             if p == pmin:
                 rows.append([*cell, "decode", f"b{b} p{p}", num(m["step_ms"], 2), num(1000 * w_gb / copy, 2),
                              ratio(1000 * w_gb / copy, m["step_ms"], pct=True), num(dec_tf), ratio(dec_tf, peak, pct=True)])
             if b == 1 and m.get("prefill_tok_s"):
-                pre_tf = w_gb * m["prefill_tok_s"] / 1000
-                pts.append((gpu, r.engine, "prefill", p, pre_tf, copy))
+                pre_tf = f_gb * m["prefill_tok_s"] / 1000
+                pts.append((gpu, r.engine, "prefill", p * f_gb / w_gb, pre_tf, copy))
                 rows.append([*cell, "prefill", f"b1 p{p}", "-", "-", "-", num(pre_tf), ratio(pre_tf, peak, pct=True)])
 
     def draw(ax):
@@ -285,17 +287,18 @@ def roofline(ctx: Ctx) -> list[tuple]:
         for (gpu, eng, kind), grp in _group(pts, lambda t: t[:3]).items():
             ax.scatter([g[3] for g in grp], [g[4] for g in grp], marker="o" if kind == "decode" else "s", s=22,
                        label=f"{eng} {kind} {gpu.replace('NVIDIA ', '')}")
-        ax.set(xscale="log", yscale="log", xlabel="FLOP per weight byte (= tokens per weight read)",
+        ax.set(xscale="log", yscale="log", xlabel="FLOP per weight byte read (bf16: tokens per weight read)",
                ylabel="TFLOP/s (weights' 2 FLOP/param/token)", title="Roofline: decode and prefill cells")
 
     return [("p", "Decode reads every weight once per step: its floor is the step's weight bytes over the copy "
                   "bandwidth the same run measured (`env.gpu_copy_gb_s`). Prefill reads them once per prompt and is "
                   "bound by the GPU's dense bf16 peak (NVIDIA's datasheet, in `results/hardware/h100-h200.json` with "
-                  "its citation). FLOPs count the weights only (2 per parameter per token, attention left out), so "
-                  "long-prompt prefill points are lower bounds. Intensity: decode = batch; prefill at batch 1 = prompt "
-                  "tokens."),
+                  "its citation). FLOPs count the weights only (2 per parameter per token, parameters = the bf16 weight bytes / 2 of "
+                  "the same model in the run; attention left out), so "
+                  "long-prompt prefill points are lower bounds. Intensity: FLOPs per weight byte read (bf16 decode: the "
+                  "batch; bf16 prefill at batch 1: the prompt tokens)."),
             ctx.plot("roofline.png", "Roofline: measured cells vs copy bandwidth and bf16 peak", draw, (8, 5)),
-            ("table", ["GPU", "model", "engine", "phase", "cell", "step ms", "bandwidth floor ms", "floor / step",
+            ("table", ["GPU", "model", "weights GB", "engine", "phase", "cell", "step ms", "bandwidth floor ms", "floor / step",
                        "TFLOP/s", "% of bf16 peak"], rows),
             *(prov(rec_env(recs), rel) for rel, recs in runs if rel in used),
             ("p", f"*Peaks:* `results/{HARDWARE}`: " + "; ".join(f"{g}: {v['source']}" for g, v in hw["gpus"].items()))]
@@ -359,7 +362,7 @@ def speculative(ctx: Ctx) -> list[tuple]:
         data = ctx.json(rel) if rel.endswith(".json") else None
         out.append(("h", 3, f"`{rel}`"))
         rows = data.get("rows") if isinstance(data, dict) and isinstance(data.get("rows"), list) else []
-        env = env_of(data) or ({"gpu": data.get("gpu"), "torch": data.get("torch")} if isinstance(data, dict) else {})
+        env = env_of(data)
         if rows and isinstance(rows[0], dict) and "spec" in rows[0]:
             groups = _group([r for r in rows if r["spec"] != "plain"], lambda r: f"{r['spec']} b{r.get('batch')}")
             out += [("p", str(data.get("what", ""))),
@@ -437,6 +440,8 @@ def tensor_parallel(ctx: Ctx) -> list[tuple]:
     files = ctx.find(r"(^|[/_-])tp\d*([/_.-]|$)|tensor[-_]?parallel")
     out = [] if files else [ctx.not_measured("tensor-parallel scaling", "results/gpu/tp-<gpus>-<model>.json "
                                              "(benchmarks/tp_bench.py)")]
+    gpu = any(not str(rel).startswith("cpu/") for rel in files) or not files
+    out += [] if gpu else [ctx.not_measured("tensor-parallel scaling on GPUs", "results/gpu/tp-<gpus>-<model>.json")]
     for rel in files:
         data = ctx.json(rel) if rel.endswith(".json") else None
         out.append(("h", 3, f"`{rel}`"))
