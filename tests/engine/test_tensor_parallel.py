@@ -271,7 +271,7 @@ def test_each_rank_reads_its_slices_and_they_reassemble(tmp_path):
     path = write_random_checkpoint(tmp_path, cfg, shards=2)
     full = load_state_dict(path, cfg)
     parts = [load_state_dict(path, cfg, tp=TPShard(r, 2, cfg)) for r in range(2)]
-    d, q, kv = cfg.head_dim, cfg.q_size // 2, cfg.kv_size // 2
+    q, kv = cfg.q_size // 2, cfg.kv_size // 2  # per rank: 4 of 8 query heads, 1 of 2 KV heads
     for name in ("layers.1.attention.wo.weight", "layers.0.feed_forward.w2.weight"):
         assert torch.equal(torch.cat([p[name] for p in parts], dim=1), full[name])
     f = cfg.ffn_dim // 2
@@ -281,7 +281,7 @@ def test_each_rank_reads_its_slices_and_they_reassemble(tmp_path):
         assert torch.equal(wqkv[q : q + kv], fq[cfg.q_size + r * kv : cfg.q_size + (r + 1) * kv])
         w13, f13 = p["layers.0.feed_forward.w13.weight"], full["layers.0.feed_forward.w13.weight"]
         assert torch.equal(w13, torch.cat([f13[r * f : (r + 1) * f], f13[cfg.ffn_dim + r * f : cfg.ffn_dim + (r + 1) * f]]))
-        assert d and torch.equal(p["norm.weight"], full["norm.weight"])
+        assert torch.equal(p["norm.weight"], full["norm.weight"])  # replicated
     emb = torch.cat([p["tok_embeddings.weight"] for p in parts])
     assert emb.shape[0] == 510 and torch.equal(emb[:509], full["tok_embeddings.weight"]) and not emb[509:].any()
 
