@@ -213,7 +213,7 @@ MD = {"h": lambda b: "#" * b[1] + " " + b[2], "p": lambda b: b[1], "ul": lambda 
 HTML = {"h": lambda b: f"<h{b[1]} id='{_anchor(b[2])}'>{inline_html(b[2])}</h{b[1]}>",
         "p": lambda b: f"<p>{inline_html(b[1])}</p>",
         "ul": lambda b: "<ul>" + "".join(f"<li>{inline_html(x)}</li>" for x in b[1]) + "</ul>",
-        "table": lambda b: _html_table(b[1], [[str(c) for c in row] for row in b[2]]),
+        "table": lambda b: _html_table(b[1], [[str(c).strip("`") for c in row] for row in b[2]]),
         "img": lambda b: f"<figure><img alt='{html.escape(b[1])}' src='{html.escape(b[2])}'><figcaption>"
                          f"{html.escape(b[1])}</figcaption></figure>",
         "code": lambda b: f"<pre class='mermaid'>{html.escape(b[2])}</pre>" if b[1] == "mermaid" else
@@ -284,14 +284,11 @@ def module_graph(root: Path = REPO, package: str = "engine") -> tuple[dict[str, 
     files = sorted(tracked) or sorted((root / package).rglob("*.py"))
     mods = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p for p in files}
 
-    def node(mod: str) -> str:
-        parts = mod.split(".")
-        return ".".join(parts[:2]) if len(parts) > 1 else mod
-
     nodes: dict[str, int] = {}
     edges: dict[tuple[str, str], int] = {}
     for mod, path in sorted(mods.items()):
-        nodes[node(mod)] = nodes.get(node(mod), 0) + 1
+        node = ".".join(mod.split(".")[:2])  # engine.core.scheduler -> engine.core; engine.config stays
+        nodes[node] = nodes.get(node, 0) + 1
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, OSError, UnicodeDecodeError):
@@ -310,9 +307,8 @@ def module_graph(root: Path = REPO, package: str = "engine") -> tuple[dict[str, 
             for t in targets:
                 if t == package or not t.startswith(package + "."):
                     continue
-                a, b = node(mod), node(t)
-                if a != b:
-                    edges[(a, b)] = edges.get((a, b), 0) + 1
+                if node != (b := ".".join(t.split(".")[:2])):
+                    edges[(node, b)] = edges.get((node, b), 0) + 1
     return nodes, edges
 
 
@@ -406,7 +402,8 @@ def sources(ctx) -> list[tuple]:
              f"{(ctx.results / rel).stat().st_size / 1024:,.1f} KB", ctx.sources[rel]] for rel in sorted(ctx.sources)]
     return [("p", "Every result file the report read (git: whether this checkout has it committed). Not measured yet, "
                   "with the file that would hold it:"), ("ul", ctx.missing or ["nothing"]),
-            ("table", ["file", "git", "size", "note"], rows)]
+            ("table", ["file", "git", "size", "note"], rows), ("p", "Result files no section reads (yet): " + (", ".join(
+                f"`results/{r}`" for r in ctx.find(".", claim=False) if r not in ctx.sources) or "none") + ".")]
 
 
 SECTIONS = (  # (title, the function of harness.report_sections that builds it; architecture is here)
