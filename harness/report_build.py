@@ -386,7 +386,8 @@ def architecture(ctx) -> list[tuple]:
             "device]\n  K -->|next step launched before the host reads them| B")
     return [("p", "One generation core serves every path: a static batch, the server, speculative decoding and tensor "
                   "parallelism are all `EngineCore.step()` over requests. The figure is the real import graph: every "
-                  f"git-tracked `engine/**/*.py` read with `ast`, rendered with {how}. Boxes are subpackages (with "
+                  f"git-tracked `engine/**/*.py` at commit `{_git(ctx.root, 'rev-parse', '--short', 'HEAD')}` read "
+                  f"with `ast`, rendered with {how}. Boxes are subpackages (with "
                   "their module count), ellipses top-level modules; A -> B means A imports from B, thicker = more "
                   "import statements. DOT source: `img/modules.dot`."),
             ("img", "engine/ module graph (imports)", png.relative_to(ctx.out).as_posix()),

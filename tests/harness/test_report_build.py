@@ -81,7 +81,8 @@ def test_placeholder_syntax():
     assert rb.resolve("gpu/kernels-h100.json:results[kernel=prefill seq=4096,impl=anvil].tflops|.0f", r).isdigit()
     with pytest.raises(rb.PlaceholderError, match=r"\{\{nope/missing.json:a\.b\}\}.*no file"):
         rb.fill("x {{nope/missing.json:a.b}} y", r, where="t.md")
-    with pytest.raises(rb.PlaceholderError, match=r"matches 6 of 12"):
+    n_anvil = sum(x["engine"] == "anvil" for x in rec)
+    with pytest.raises(rb.PlaceholderError, match=rf"matches {n_anvil} of {len(rec)}"):
         rb.fill("{{gpu/core-h200/gpu-decode-records.jsonl[engine=anvil]:metrics.step_ms}}", r)
     with pytest.raises(rb.PlaceholderError, match=r"no key 'nokey'"):
         rb.fill("{{core-h200/core-bench.json:decode.nokey}}", r)
@@ -108,11 +109,11 @@ def test_planted_result_change_changes_the_report(tmp_path, built):
     d["continuous_batching"]["speedup"] = 9.87
     d["continuous_batching"]["continuous"]["output_tok_s"] = 12345.6
     p.write_text(json.dumps(d))
-    lines = (res / "gpu/core-h200/gpu-decode-records.jsonl").read_text().splitlines()
-    rec = json.loads(lines[0])
-    assert rec["engine"] == "anvil" and rec["params"]["batch"] == 1
-    rec["metrics"]["decode_tok_s"] = 777.7
-    (res / "gpu/core-h200/gpu-decode-records.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+    recs = [json.loads(x) for x in (res / "gpu/core-h200/gpu-decode-records.jsonl").read_text().splitlines() if x.strip()]
+    for rec in recs:  # the cell lessons.md cites and the baseline table shows
+        if rec["engine"] == "anvil" and rec["params"]["batch"] == 1 and rec["params"]["prompt_len"] == 128:
+            rec["metrics"]["decode_tok_s"] = 777.7
+    (res / "gpu/core-h200/gpu-decode-records.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
     for prof in res.glob("gpu/profile-*"):  # missing files: the section says so, the rest still builds
         shutil.rmtree(prof) if prof.is_dir() else prof.unlink()
     out = rb.build(tmp_path / "out", results=res)
