@@ -189,6 +189,8 @@ def profile_cmd(
 from harness.serve_cmd import serve as _serve  # noqa: E402  (`bench serve`: engine/server over the core)
 
 app.command("serve")(_serve)
+from harness.quantize_cmd import quantize_cmd as _quantize  # noqa: E402  (`bench quantize`: engine/quant)
+app.command("quantize")(_quantize)
 
 if __name__ == "__main__":
     app()

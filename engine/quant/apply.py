@@ -8,8 +8,10 @@ Two kinds of Linear are handled:
   dequantized weight (for AWQ with in_scale folded in: W' = Q(W s) / s), numerically the reference path
   (dequantize, then F.linear) up to float rounding order. The packed weight is kept as `module.quantized`.
 
-AWQ and GPTQ calibrate one Linear at a time in forward order, each on the inputs it sees with every earlier
-Linear already quantized (GPTQ's sequential mode); the forward stops at the Linear being calibrated.
+AWQ and GPTQ calibrate one transformer block at a time, in order: its Linears' inputs come from one pass in which
+the earlier blocks are already quantized and this block is still float (AutoAWQ's and AutoGPTQ's layer-wise
+scheme; GPTQ's optional true-sequential sub-steps inside a block are not done); the pass stops at the block's
+last Linear.
 """
 
 from __future__ import annotations
@@ -86,21 +88,51 @@ def _no_clip_rows(model: nn.Module, name: str) -> int:
     return c.q_size + c.kv_size if c is not None and name.endswith("attention.wqkv") else 0
 
 
-def _calibrated(model, name, mod, calib, method, group_size, dtype, opts) -> Int4Weight:
-    w = dense_weight(mod)
-    if method == "gptq":
-        h = Hessian(mod.in_features, w.device)
-        capture_inputs(model, mod, calib, h.add)
-        return quantize_gptq(w, h.h, group_size, dtype, act_order=opts.get("act_order", False),
-                         damp=opts.get("damp", 0.01))
-    rows: list[torch.Tensor] = []
-    capture_inputs(model, mod, calib, lambda x: rows.append(x.detach().clone()))
-    x = torch.cat(rows)
-    max_rows = opts.get("max_rows", 8192)
-    if x.shape[0] > max_rows:  # evenly spaced rows: the search's cost grows with them, its result barely
-        x = x[torch.linspace(0, x.shape[0] - 1, max_rows, device=x.device).long()]
-    return quantize_awq(w, x, group_size, dtype, no_clip_rows=_no_clip_rows(model, name),
-                        clip=opts.get("clip", True))
+class _Stats:
+    """What one Linear's calibration keeps: the GPTQ Hessian, or (AWQ) its input rows."""
+
+    def __init__(self, method: str, mod: nn.Module, max_rows: int):
+        self.method, self.max_rows = method, max_rows
+        self.h = Hessian(mod.in_features, dense_weight(mod).device) if method == "gptq" else None
+        self.rows: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.h is not None:
+            self.h.add(x)
+        else:
+            self.rows.append(x.detach().clone())
+
+    def x(self) -> torch.Tensor:
+        x = torch.cat(self.rows)
+        if x.shape[0] > self.max_rows:  # evenly spaced rows: the search's cost grows with them, its result barely
+            x = x[torch.linspace(0, x.shape[0] - 1, self.max_rows, device=x.device).long()]
+        return x
+
+
+def _calibrated_group(model, group, calib, method, group_size, dtype, opts) -> dict[str, Int4Weight]:
+    """Quantize the Linears of one block from their inputs in one pass (earlier blocks already quantized)."""
+    stats = [_Stats(method, mod, opts.get("max_rows", 8192)) for _, mod in group]
+    capture_inputs(model, [mod for _, mod in group], calib, [s.add for s in stats])
+    out = {}
+    for (name, mod), st in zip(group, stats, strict=True):
+        w = dense_weight(mod)
+        if method == "gptq":
+            out[name] = quantize_gptq(w, st.h.h, group_size, dtype, act_order=opts.get("act_order", False),
+                                      damp=opts.get("damp", 0.01))
+        else:
+            out[name] = quantize_awq(w, st.x(), group_size, dtype, no_clip_rows=_no_clip_rows(model, name),
+                                     clip=opts.get("clip", True), duo_scaling=opts.get("duo_scaling", True))
+    return out
+
+
+def _blocks(targets: list[tuple[str, nn.Module]]) -> list[list[tuple[str, nn.Module]]]:
+    """Group the Linears by transformer block (the name up to the layer index), in forward order."""
+    groups: dict[str, list] = {}
+    for name, mod in targets:
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else name
+        groups.setdefault(key, []).append((name, mod))
+    return list(groups.values())
 
 
 def quantize_model(model: nn.Module, method: str, calib: Iterable[list[list[int]]] | None = None,
@@ -109,7 +141,8 @@ def quantize_model(model: nn.Module, method: str, calib: Iterable[list[list[int]
 
     method: rtn | awq | gptq (int4, asymmetric, group_size) | nf4 (block 64; opts double_quant=True).
     calib: batches of token lists (engine.quant.calib.stdlib_calibration), required by awq and gptq.
-    opts: act_order (gptq), damp (gptq, 0.01), clip (awq, True), max_rows (awq search rows, 8192)."""
+    opts: act_order (gptq), damp (gptq, 0.01), clip / duo_scaling (awq, True), max_rows (awq search rows,
+    8192)."""
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r} (supported: {', '.join(METHODS)})")
     if method in ("awq", "gptq"):
@@ -118,21 +151,24 @@ def quantize_model(model: nn.Module, method: str, calib: Iterable[list[list[int]
         calib = list(calib)  # iterated once per Linear
     dtype = getattr(model, "dtype", None)
     out: dict[str, Int4Weight | NF4Weight] = {}
+    targets = quantizable(model)
+    if method in ("awq", "gptq"):
+        for group in _blocks(targets):
+            dt = dtype if isinstance(dtype, torch.dtype) else dense_weight(group[0][1]).dtype
+            packed = _calibrated_group(model, group, calib, method, group_size, dt, opts)
+            with torch.inference_mode():
+                for name, mod in group:
+                    install(mod, packed[name])
+            out.update(packed)
+        return out
     with torch.inference_mode():
-        targets = quantizable(model)
-    for name, mod in targets:
-        with torch.inference_mode():
+        for name, mod in targets:
             w = dense_weight(mod)
             dt = dtype if isinstance(dtype, torch.dtype) else w.dtype
             if method == "rtn":
                 q = quantize_rtn(w, group_size, dt)
-            elif method == "nf4":
-                q = quantize_nf4(w, double_quant=opts.get("double_quant", False))
             else:
-                q = None
-        if q is None:
-            q = _calibrated(model, name, mod, calib, method, group_size, dt, opts)
-        with torch.inference_mode():
+                q = quantize_nf4(w, double_quant=opts.get("double_quant", False))
             install(mod, q)
-        out[name] = q
+            out[name] = q
     return out

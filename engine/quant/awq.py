@@ -1,8 +1,9 @@
 """AWQ (Lin et al., arXiv 2306.00978), after AutoAWQ's `_search_best_scale` and `_search_best_clip`.
 
 Per Linear, from its calibration input rows X [T, K]:
-1. scale search: s = x_mean^a / (w_mean^(1-a) + 1e-4) for a on a grid in [0, 1) (AutoAWQ's duo scaling),
-   normalised by sqrt(max(s) min(s)); keep the s minimising |X W^T - X (Q(W s) / s)^T|^2.
+1. scale search: s = x_mean^a / (w_mean^(1-a) + 1e-4) for a on a grid in [0, 1) (AutoAWQ's duo scaling;
+   x_mean^a without it), normalised by sqrt(max(s) min(s)); keep the s minimising |X W^T - X (Q(W s) / s)^T|^2.
+   Unlike AutoAWQ, s = 1 (plain RTN) is a candidate too: with duo scaling no grid point is the identity.
 2. clip search: per output row and group, shrink the symmetric clip of W s by 1 - i/20 (i < 10) and keep the one
    minimising that group's share of the output error on up to 512 rows of X. Rows given by `no_clip_rows`
    (the q and k rows of a fused wqkv, as AutoAWQ skips q_proj / k_proj) are not clipped.
@@ -25,8 +26,9 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def search_scale(w: torch.Tensor, x: torch.Tensor, group_size: int, n_grid: int = 20,
-                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list[float]]:
-    """Best per-input-channel scale s [K] (float32) and the loss at every grid point. w [N, K], x [T, K]."""
+                 dtype: torch.dtype | None = None, duo_scaling: bool = True) -> tuple[torch.Tensor, list[float]]:
+    """Best per-input-channel scale s [K] (float32) and the loss at every grid point (s = 1, plain RTN, first).
+    w [N, K], x [T, K]."""
     w, x = w.float(), x.float()
     n, k = w.shape
     wg = w.abs().view(n, k // group_size, group_size)
@@ -34,10 +36,14 @@ def search_scale(w: torch.Tensor, x: torch.Tensor, group_size: int, n_grid: int 
     x_mean = x.abs().mean(0)
     ref = x @ w.T
     best, best_s, losses = float("inf"), torch.ones(k, device=w.device), []
-    for i in range(n_grid):
-        a = i / n_grid
-        s = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
+    for i in range(-1, n_grid):
+        if i < 0:  # s = 1 (RTN), so that the search never does worse than RTN on its own objective
+            s = torch.ones(k, device=w.device)
+        else:
+            a = i / n_grid
+            s = x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4) if duo_scaling else x_mean.pow(a)
+            s = s.clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
         wq = fake_quantize(w * s[None, :], group_size, dtype) / s[None, :]
         loss = _mse(x @ wq.T, ref)
         losses.append(loss)
@@ -73,10 +79,10 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, n_grid: int =
 
 
 def quantize_awq(w: torch.Tensor, x: torch.Tensor, group_size: int = 128, dtype: torch.dtype | None = None,
-                 no_clip_rows: int = 0, clip: bool = True) -> Int4Weight:
+                 no_clip_rows: int = 0, clip: bool = True, duo_scaling: bool = True) -> Int4Weight:
     """w [N, K] (the layer's weight), x [T, K] its calibration inputs -> Int4Weight with in_scale = 1/s."""
     dt = dtype or w.dtype
-    s, _ = search_scale(w, x, group_size, dtype=dt)
+    s, _ = search_scale(w, x, group_size, dtype=dt, duo_scaling=duo_scaling)
     k = w.shape[1]
     ws = w.float() * s[None, :]
     clip_val = None

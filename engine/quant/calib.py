@@ -2,8 +2,8 @@
 
 `stdlib_calibration` yields token batches of the CPython standard library the tiny model was trained on, with
 the held-out modules (scripts/train_tiny.py HELD_OUT_TEST and HELD_OUT_VAL, and their test_<name> files)
-excluded. `capture_inputs` runs calibration batches through the model and hands the input rows of one Linear
-(after its norm / SwiGLU prologue: the rows its matmul sees) to a callback, stopping the forward right there.
+excluded. `capture_inputs` runs calibration sequences through the model and hands the input rows of some Linears
+(after their norm / SwiGLU prologue: the rows their matmul sees) to callbacks, stopping the forward after the last.
 """
 
 from __future__ import annotations
@@ -41,12 +41,15 @@ def calibration_files(root: Path | None = None) -> list[Path]:
     return out
 
 
-def stdlib_calibration(tokenizer, n_samples: int = 64, seq_len: int = 512, seed: int = 0,
+def stdlib_calibration(tokenizer, n_samples: int = 128, seq_len: int = 512, seed: int = 0,
                        batch_size: int = 8) -> Iterator[list[list[int]]]:
-    """Batches (lists of batch_size token lists, each seq_len long) from randomly chosen stdlib files: every file
-    encoded as BOS + text + EOS, files concatenated in a seeded random order, cut into windows."""
+    """Batches (lists of batch_size token lists, each seq_len long) of stdlib code. Files are visited in a seeded
+    random order and each contributes one random run of at most seq_len tokens (encoded as BOS + text + EOS), so
+    the n_samples windows span at least n_samples files: a narrow calibration set (a handful of long files) makes
+    GPTQ fit those files and lose on others (measured on the tiny model)."""
+    rng = random.Random(seed)
     files = calibration_files()
-    random.Random(seed).shuffle(files)
+    rng.shuffle(files)
     eos = tokenizer.eos_id
     stream: list[int] = []
     need = n_samples * seq_len
@@ -55,7 +58,9 @@ def stdlib_calibration(tokenizer, n_samples: int = 64, seq_len: int = 512, seed:
             text = f.read_text(encoding="utf-8").replace("\r\n", "\n")
         except UnicodeDecodeError:
             continue
-        stream += tokenizer.encode(text) + ([eos] if eos is not None else [])
+        ids = tokenizer.encode(text) + ([eos] if eos is not None else [])
+        start = rng.randrange(0, max(1, len(ids) - seq_len + 1))
+        stream += ids[start:start + seq_len]
         if len(stream) >= need:
             break
     windows = [stream[i * seq_len:(i + 1) * seq_len] for i in range(min(n_samples, len(stream) // seq_len))]
@@ -67,12 +72,12 @@ class _Stop(Exception):
     """Raised by a capture hook once it has the rows it wants: the rest of the forward is skipped."""
 
 
-def run_forward(model, batch: list[list[int]]) -> None:
-    """One prefill of the batch through the model (the engine's reference path)."""
+def _forwarder(model, calib: list[list[list[int]]]):
+    """A function running one token list through the model (the engine's reference Generator: one prefill)."""
     from engine.generator import Generator
 
-    seq = max(len(p) for p in batch)
-    Generator(model, len(batch), seq).logits(batch)
+    gen = Generator(model, 1, max(len(p) for batch in calib for p in batch))
+    return lambda ids: gen.logits([ids])
 
 
 def _prologue(x, norm=None, act=False):
@@ -86,40 +91,55 @@ def _prologue(x, norm=None, act=False):
 
 
 class _CaptureMethod:
-    """Stands in for a Linear's method during capture (duck-typed LinearMethod: apply only)."""
+    """Stands in for a Linear's method during capture (duck-typed LinearMethod): records the matmul's input, then
+    stops the forward (the last module of a capture) or computes the layer with its own method."""
 
-    def __init__(self, sink: Callable[[torch.Tensor], None]):
-        self.sink = sink
+    def __init__(self, inner, sink: Callable[[torch.Tensor], None], stop: bool):
+        self.inner, self.sink, self.stop = inner, sink, stop
 
     def apply(self, layer, x, norm=None, act=False, residual=None):
         y = _prologue(x, norm, act)
         self.sink(y.reshape(-1, y.shape[-1]))
-        raise _Stop
+        if self.stop:
+            raise _Stop
+        out = self.inner.matmul(layer, y)
+        return out if residual is None else residual + out
 
 
-def capture_inputs(model, module: torch.nn.Module, calib: Iterable[list[list[int]]],
-                   sink: Callable[[torch.Tensor], None]) -> None:
-    """sink(x [T, in_features]) for every calibration batch: the rows `module`'s matmul receives."""
-    if hasattr(module, "method"):  # engine.model.layers.linear.Linear
-        saved = module.method
-        module.method = _CaptureMethod(sink)
-        handle = None
-    else:  # nn.Linear
-
-        def hook(mod, args):
-            sink(args[0].reshape(-1, args[0].shape[-1]))
+def _hook(sink, stop: bool):
+    def hook(mod, args):
+        sink(args[0].reshape(-1, args[0].shape[-1]))
+        if stop:
             raise _Stop
 
-        handle = module.register_forward_pre_hook(hook)
+    return hook
+
+
+def capture_inputs(model, modules: torch.nn.Module | list[torch.nn.Module], calib: Iterable[list[list[int]]],
+                   sinks: Callable[[torch.Tensor], None] | list[Callable]) -> None:
+    """sinks[i](x [T, in_features]) for every calibration sequence: the rows modules[i]'s matmul receives. The
+    forward stops at the last module in forward order (give the modules in that order)."""
+    modules = modules if isinstance(modules, list) else [modules]
+    sinks = sinks if isinstance(sinks, list) else [sinks]
+    saved, handles = {}, []
+    for i, (mod, sink) in enumerate(zip(modules, sinks, strict=True)):
+        stop = i == len(modules) - 1
+        if hasattr(mod, "method"):  # engine.model.layers.linear.Linear
+            saved[mod] = mod.method
+            mod.method = _CaptureMethod(mod.method, sink, stop)
+        else:  # nn.Linear
+            handles.append(mod.register_forward_pre_hook(_hook(sink, stop)))
+    calib = list(calib)
+    forward = _forwarder(model, calib)
     try:
         with torch.inference_mode():
-            for batch in calib:
+            for ids in (p for batch in calib for p in batch):  # one sequence per forward: the hook stops it
                 try:
-                    run_forward(model, batch)
+                    forward(ids)
                 except _Stop:
                     pass
     finally:
-        if handle is not None:
-            handle.remove()
-        else:
-            module.method = saved
+        for h in handles:
+            h.remove()
+        for mod, method in saved.items():
+            mod.method = method

@@ -38,7 +38,7 @@ def _split_rows(q: Int4Weight | NF4Weight, sizes: list[int]) -> list[dict[str, t
         from engine.quant.nf4 import absmax_of
 
         rows["absmax"] = absmax_of(q)
-    parts = [dict(shared) for _ in sizes]
+    parts = [{k: v.clone() for k, v in shared.items()} for _ in sizes]  # safetensors refuses shared storage
     for name, t in rows.items():
         for d, piece in zip(parts, torch.split(t, sizes), strict=True):
             d[name] = piece
