@@ -1,19 +1,15 @@
-"""The CUDA attention backend: Triton RoPE + paged KV write, split-KV decode, and per prompt chunk the fastest kernel
-that handles it: SDPA on the chunk's own K/V (a fresh prompt), SDPA over the K/V gathered from the cache with a
-bottom-right causal mask (a long chunk over a cached prefix), or the Triton paged prefill kernel (sliding windows,
-short chunks such as speculative verification). Decode rows come first in every batch.
+"""The CUDA attention backend: Triton RoPE + paged KV write, split-KV decode, and per prompt chunk either SDPA on the
+chunk's own K/V (a fresh prompt: flash / cuDNN) or the Triton paged prefill kernel (a chunk over a cached prefix,
+sliding windows, speculative verification). Decode rows come first in every batch.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from engine.attention.base import AttentionBackend, AttentionLayerSpec
 from engine.attention.metadata import ForwardBatch
-
-PREFIX_SDPA_MIN_Q = 16  # shorter chunks over a prefix (verification) take the paged kernel: no gather
 
 
 class TritonBackend(AttentionBackend):
@@ -55,9 +51,6 @@ class TritonBackend(AttentionBackend):
                 e += 1
             if kind == "fresh":
                 self._fresh(q, k_out, v, a, spec, out, b, e)
-            elif kind == "prefix":
-                for s in range(b, e):
-                    self._prefix(q, k_cache, v_cache, a, spec, out, s)
             else:
                 qs = a.query_start
                 self._prefill(q, k_cache, v_cache, a.block_tables, a.cu_seqlens_q, a.seq_lens, spec.scale,
@@ -67,29 +60,10 @@ class TritonBackend(AttentionBackend):
 
     @staticmethod
     def _kind(a, b: int, spec: AttentionLayerSpec) -> str:
-        """fresh: a prompt from position 0 (causal SDPA on its own K/V); prefix: a long chunk over a cached prefix
-        (SDPA over the gathered cache, bottom-right causal); paged: the Triton kernel (sliding windows, short
-        chunks such as speculative verification)."""
+        """fresh: a prompt from position 0 without a window (causal SDPA on its own K/V); paged: the Triton kernel
+        (a chunk over a cached prefix, sliding windows, speculative verification)."""
         q_len = a.query_start[b + 1] - a.query_start[b]
-        if spec.window > 0:
-            return "paged"
-        if q_len == a.seq_lens_host[b]:
-            return "fresh"
-        return "prefix" if q_len >= PREFIX_SDPA_MIN_Q else "paged"
-
-    @staticmethod
-    def _prefix(q, k_cache, v_cache, a, spec: AttentionLayerSpec, out, b: int) -> None:
-        """One chunk over its cached prefix: gather its n cached K/V (this chunk's included) and run SDPA with the
-        causal mask aligned to the bottom right (query i sees keys <= n - q_len + i)."""
-        s0, s1, n = a.query_start[b], a.query_start[b + 1], a.seq_lens_host[b]
-        bs = k_cache.shape[2]
-        blocks = a.block_tables[b, : (n + bs - 1) // bs].long()
-        ks = k_cache[blocks].permute(1, 0, 2, 3).reshape(1, spec.n_kv_heads, -1, spec.head_dim)[:, :, :n]
-        vs = v_cache[blocks].permute(1, 0, 2, 3).reshape(1, spec.n_kv_heads, -1, spec.head_dim)[:, :, :n]
-        x = q[s0:s1].transpose(0, 1)[None]  # [1, H, q_len, D]
-        o = F.scaled_dot_product_attention(x, ks, vs, attn_mask=causal_lower_right(s1 - s0, n), scale=spec.scale,
-                                           enable_gqa=True)  # fmt: skip
-        out[s0:s1] = o[0].transpose(0, 1)
+        return "fresh" if spec.window == 0 and q_len == a.seq_lens_host[b] else "paged"
 
     @staticmethod
     def _fresh(q, k, v, a, spec: AttentionLayerSpec, out, first: int, end: int) -> None:

@@ -23,7 +23,7 @@ from engine.core.scheduler import SchedulerOutput
 from engine.model.llama import Transformer
 from engine.request import Request
 from engine.sampling import make_generator, sample
-from engine.worker.graphs import DecodeGraphs, PrefillGraphs
+from engine.worker.graphs import DecodeGraphs
 from engine.worker.kv_pool import KVPool, bytes_per_block, plan_kv_blocks
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,6 @@ class ModelRunner:
                 raise RuntimeError(f"CUDA graph capture failed: {self.graphs.fallback} (allow_fallback = true runs eagerly)")
         else:
             self.report["graph_fallback"] = "disabled" if cuda else "not a CUDA device"
-        self.prefill_graphs: PrefillGraphs | None = None
-        if cuda and config.cuda_graphs:
-            self.prefill_graphs = PrefillGraphs(self, min(max_model_len, config.max_num_batched_tokens))
-            self.report["prefill_graphs"] = list(self.prefill_graphs.buckets) or None
-            self.report["prefill_graph_fallback"] = self.prefill_graphs.fallback
         self.default_gen = make_generator(config.seed, self.device)
 
     # ---------------------------------------------------------------- setup
@@ -194,12 +189,8 @@ class ModelRunner:
         ids, pos, seq, qs, lens, tables, rows, sampled, patch = self._inputs(sched, prev)
         nd = sched.num_decodes
         b = len(lens)
-        pg = self.prefill_graphs
-        t = pg.bucket(lens[0]) if pg is not None and b == 1 and nd == 0 and qs[1] == lens[0] and rows else None
         if self.graphs is not None and nd == b and self.graphs.bucket(b) is not None:
             logits = self.graphs.run(ids, pos, lens, tables, patch, prev)  # [b, V]: every row samples
-        elif t is not None and rows == [lens[0] - 1]:  # one fresh short prompt that samples: a prefill graph
-            logits = pg.run(ids, tables[0], t)
         else:
             batch = self._batch(ids, pos, seq, qs, lens, tables, nd, rows)
             if patch:

@@ -1,5 +1,5 @@
-"""The Triton attention backend's dispatch (fresh prompts -> SDPA, long chunks over a prefix -> gathered SDPA with a
-bottom-right causal mask, windows and short chunks -> the paged Triton kernel, decode -> split-KV) runs on the CPU
+"""The Triton attention backend's dispatch (fresh prompts -> SDPA, chunks over a cached prefix and sliding windows ->
+the paged Triton kernel, decode -> split-KV, all in one step) runs on the CPU
 under the Triton interpreter, in a subprocess (TRITON_INTERPRET must be set before the kernels are defined), and
 gives the reference loop's greedy tokens."""
 

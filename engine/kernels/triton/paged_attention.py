@@ -182,12 +182,13 @@ def paged_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     ws: tuple[torch.Tensor, torch.Tensor] | None = None,
-    fused: bool = True,
+    fused: bool = False,
 ) -> torch.Tensor:
     """q [B, H, D]; k_cache/v_cache [NB, Hkv, PAGE, D] (last dim contiguous); block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (0 = padding row -> zeros). Returns out [B, H, D] in q.dtype. Graph-safe: no host sync.
     fused: the last split of each (sequence, KV head) merges the partials in the same kernel (one launch instead
-    of two); False runs the separate merge kernel (the reference arrangement)."""
+    of two). Off by default: on the H200 it made batch-1 decode slower (221.6 vs 233 tok/s, results/gpu/
+    core-h200/core-bench-01e4e85.json), the serial merge in 8 programs costing more than the launch it saves."""
     b, h, d = q.shape
     nb, hkv, page, dk = k_cache.shape
     assert q.is_cuda or q.device.type == "cpu", "Triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
