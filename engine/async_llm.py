@@ -117,11 +117,22 @@ class RequestStream:
         return self._live.done and self._live.queue.empty()
 
     async def __aiter__(self) -> AsyncIterator[StreamOutput]:
+        q = self._live.queue
         while True:
-            out = await self._live.queue.get()
+            out = await q.get()
+            while not out.finished and not q.empty():  # the reader fell behind: one output for all (vLLM does too)
+                out = _merge(out, q.get_nowait())
             yield out
             if out.finished:
                 return
+
+
+def _merge(a: StreamOutput, b: StreamOutput) -> StreamOutput:
+    """b appended to a: the texts, tokens, times and logprobs of both, the state of b."""
+    lp = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return StreamOutput(a.request_id, a.text + b.text, a.token_ids + b.token_ids, a.token_times + b.token_times, lp,
+                        b.finished, b.finish_reason, b.num_prompt_tokens, b.num_output_tokens, b.num_cached_tokens,
+                        b.error)  # fmt: skip
 
 
 class AsyncLLM:

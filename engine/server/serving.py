@@ -256,25 +256,37 @@ class Serving:
             usage.update(i, out)
             if not out.token_ids and not out.text and not out.finished:
                 continue
-            lp = self._logprobs(job, out.token_ids, out.logprobs or [], sent[i]) if job.logprobs is not None else None
-            sent[i] += len(out.text)
-            c = {"index": i, "logprobs": lp, "finish_reason": out.finish_reason}
-            if job.kind == "chat":
-                c["delta"] = {"content": out.text} if out.text or not out.finished else {}
-                if not started[i]:
-                    c["delta"] = {"role": "assistant", "content": out.text}
-                    started[i] = True
-            else:
-                c["text"] = out.text
-                c["stop_reason"] = None
-            chunk = {**head, "choices": [c]}
-            if job.continuous_usage:
-                chunk["usage"] = usage.body()
-            yield _event(chunk)
+            if out.finished and out.token_ids and not out.text and self.tok is None:
+                # no tokenizer (synthetic weights): a token chunk, then the finish, so load generators that count
+                # chunks without text or finish_reason as tokens see the last one too
+                yield self._chunk(job, head, i, out, sent, usage, finished=False)
+                out = StreamOutput(out.request_id, "", [], [], None, True, out.finish_reason, out.num_prompt_tokens,
+                                   out.num_output_tokens, out.num_cached_tokens)  # fmt: skip
+            yield self._chunk(job, head, i, out, sent, usage, started=started)
         else:
             if job.include_usage:
                 yield _event({**head, "choices": [], "usage": usage.body()})
         yield b"data: [DONE]\n\n"
+
+    def _chunk(self, job: Job, head: dict, i: int, out: StreamOutput, sent: list[int], usage: _Usage,
+               finished: bool = True, started: list[bool] | None = None) -> bytes:  # fmt: skip
+        """One SSE chunk of choice i (finished=False: the output's tokens without its finish_reason)."""
+        lp = self._logprobs(job, out.token_ids, out.logprobs or [], sent[i]) if job.logprobs is not None else None
+        sent[i] += len(out.text)
+        reason = out.finish_reason if finished else None
+        c = {"index": i, "logprobs": lp, "finish_reason": reason}
+        if job.kind == "chat":
+            c["delta"] = {"content": out.text} if out.text or reason is None else {}
+            if started is not None and not started[i]:
+                c["delta"] = {"role": "assistant", "content": out.text}
+                started[i] = True
+        else:
+            c["text"] = out.text
+            c["stop_reason"] = None
+        chunk = {**head, "choices": [c]}
+        if job.continuous_usage:
+            chunk["usage"] = usage.body()
+        return _event(chunk)
 
     def _id(self, job: Job) -> str:
         return ("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.id

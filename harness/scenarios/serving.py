@@ -1,7 +1,8 @@
 """Serving scenario: drive an OpenAI-compatible server with the async load generator; TTFT/TPOT/ITL/E2E, goodput.
 
 The server is, in order: `base_url` from the cell; else one started by `launch` (a command line in which "{port}",
-"{host}", "{model}", "{model_path}" are filled in; polled on GET /v1/models until ready, stopped after the cell;
+"{host}", "{model}", "{model_path}", "{dtype}", "{device}" are filled in, e.g. anvil's own
+`bench serve {model} --port {port} --dtype {dtype} --device {device}`; polled on GET /v1/models until ready, stopped after the cell;
 its stdout and stderr go to artifacts/serving/<cell>.server.log in the run folder, never to a pipe nobody reads);
 else the adapter's own `base_url` (the openai_http engine). Only loopback targets unless allow_remote = true.
 The suite sweeps `concurrency` (fixed in-flight ceiling) or `request_rate` (Poisson / gamma arrivals, vLLM's
@@ -11,6 +12,7 @@ burstiness convention) into one cell per value. Definitions of every metric: har
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import re
@@ -198,9 +200,13 @@ def run(adapter, params: dict, ctx) -> tuple[dict, dict]:
     adapter's own base_url (the openai_http engine)."""
     url = params.get("base_url") or (None if params.get("launch") else getattr(adapter, "base_url", None)) or None
     fill = {"model": str(getattr(ctx, "model_name", "") or ""), "model_path": str(getattr(ctx, "model_path", "") or "")}
+    spec = getattr(ctx, "model", None)  # `bench serve {model} --dtype {dtype} --device {device}` (anvil's server)
+    fill |= {"dtype": str(getattr(spec, "dtype", "") or "float32"), "device": str(getattr(spec, "device", "") or "cpu")}
     log = None
     if getattr(ctx, "out_dir", None) is not None:
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{ctx.case_id}-{ctx.engine}")
+        if len(name) > 120:  # a case id spells out every param (a launch command too): past NAME_MAX otherwise
+            name = f"{name[:80]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}-{ctx.engine}"
         log = os.path.join(ctx.out_dir, "artifacts", "serving", f"{name}.server.log")
     out = run_serving(params, url, fill, vocab_size=ctx.vocab_size, log_path=log)
     samples = {"requests": out["samples"], "telemetry": out["telemetry"], "info": out["info"]}

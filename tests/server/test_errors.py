@@ -227,3 +227,23 @@ def test_sigterm_ends_an_in_flight_stream_with_an_error_chunk_and_exits():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_model_without_a_tokenizer_serves_token_ids_one_chunk_per_token():
+    import json
+
+    from engine.presets import synthetic
+
+    lm = synthetic("tiny-test", seed=7)  # random weights, no tokenizer: how synthetic:llama-3-8b is served
+    with LiveServer(lm, CFG, model_name="synthetic:tiny-test") as s, s.client() as c:
+        body = {"prompt": [5, 6, 7, 8], "max_tokens": 5, "stream": True, "ignore_eos": True, "min_tokens": 5,
+                "temperature": 0, "stream_options": {"include_usage": True}, "model": "synthetic:tiny-test"}  # fmt: skip
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        tokens = [ch for ch in chunks if ch["choices"] and ch["choices"][0]["finish_reason"] is None]
+        assert len(tokens) == 5 and all(ch["choices"][0]["text"] == "" for ch in tokens)  # what load generators count
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 5
+        r = c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2, "logprobs": 1})
+        assert r.json()["choices"][0]["logprobs"]["tokens"][0].startswith("token_id:")
+        assert "no tokenizer" in error_of(c.post("/v1/completions", json={"prompt": "text"}), 400)["message"]
+        assert "no tokenizer" in error_of(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}), 400)["message"]
