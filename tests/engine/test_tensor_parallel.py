@@ -190,6 +190,38 @@ def test_adapter_tensor_parallel_2_matches_1(models):
     assert all(p.exitcode == 0 for p in procs)  # close() stopped the other rank
 
 
+def test_async_llm_over_the_tp_driver(models):
+    """The server's AsyncLLM drives a TP=2 driver (core.add_request / step from its engine thread): same streams."""
+    import asyncio
+
+    from engine.async_llm import AsyncLLM
+    from engine.distributed import driver
+    from engine.llm import LLM
+
+    async def run(llm):
+        a = AsyncLLM(llm)
+        a.start()
+        try:
+            streams = [a.submit(PROMPTS[1], SamplingParams(temperature=0.0), max_tokens=12, ignore_eos=True),
+                       a.submit(PROMPTS[2], SamplingParams(temperature=0.7, seed=5), max_tokens=9, ignore_eos=True)]
+
+            async def collect(s):
+                return [t async for o in s for t in o.token_ids]
+
+            return await asyncio.gather(*map(collect, streams))
+        finally:
+            a.shutdown()
+
+    cfg = dict(max_model_len=128, max_num_seqs=4)
+    one = asyncio.run(run(LLM(launch.load_shard(models["tiny"]), EngineConfig(**cfg))))
+    tp = driver.start(models["tiny"], "float32", "cpu", EngineConfig(tensor_parallel_size=2, **cfg))
+    try:
+        two = asyncio.run(run(tp))
+    finally:
+        tp.shutdown()
+    assert one == two and [len(t) for t in two] == [12, 9]
+
+
 def test_driver_reports_a_dead_worker(models):
     from engine.distributed import driver
 
