@@ -182,8 +182,10 @@ def test_64_concurrent_streams_complete_each_equal_to_its_solo_run(server, ref, 
         async with httpx.AsyncClient(base_url=server.base, timeout=120, trust_env=False, limits=limits) as c:
             return await asyncio.gather(*(one(c, p) for p in prompts))
 
+    steps = server.llm.core.stats["steps"]
     got = asyncio.run(main())
     assert len(got) == 64
+    assert server.llm.core.stats["steps"] - steps < 64 * 6 / 2  # requests shared steps (one at a time: >= 384)
     piece = tiny.tokenizer.id_to_piece
     for (pieces, usage), w in zip(got, want, strict=True):
         assert pieces == [piece(t).replace("\u2581", " ") for t in w]
@@ -204,6 +206,16 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
     m = server.metrics()
     assert m["anvil:kv_cache_usage_perc"] == 0 and m["anvil:num_requests_running"] == 0
     assert m["anvil:request_success_total{finished_reason=abort}"] >= 1
+
+
+def test_a_client_that_gives_up_on_a_non_streaming_request_frees_its_blocks(server):
+    key = "anvil:request_success_total{finished_reason=abort}"
+    before = server.metrics().get(key, 0)
+    body = {"prompt": PROMPTS[2], "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=server.base, timeout=1.0, trust_env=False) as c, pytest.raises(httpx.ReadTimeout):
+        c.post("/v1/completions", json=body)  # 480 tokens take longer than 1 s here
+    server.wait_idle(timeout=10)
+    assert server.metrics()[key] == before + 1  # aborted, not run to the end
 
 
 def test_metrics_parse_and_count(server, client):
