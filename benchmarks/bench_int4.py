@@ -1,7 +1,7 @@
 """GPU benchmark of the int4 g128 Triton kernels (GEMV for M <= 8, GEMM above) and the NF4 GEMV on Llama-3-8B
 linear shapes, against bf16 cuBLAS F.linear on the same shape.
 
-    python benchmarks/bench_int4.py --out results/gpu/int4-h200.json [--iters 200] [--dtype bfloat16]
+    python benchmarks/bench_int4.py --out results/gpu/int4-h200.json [--iters 200] [--dtype bfloat16] [--sweep]
 
 Per (shape, M, kernel): median time over CUDA-event-timed runs (after warm-up; weights larger than L2 are read
 from HBM, rotating through enough copies to exceed 2x L2 for the small shapes), achieved GB/s of the bytes the
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,6 +39,11 @@ SHAPES = {  # name: (N, K) of Llama-3-8B's fused linears
     "w2": (4096, 14336),
 }
 MS = (1, 8, 32, 128)
+# --sweep: launch configs to try beside the defaults. GEMV (BLOCK_M is set from M): (BLOCK_N, BLOCK_K, warps);
+# GEMM: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+GEMV_SWEEP = [(8, 128, 4), (16, 128, 4), (32, 128, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (4, 512, 4)]
+GEMM_SWEEP = [(16, 64, 64, 4, 4), (32, 128, 64, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 8, 3),
+              (128, 128, 64, 8, 3), (64, 256, 32, 8, 3)]
 
 
 def time_ms(fn, iters: int, warmup: int = 10) -> list[float]:
@@ -71,7 +77,7 @@ def rotating(make, n: int):
     return items, next_item
 
 
-def bench_shape(name: str, n: int, k: int, dtype: torch.dtype, iters: int) -> list[dict]:
+def bench_shape(name: str, n: int, k: int, dtype: torch.dtype, iters: int, sweep: bool) -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=g) * 0.02
@@ -91,10 +97,17 @@ def bench_shape(name: str, n: int, k: int, dtype: torch.dtype, iters: int) -> li
     for m in MS:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         io = x.numel() * x.element_size() + m * n * x.element_size()
-        t_dense = statistics.median(time_ms(lambda: F.linear(x, next_dense()), iters))
-        kernels = {"int4_gemm": lambda qw, s, z: int4_gemm(x, qw, s, z, 128)}
+        t_dense = statistics.median(time_ms(lambda x=x: F.linear(x, next_dense()), iters))
+        kernels = {"int4_gemm": lambda qw, s, z, x=x: int4_gemm(x, qw, s, z, 128)}
         if m <= 8:
-            kernels["int4_gemv"] = lambda qw, s, z: int4_gemv(x, qw, s, z, 128)
+            kernels["int4_gemv"] = lambda qw, s, z, x=x: int4_gemv(x, qw, s, z, 128)
+        if sweep:
+            for c in GEMM_SWEEP:
+                kernels[f"int4_gemm{list(c)}"] = lambda qw, s, z, c=c, x=x: int4_gemm(x, qw, s, z, 128, config=c)
+            bm = triton.next_power_of_2(m)
+            for c in GEMV_SWEEP if m <= 8 else []:
+                cfg = (bm, *c)
+                kernels[f"int4_gemv{list(cfg)}"] = lambda qw, s, z, cfg=cfg, x=x: int4_gemv(x, qw, s, z, 128, config=cfg)
         ref = x.float() @ ref_int4.T
         for kname, fn in kernels.items():
             out = fn(q.qweight, q.scales, q.zeros)
@@ -105,7 +118,7 @@ def bench_shape(name: str, n: int, k: int, dtype: torch.dtype, iters: int) -> li
             ref = x.float() @ ref_nf4.T
             out = nf4_gemv(x, nf_q, nf_a, code)
             err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-            t = statistics.median(time_ms(lambda: nf4_gemv(x, *next_nf4(), code), iters))
+            t = statistics.median(time_ms(lambda x=x: nf4_gemv(x, *next_nf4(), code), iters))
             rows.append(_row(name, n, k, m, "nf4_gemv", t, nf4_bytes + io, t_dense, err))
         rows.append(_row(name, n, k, m, "bf16_cublas", t_dense, dense_bytes + io, t_dense, 0.0))
     return rows
@@ -123,20 +136,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--sweep", action="store_true", help="also time the GEMV / GEMM launch configs of *_SWEEP")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_int4.py needs a CUDA GPU")
     dtype = getattr(torch, args.dtype)
     rows = []
-    print(f"{'shape':5s} {'M':>4s} {'kernel':12s} {'ms':>9s} {'GB/s':>8s} {'x dense':>8s} {'rel err':>9s}")
+    print(f"{'shape':5s} {'M':>4s} {'kernel':28s} {'ms':>9s} {'GB/s':>8s} {'x dense':>8s} {'rel err':>9s}")
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
-        for r in bench_shape(name, n, k, dtype, args.iters):
+        for r in bench_shape(name, n, k, dtype, args.iters, args.sweep):
             rows.append(r)
-            print(f"{r['shape']:5s} {r['M']:4d} {r['kernel']:12s} {r['median_ms']:9.4f} {r['gb_s']:8.1f} "
+            print(f"{r['shape']:5s} {r['M']:4d} {r['kernel']:28s} {r['median_ms']:9.4f} {r['gb_s']:8.1f} "
                   f"{r['speedup_vs_dense']:8.2f} {r['max_rel_err']:9.2e}", flush=True)
-    import triton
-
     out = {"schema": "anvil-bench-int4/1", "dtype": args.dtype, "group_size": 128, "iters": args.iters,
            "rows": rows,
            "env": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,

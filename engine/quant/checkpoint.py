@@ -20,8 +20,14 @@ from safetensors.torch import save_file
 
 from engine.config import ModelConfig
 from engine.quant.apply import install, quantized_weight
-from engine.quant.formats import (QuantSpec, UnsupportedQuantization, concat_rows, decode, parse_quant_config,
-                                  tensor_names)
+from engine.quant.formats import (
+    QuantSpec,
+    UnsupportedQuantization,
+    concat_rows,
+    decode,
+    parse_quant_config,
+    tensor_names,
+)
 from engine.quant.int4 import Int4Weight
 from engine.quant.nf4 import NF4Weight
 from engine.weights import checkpoint_files, engine_layout, hf_shapes, to_dtype
@@ -176,7 +182,7 @@ def load_quantized(path: str | Path, dtype: str | torch.dtype = "bfloat16", devi
     with torch.device("meta"):
         model = Transformer(config)
     if Linear is None:  # older tree: dense nn.Linear
-        for name, q in packed.items():
+        for name in packed:
             w = model.get_submodule(name).weight
             dense[name + ".weight"] = torch.empty(w.shape, dtype=to_dtype(dtype), device=device)
     else:
