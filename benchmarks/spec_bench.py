@@ -177,7 +177,7 @@ def time_forward(llm: LLM, batch: int, q_len: int, ctx: int, reps: int, graph: b
         pos = [p for _ in range(batch) for p in range(ctx, ctx + q_len)]
         lens = [ctx + q_len] * batch
         tables = [q.block_ids for q in reqs]
-        if graph:
+        if graph and r.graphs is not None:
             fn = lambda: r.graphs.run(ids, pos, lens, tables, [], None)  # noqa: E731
         else:
             b = r._batch(ids, pos, [i for i in range(batch) for _ in range(q_len)],
