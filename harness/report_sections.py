@@ -344,6 +344,8 @@ def int4(ctx: Ctx) -> list[tuple]:
         if not (rows and isinstance(rows[0], dict) and {"kernel", "M", "speedup_vs_dense"} <= set(rows[0])):
             out += shown(ctx, rel)
             continue
+        sweep, rows = [r for r in rows if "[" in r["kernel"]], [r for r in rows if "[" not in r["kernel"]]  # --sweep configs
+        out += [("p", f"The defaults below; {len(sweep)} rows of launch-config sweeps are in the file.")] if sweep else []
         groups = _group([r for r in rows if r["kernel"] != "bf16_cublas"], lambda r: f"{r['shape']} {r['kernel']}")
         out += [("table", ["shape", "N", "K", "M", "kernel", "ms", "GB/s", "x bf16 dense", "max rel err"],
                  [[r["shape"], r["N"], r["K"], r["M"], r["kernel"], num(r["median_ms"], 4), num(r["gb_s"]),
