@@ -39,18 +39,20 @@ class GemvLinearMethod(UnquantizedLinearMethod):
 
 
 def roles(model: Transformer) -> list[tuple[str, list[torch.Tensor], list[torch.Tensor | None] | None, bool]]:
-    """(role, every layer's weight of that role, biases, act) — the shapes one decode step multiplies by."""
+    """(role, every layer's weight of that role, biases, act) — the dense shapes one decode step multiplies by.
+    Linears with another method (int4, NF4) are not tuned here: their methods choose their own kernels."""
     L = [blk for blk in model.layers]
     att = [b.attention for b in L]
-    bq = [a.wqkv.bias for a in att] if att[0].wqkv.bias is not None else None
-    out = [
-        ("qkv", [a.wqkv.weight for a in att], bq, False),
-        ("wo", [a.wo.weight for a in att], None, False),
-        ("w13", [b.feed_forward.w13.weight for b in L], None, False),
-        ("w2", [b.feed_forward.w2.weight for b in L], None, True),
-    ]
+    lins = [("qkv", [a.wqkv for a in att], False), ("wo", [a.wo for a in att], False),
+            ("w13", [b.feed_forward.w13 for b in L], False), ("w2", [b.feed_forward.w2 for b in L], True)]
     if model.output is not None:
-        out.append(("lm_head", [model.output.weight], None, False))
+        lins.append(("lm_head", [model.output], False))
+    out = []
+    for role, mods, act in lins:
+        if any(type(m.method) is not UnquantizedLinearMethod for m in mods):
+            continue
+        biases = [m.bias for m in mods] if mods[0].bias is not None else None
+        out.append((role, [m.weight for m in mods], biases, act))
     return out
 
 
