@@ -32,6 +32,12 @@ def load_llm(model: str, dtype: str, device: str, opts: dict):
     from engine.config import EngineConfig
 
     config = EngineConfig.from_options(opts)
+    if config.tensor_parallel_size > 1:  # this process is rank 0; the other ranks are spawned and mirror it
+        from engine.distributed import driver
+
+        syn = model.startswith("synthetic:")
+        src = model.removeprefix("synthetic:") if syn else str(engine.hub.resolve(model))
+        return driver.start(src, dtype, device, config, synthetic=syn)
     if model.startswith("synthetic:"):
         from engine.presets import synthetic
 
