@@ -15,6 +15,19 @@ core)
   timeout 360 python3 benchmarks/core_bench.py --parts decode,cb,long --long-len 131008 --out "$out/core-bench.json" \
     2>&1 | tail -40 > "$out/core-bench.log"
   ;;
+int4)
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine/quant 2>&1 | tail -12 > "$out/int4-gpu-tests.log"
+  timeout 45 python3 benchmarks/bench_int4.py --out "$out/int4-kernels.json" --iters 30 2>&1 | tail -40 \
+    > "$out/int4-kernels.log"
+  # the int4 model of suites/gpu-int4.toml alone (its bf16 baseline is the gpu-decode suite's)
+  python3 -c "import re,sys; t=open('suites/gpu-int4.toml').read(); \
+print(re.sub(r'\[\[models\]\]\nname = \"synthetic:llama-3-8b\"\ndtype = \"bfloat16\"\ndevice = \"cuda\"\n(quant = \"nf4\"\n)?\n', \
+lambda m: m.group(0) if False else '', t, count=0).replace('name = \"gpu-int4\"', 'name = \"gpu-int4-rtn\"'))" \
+    > /tmp/int4-rtn.toml
+  timeout 150 python3 -m harness run /tmp/int4-rtn.toml --out /tmp/int4-run 2>&1 | tail -20 > "$out/int4-suite.log"
+  cp /tmp/int4-run/records.jsonl "$out/int4-records.jsonl" 2>/dev/null
+  cp /tmp/int4-run/table.md "$out/int4-table.md" 2>/dev/null
+  ;;
 *)
   echo "unknown part $part" >&2
   exit 2
