@@ -121,8 +121,22 @@ def _calibrated_group(model, group, calib, method, group_size, dtype, opts) -> d
                                       damp=opts.get("damp", 0.01))
         else:
             out[name] = quantize_awq(w, st.x(), group_size, dtype, no_clip_rows=_no_clip_rows(model, name),
-                                     clip=opts.get("clip", True), duo_scaling=opts.get("duo_scaling", True))
+                                     clip=opts.get("clip", True), duo_scaling=opts.get("duo_scaling", True),
+                                     post=_mlp_output(group, name))
     return out
+
+
+def _mlp_output(group, name: str):
+    """For a fused [gate; up] Linear: y -> w2(silu(gate) * up) with the block's (still float) w2, else None."""
+    if not name.endswith("feed_forward.w13"):
+        return None
+    w2 = dict(group).get(name.removesuffix("w13") + "w2")
+    if w2 is None:
+        return None
+    from engine import ops
+
+    w2w = dense_weight(w2).float()
+    return lambda y: ops.silu_and_mul(y) @ w2w.T
 
 
 def _blocks(targets: list[tuple[str, nn.Module]]) -> list[list[tuple[str, nn.Module]]]:

@@ -4,6 +4,8 @@ Per Linear, from its calibration input rows X [T, K]:
 1. scale search: s = x_mean^a / (w_mean^(1-a) + 1e-4) for a on a grid in [0, 1) (AutoAWQ's duo scaling;
    x_mean^a without it), normalised by sqrt(max(s) min(s)); keep the s minimising |X W^T - X (Q(W s) / s)^T|^2.
    Unlike AutoAWQ, s = 1 (plain RTN) is a candidate too: with duo scaling no grid point is the identity.
+   For the fused [gate; up] the loss is on the MLP output (w2 float), as AutoAWQ inspects the whole MLP; for
+   wqkv it is the layer output (AutoAWQ inspects the attention block, which needs the attention itself).
 2. clip search: per output row and group, shrink the symmetric clip of W s by 1 - i/20 (i < 10) and keep the one
    minimising that group's share of the output error on up to 512 rows of X. Rows given by `no_clip_rows`
    (the q and k rows of a fused wqkv, as AutoAWQ skips q_proj / k_proj) are not clipped.
@@ -16,6 +18,8 @@ and w2 (whose previous ops are not norms) be scaled too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine.quant.int4 import Int4Weight, fake_quantize, quantize_rtn
@@ -26,15 +30,17 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def search_scale(w: torch.Tensor, x: torch.Tensor, group_size: int, n_grid: int = 20,
-                 dtype: torch.dtype | None = None, duo_scaling: bool = True) -> tuple[torch.Tensor, list[float]]:
+                 dtype: torch.dtype | None = None, duo_scaling: bool = True,
+                 post: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, list[float]]:
     """Best per-input-channel scale s [K] (float32) and the loss at every grid point (s = 1, plain RTN, first).
-    w [N, K], x [T, K]."""
+    w [N, K], x [T, K]. post: compare post(x @ W^T) instead of the layer output (AutoAWQ's module2inspect)."""
     w, x = w.float(), x.float()
     n, k = w.shape
     wg = w.abs().view(n, k // group_size, group_size)
     w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).view(n, k).mean(0)
     x_mean = x.abs().mean(0)
-    ref = x @ w.T
+    post = post or (lambda y: y)
+    ref = post(x @ w.T)
     best, best_s, losses = float("inf"), torch.ones(k, device=w.device), []
     for i in range(-1, n_grid):
         if i < 0:  # s = 1 (RTN), so that the search never does worse than RTN on its own objective
@@ -45,7 +51,7 @@ def search_scale(w: torch.Tensor, x: torch.Tensor, group_size: int, n_grid: int 
             s = s.clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
         wq = fake_quantize(w * s[None, :], group_size, dtype) / s[None, :]
-        loss = _mse(x @ wq.T, ref)
+        loss = _mse(post(x @ wq.T), ref)
         losses.append(loss)
         if loss < best:
             best, best_s = loss, s
@@ -79,10 +85,11 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, n_grid: int =
 
 
 def quantize_awq(w: torch.Tensor, x: torch.Tensor, group_size: int = 128, dtype: torch.dtype | None = None,
-                 no_clip_rows: int = 0, clip: bool = True, duo_scaling: bool = True) -> Int4Weight:
+                 no_clip_rows: int = 0, clip: bool = True, duo_scaling: bool = True,
+                 post: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Int4Weight:
     """w [N, K] (the layer's weight), x [T, K] its calibration inputs -> Int4Weight with in_scale = 1/s."""
     dt = dtype or w.dtype
-    s, _ = search_scale(w, x, group_size, dtype=dt, duo_scaling=duo_scaling)
+    s, _ = search_scale(w, x, group_size, dtype=dt, duo_scaling=duo_scaling, post=post)
     k = w.shape[1]
     ws = w.float() * s[None, :]
     clip_val = None
