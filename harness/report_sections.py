@@ -38,8 +38,7 @@ class Ctx:
             return json.loads(p.read_text(encoding="utf-8"))
         return None
 
-    def records(self, rel: str) -> list[Record]:
-        """The records of a .jsonl file; none (noted under Sources) when it is not a records file."""
+    def records(self, rel: str) -> list[Record]:  # none (noted under Sources) when it is not a records file
         try:
             recs = load_records(self.results / rel)
         except ValueError as exc:
@@ -137,8 +136,9 @@ def cells(recs: list[Record], rel: str) -> list[tuple]:
     keys = ("decode_tok_s", "step_ms", "ttft_p50_ms", "prefill_tok_s", "weight_pct_copy", "gpu_mem_peak_mb", "j_per_token")
     return [("table", ["engine", "model", "weights GB/step", "batch", "prompt", "decode tok/s", "step ms", "TTFT p50 ms",
                        "prefill tok/s", "weights % of copy", "GPU mem MB", "J/token"],
-             [[r.engine, r.model.removeprefix("synthetic:"), num(wgb(r), 2), r.params.get("batch"),
-               r.params.get("prompt_len"), *(num(r.metrics.get(k), 2) for k in keys)] for r in recs]),
+             [[r.engine if r.status == "ok" else f"{r.engine} ({r.status}: {r.reason[:90]})",
+               r.model.removeprefix("synthetic:"), num(wgb(r), 2), r.params.get("batch"), r.params.get("prompt_len"),
+               *(num(r.metrics.get(k), 2) for k in keys)] for r in recs]),
             prov(rec_env(recs), rel)]
 
 

@@ -64,7 +64,7 @@ def test_placeholders_all_resolved(built):
     assert lessons.count("{{") >= 10  # the prose cites its numbers through placeholders
     typed = set(re.findall(r"[^\s(]*\d[^\s),.:;]*", rb.PLACEHOLDER.sub("", lessons)))
     names = {"Llama-3-8B", "Mistral-7B", "H100", "H200", "N+1", "N", "2k-token", "4k", "FlashAttention-2-style",
-             "batch-1", "1", "bf16", "H200's"}  # names and configurations ("batch 1"), not measurements
+             "batch-1", "1", "bf16", "H200's", "int4"}  # names and configurations ("batch 1"), not measurements
     assert typed <= names, f"numbers typed into lessons.md: {sorted(typed - names)}"
 
 
