@@ -190,6 +190,7 @@ from harness.serve_cmd import serve as _serve  # noqa: E402  (`bench serve`: eng
 
 app.command("serve")(_serve)
 from harness.quantize_cmd import quantize_cmd as _quantize  # noqa: E402  (`bench quantize`: engine/quant)
+
 app.command("quantize")(_quantize)
 
 if __name__ == "__main__":

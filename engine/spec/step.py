@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections import deque
 
-
 from engine.request import Request, RequestOutput
 from engine.sampling import make_generator
 from engine.spec import make_proposer

@@ -172,8 +172,7 @@ def test_anvil_commit_names_the_commit_of_a_copied_checkout(monkeypatch):
     monkeypatch.setenv("ANVIL_COMMIT", "93a8c4d")
     env = envinfo.snapshot()
     assert env["commit"] == "93a8c4d" and env["dirty"] is None and env["commit_source"] == "ANVIL_COMMIT"
-    from adapters.anvil import AnvilAdapter
-
     import engine
+    from adapters.anvil import AnvilAdapter
 
     assert AnvilAdapter.available() == (True, f"anvil {engine.__version__}+93a8c4d")  # the engine version names it too
