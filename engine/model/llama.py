@@ -105,9 +105,9 @@ class Transformer(nn.Module):
 
     def bind(self, backend: AttentionBackend, k: torch.Tensor, v: torch.Tensor) -> None:
         """Attach the attention backend and the paged KV cache k/v [L, num_blocks, Hkv, block_size, D]."""
-        for i, layer in enumerate(self.layers):
-            att = layer.attention
-            att.backend, att.k_cache, att.v_cache = backend, k[i], v[i]
+        for block, kc, vc in zip(self.layers, k, v, strict=True):
+            att = block.attention
+            att.backend, att.k_cache, att.v_cache = backend, kc, vc
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
