@@ -229,7 +229,7 @@ def test_sigterm_ends_an_in_flight_stream_with_an_error_chunk_and_exits():
             proc.wait()
 
 
-def test_a_model_without_a_tokenizer_serves_token_ids_one_chunk_per_token():
+def test_a_model_without_a_tokenizer_serves_token_ids():
     import json
 
     from engine.presets import synthetic
@@ -241,9 +241,9 @@ def test_a_model_without_a_tokenizer_serves_token_ids_one_chunk_per_token():
         with c.stream("POST", "/v1/completions", json=body) as r:
             chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
         tokens = [ch for ch in chunks if ch["choices"] and ch["choices"][0]["finish_reason"] is None]
-        # one chunk per token (what load generators count); a stream that falls behind on a busy machine gets its
-        # last token merged into the finishing chunk, so 4 token chunks + the finish chunk is allowed too
-        assert len(tokens) in (4, 5) and all(ch["choices"][0]["text"] == "" for ch in tokens)
+        # one chunk per token when the client keeps up; a stream that falls behind (a busy machine) gets its
+        # pending tokens merged into fewer chunks, never more chunks than tokens; usage counts every token
+        assert 1 <= len(tokens) <= 5 and all(ch["choices"][0]["text"] == "" for ch in tokens)
         assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 5
         r = c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2, "logprobs": 1})
         assert r.json()["choices"][0]["logprobs"]["tokens"][0].startswith("token_id:")
