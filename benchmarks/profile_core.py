@@ -1,0 +1,135 @@
+"""Where the GPU time of the generation core goes: torch.profiler kernel tables (CUDA time per kernel name, per step)
+for batch-1 decode (CUDA graphs on and off) and for a continuous-batching run, with GPU-busy time against wall
+time (a host-bound run shows GPU idle). Public APIs only. Writes one JSON.
+
+  python benchmarks/profile_core.py --out results/gpu/core-h200/profile.json [--parts b1,cb] [--cb-requests 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from engine import LLM, EngineConfig
+from engine.presets import synthetic
+
+
+def kernel_table(prof, steps: int, top: int = 30) -> dict:
+    """CUDA kernel time by name (us per step), the total, and the union of busy intervals (overlaps counted once)."""
+    by = defaultdict(lambda: [0.0, 0])
+    spans = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_resource_id is not None:
+            by[e.name][0] += e.time_range.elapsed_us()
+            by[e.name][1] += 1
+            spans.append((e.time_range.start, e.time_range.end))
+    spans.sort()
+    busy, end = 0.0, float("-inf")
+    for s, e in spans:
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    rows = sorted(by.items(), key=lambda kv: -kv[1][0])
+    total = sum(v[0] for v in by.values())
+    return {"steps": steps, "kernel_us_total": total, "busy_us": busy, "kernel_us_per_step": total / max(1, steps),
+            "top": [{"name": n[:120], "us_per_step": t / max(1, steps), "calls_per_step": c / max(1, steps),
+                     "pct": 100 * t / max(total, 1e-9)} for n, (t, c) in rows[:top]]}  # fmt: skip
+
+
+def b1(lm, graphs: bool, n_tok: int = 64) -> dict:
+    llm = LLM(lm, EngineConfig(max_num_seqs=8, max_model_len=1024, cuda_graphs=graphs))
+    p = torch.randint(0, lm.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0)).tolist()
+    llm.generate(p, max_tokens=16)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        (o,) = llm.generate(p, max_tokens=n_tok)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    itl = sorted(y - x for x, y in zip(o.token_times[1:], o.token_times[2:], strict=False))
+    res = {"graphs": graphs, "wall_s": wall, "median_step_ms": 1e3 * itl[len(itl) // 2], **kernel_table(prof, n_tok)}
+    del llm
+    torch.cuda.empty_cache()
+    return res
+
+
+def cb(lm, n: int, max_seqs: int = 256, budget: int = 8192) -> dict:
+    c = lm.config
+    rnd = random.Random(0)
+    lens = [(rnd.randint(32, 2048), rnd.randint(16, 512)) for _ in range(n)]
+    prompts = [torch.randint(0, c.vocab_size, (pl,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i, (pl, _) in enumerate(lens)]  # fmt: skip
+    llm = LLM(lm, EngineConfig(max_num_seqs=max_seqs, max_model_len=2560, max_num_batched_tokens=budget))
+    llm.generate(prompts[:4], max_tokens=[4] * 4)
+    sched = llm.core.scheduler
+    real = sched.schedule
+    kinds = defaultdict(lambda: [0, 0, 0.0])  # kind -> [steps, tokens, host s in schedule]
+
+    def schedule():
+        t = time.perf_counter()
+        s = real()
+        k = "decode-only" if s.num_tokens == len(s.requests) else "mixed"
+        kinds[k][0] += 1
+        kinds[k][1] += s.num_tokens
+        kinds[k][2] += time.perf_counter() - t
+        return s
+
+    sched.schedule = schedule
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, max_tokens=[ol for _, ol in lens])
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    del sched.schedule
+    steps = sum(v[0] for v in kinds.values())
+    out_tok = sum(len(o.tokens) for o in outs)
+    res = {"requests": n, "wall_s": wall, "output_tok_s": out_tok / wall, "steps": steps,
+           "kinds": {k: {"steps": v[0], "tokens": v[1], "schedule_ms_per_step": 1e3 * v[2] / max(1, v[0])}
+                     for k, v in kinds.items()},
+           **kernel_table(prof, steps, top=40)}  # fmt: skip
+    res["gpu_busy_pct_of_wall"] = 100 * res["busy_us"] / 1e6 / wall
+    del llm
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--parts", default="b1,cb")
+    ap.add_argument("--cb-requests", type=int, default=128)
+    args = ap.parse_args()
+    lm = synthetic(args.preset, "bfloat16", "cuda", seed=0)
+    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset}
+    for part in args.parts.split(","):
+        try:
+            if part == "b1":
+                res["b1_graphs"] = b1(lm, True)
+                res["b1_eager"] = b1(lm, False)
+            elif part == "cb":
+                res["cb"] = cb(lm, args.cb_requests)
+        except Exception as e:  # keep the other parts
+            import traceback
+
+            traceback.print_exc()
+            res[part + "_error"] = f"{type(e).__name__}: {e}"
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    for k, v in res.items():
+        if isinstance(v, dict) and "top" in v:
+            print(f"== {k}: kernel {v['kernel_us_per_step']:.0f} us/step, busy {v['busy_us'] / 1e3:.0f} ms, "
+                  f"wall {v['wall_s'] * 1e3:.0f} ms", {kk: vv for kk, vv in v.items() if kk in ("median_step_ms", "kinds", "output_tok_s")})
+            for r in v["top"][:25]:
+                print(f"  {r['us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x {r['pct']:5.1f}%  {r['name'][:90]}")
+
+
+if __name__ == "__main__":
+    main()
