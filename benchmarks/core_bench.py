@@ -9,6 +9,7 @@ peak memory. Writes one JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -132,14 +133,21 @@ def decode_part(lm, copy_gbs: float) -> dict:
         ttft.append((o.token_times[0] - t0) * 1e3)
     out["ttft_2048_ms"] = {"median": statistics.median(ttft), "all": ttft}
     print(f"TTFT 2048: {statistics.median(ttft):.2f} ms", flush=True)
-    del llm
-    torch.cuda.empty_cache()
+    _release(llm)
     return out
 
 
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def _release(llm) -> None:
+    """Free an LLM's KV pool and graphs before the next one is built (the pool is sized from free memory)."""
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def cb_part(lm, n: int = 512, prompt: tuple[int, int] = (32, 2048), output: tuple[int, int] = (16, 512),
@@ -156,33 +164,35 @@ def cb_part(lm, n: int = 512, prompt: tuple[int, int] = (32, 2048), output: tupl
     res = {"requests": n, "prompt_len": f"U{prompt}", "output_len": f"U{output}", "output_tokens": total_out,
            "device": str(lm.model.device)}  # fmt: skip
     mlen = prompt[1] + output[1]
+    warm = list(range(0, n, max(1, n // 24)))[:24]  # a short mixed run first: kernels compiled, allocator warm
+
+    def warmup(llm) -> None:
+        llm.generate([prompts[i] for i in warm], max_tokens=[8] * len(warm))
+        _sync()
+
     llm = LLM(lm, EngineConfig(max_num_seqs=max_seqs, max_model_len=mlen, max_num_batched_tokens=8192))
-    llm.generate(prompts[:4], max_tokens=[4] * 4)
-    _sync()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, max_tokens=outs_n)
-    wall = time.perf_counter() - t0
+    warmup(llm)
+    outs, wall, st = timed_generate(llm, prompts, outs_n)
     assert sum(len(o.tokens) for o in outs) == total_out
     res["continuous"] = {"wall_s": wall, "output_tok_s": total_out / wall, "preemptions": llm.core.scheduler.num_preemptions,
-                         "kv": llm.info()["kv"]}  # fmt: skip
-    print(f"continuous: {total_out / wall:.0f} output tok/s ({wall:.1f} s)", flush=True)
-    del llm
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+                         "steps": st["steps"], "gpu_wait_s": st["wait_s"], "host_ms_per_step": st["host_ms_per_step"],
+                         "kv": llm.info()["kv"], "max_num_seqs": max_seqs}  # fmt: skip
+    print(f"continuous: {total_out / wall:.0f} output tok/s ({wall:.1f} s, {st['steps']} steps, "
+          f"{st['wait_s']:.1f} s waiting on the GPU)", flush=True)
+    _release(llm)
     sb = static_batch
     llm = LLM(lm, EngineConfig(max_num_seqs=sb, max_model_len=mlen, max_num_batched_tokens=8192))
-    _sync()
+    warmup(llm)
     t0 = time.perf_counter()
     for s in range(0, n, sb):
         mx = max(outs_n[s : s + sb])  # a static batch runs until its longest request is done
         llm.generate(prompts[s : s + sb], max_tokens=mx)
+    _sync()
     wall = time.perf_counter() - t0
     res["static"] = {"wall_s": wall, "output_tok_s": total_out / wall, "batch": sb}
     res["speedup"] = res["continuous"]["output_tok_s"] / res["static"]["output_tok_s"]
     print(f"static({sb}): {total_out / wall:.0f} output tok/s ({wall:.1f} s); speed-up {res['speedup']:.2f}x", flush=True)
-    del llm
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _release(llm)
     return res
 
 
@@ -210,8 +220,7 @@ def long_part(lm, length: int) -> dict:
         res["runs"][str(chunk or "none")] = r
         print(f"{length} chunk {chunk}: TTFT {ttft:.2f} s, peak activations {peak / 1e9:.2f} GB, "
               f"decode {r['decode_tok_s']:.0f} tok/s", flush=True)
-        del llm
-        torch.cuda.empty_cache()
+        _release(llm)
     return res
 
 
@@ -223,10 +232,13 @@ def main() -> None:
     ap.add_argument("--long-len", type=int, default=131008)
     ap.add_argument("--model", default="", help="a model folder or name (e.g. tiny) instead of --preset")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
     ap.add_argument("--cb", default="512,32,2048,16,512", help="requests,prompt_lo,prompt_hi,out_lo,out_hi")
     args = ap.parse_args()
     parts = args.parts.split(",")
     cuda = args.device == "cuda"
+    if not cuda:
+        torch.set_num_threads(args.threads)
     dtype = "bfloat16" if cuda else "float32"
     res = {"env": env() if cuda else {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                                       "python": platform.python_version(), "threads": torch.get_num_threads(),

@@ -42,5 +42,8 @@ class AttentionBackend(ABC):
         """Split-KV programs the decode kernel uses at this batch size (1 where there is no split)."""
         return 1
 
+    def warmup(self, spec: AttentionLayerSpec, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:  # noqa: B027
+        """Compile, before serving, the kernel variants steps may need (block 0 of the caches is scratch)."""
+
     def info(self) -> dict:
         return {"attention_backend": self.name}

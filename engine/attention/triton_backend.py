@@ -27,6 +27,24 @@ class TritonBackend(AttentionBackend):
     def num_splits(self, batch_size: int, n_kv_heads: int, max_seq_len: int) -> int:
         return self._choose_splits(batch_size, n_kv_heads, max_seq_len, self.num_sms)
 
+    def warmup(self, spec: AttentionLayerSpec, k_cache, v_cache) -> None:
+        """Compile every decode split count (powers of two up to 32: a compile-time constant each) and the paged
+        prefill kernel's query-block variants with the first sequence 0, 1 and other (Triton specializes integer
+        arguments equal to 1), over block 0 — mixed steps otherwise compile them, ~1 s each, while serving."""
+        dev, dt = k_cache.device, k_cache.dtype
+        h, d = spec.n_heads, spec.head_dim
+        bt = torch.zeros(4, 32, dtype=torch.int32, device=dev)
+        lens = torch.ones(4, dtype=torch.int32, device=dev)
+        q = torch.zeros(4, h, d, dtype=dt, device=dev)
+        for s in (1, 2, 4, 8, 16, 32):
+            self._decode(q[:1], k_cache, v_cache, bt[:1], lens[:1], spec.scale, spec.window, num_splits=s)
+        for q_len in (1, 8, 24, 40, 100, 300):
+            qq = torch.zeros(3 * q_len, h, d, dtype=dt, device=dev)
+            cu = torch.arange(0, 4 * q_len, q_len, dtype=torch.int32, device=dev)
+            ln = torch.full((3,), q_len + 3, dtype=torch.int32, device=dev)
+            for first in (0, 1, 2):
+                self._prefill(qq, k_cache, v_cache, bt, cu, ln, spec.scale, spec.window, first, 3 - first, q_len)
+
     def forward(self, qkv, batch: ForwardBatch, spec: AttentionLayerSpec, cos_sin, k_cache, v_cache):
         a = batch.attn
         t, h, hkv, d = qkv.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim

@@ -93,6 +93,17 @@ class ModelRunner:
         self.pool = KVPool(c.n_layers, c.n_kv_heads, c.head_dim, num_blocks, bs, self.dtype, self.device)
         self.report["kv"].update(block_size=bs, max_tokens=(num_blocks - 1) * bs, kv_gb=round(self.pool.nbytes() / 1e9, 3))
         model.bind(self.backend, self.pool.k, self.pool.v)
+        if cuda:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                seen = set()
+                for blk in model.layers:
+                    a = blk.attention
+                    if a.spec not in seen:
+                        seen.add(a.spec)
+                        self.backend.warmup(a.spec, a.k_cache, a.v_cache)
+            torch.cuda.synchronize(self.device)
+            self.report["kernel_warmup_s"] = round(time.perf_counter() - t0, 2)
 
         # ---- GEMV choice per decode bucket, then graph capture (CUDA)
         self.buckets = self._buckets()
@@ -112,6 +123,13 @@ class ModelRunner:
         else:
             self.report["graph_fallback"] = "disabled" if cuda else "not a CUDA device"
         self.default_gen = make_generator(config.seed, self.device)
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.cuda and self.backend.name == "triton":  # two small Triton launches instead of torch's reduction
+            from engine.kernels.triton.fused import argmax
+
+            return argmax(logits)
+        return logits.argmax(dim=-1)
 
     # ---------------------------------------------------------------- setup
     def _buckets(self) -> list[int]:
@@ -147,7 +165,7 @@ class ModelRunner:
         return t.to(self.device, non_blocking=True) if self.cuda else t
 
     def _batch(self, ids, positions, seq_idx, query_start, seq_lens, tables, num_decodes, logits_rows) -> ForwardBatch:
-        ncols = max(1, max(len(t) for t in tables))
+        ncols = -(-max(1, max(len(t) for t in tables)) // 16) * 16  # a multiple of 16: one Triton specialization
         padded = [t + [0] * (ncols - len(t)) for t in tables]
         meta = AttentionMetadata(
             num_seqs=len(seq_lens), num_decodes=num_decodes, query_start=query_start, seq_lens_host=seq_lens,
@@ -234,7 +252,7 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """logits [N, V] -> tokens [N] int64 on the device; each request with its own params and generator."""
-        out = logits.argmax(dim=-1)
+        out = self._argmax(logits)
         for i, r in enumerate(reqs):
             s = r.sampling
             if s.greedy:

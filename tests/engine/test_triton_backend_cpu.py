@@ -41,3 +41,47 @@ def test_triton_backend_dispatch_equals_reference_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+KERNELS = textwrap.dedent(
+    """
+    import torch
+    from engine.kernels.triton import fused, gemv
+    from engine.kernels.triton.paged_attention import choose_num_splits
+
+    g = torch.Generator().manual_seed(0)
+    def r(*s):
+        return torch.randn(*s, generator=g)
+    for n, k, cfg in ((100, 300, gemv.GemvConfig("fma", 16, 128, 4, 1)), (64, 256, gemv.GemvConfig("fma", 8, 64, 4, 1)),
+                      (37, 96, gemv.GemvConfig("fma", 4, 64, 4, 1))):
+        w, x, res, nw = r(n, k), r(1, k), r(1, n), r(k).abs() + 0.5
+        # plain, residual epilogue, RMSNorm prologue, SwiGLU prologue: the double-buffered fma GEMV vs torch
+        assert torch.allclose(gemv.linear(x, w, cfg=cfg), x @ w.T, atol=1e-4, rtol=1e-4)
+        got = gemv.linear_fused(x, w, cfg, residual=res.clone())
+        assert torch.allclose(got, x @ w.T + res, atol=1e-4, rtol=1e-4)
+        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * nw
+        assert torch.allclose(gemv.linear_fused(x, w, cfg, norm_weight=nw, eps=1e-5), xn @ w.T, atol=1e-4, rtol=1e-4)
+        x2 = r(1, 2 * k)
+        act = torch.nn.functional.silu(x2[:, :k]) * x2[:, k:]
+        assert torch.allclose(gemv.linear_fused(x2, w, cfg, act=True), act @ w.T, atol=1e-4, rtol=1e-4)
+        xm = r(5, k)
+        dot = gemv.linear(xm, w, cfg=gemv.GemvConfig("dot", 16, 64, 4, 2), residual=res.expand(5, n).contiguous())
+        assert torch.allclose(dot, xm @ w.T + res, atol=1e-4, rtol=1e-4)
+    for m, v in ((1, 5000), (3, 4096), (4, 9001)):
+        x = r(m, v)
+        x[-1, 3] = x[-1, 4099 % v] = x.max() + 1  # a tie across blocks: the first index wins, as in torch
+        assert torch.equal(fused.argmax(x), x.argmax(-1))
+        assert torch.equal(fused.argmax(x.bfloat16()), x.bfloat16().argmax(-1))
+    splits = {choose_num_splits(b, 8, L) for b in range(1, 300) for L in (16, 100, 1000, 5000, 131072)}
+    assert splits <= {1, 2, 4, 8, 16, 32}, splits
+    print("OK")
+    """
+)
+
+
+def test_gemv_and_argmax_kernels_equal_torch_under_the_interpreter():
+    """The fma GEMV (double-buffered weight tiles, PDL off on the CPU) with each prologue / epilogue, the dot GEMV,
+    and the two-stage argmax (ties across blocks) against torch at sizes that are not multiples of the tiles."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    r = subprocess.run([sys.executable, "-c", KERNELS], capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]

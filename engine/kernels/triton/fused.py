@@ -8,13 +8,19 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, N, eps,
     stride_x, stride_r, stride_o, stride_ro,
     HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -45,7 +51,7 @@ def rms_norm(
     _rms_norm_kernel[(t,)](
         x, r, weight, out, r_out, n, float(eps),
         x.stride(0), r.stride(0), out.stride(0), r_out.stride(0),
-        HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 2048 else 4,
+        HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 2048 else 4, **launch(),
     )  # fmt: skip
     return out, (r_out if residual is not None else None)
 
@@ -59,7 +65,11 @@ def _rope_kv_kernel(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
     PAGE: tl.constexpr, WRITE_KV: tl.constexpr, K_OUT: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     pc = tl.maximum(pos, 0)
@@ -145,13 +155,16 @@ def rope_write_kv(
         H=num_heads, HKV=num_kv_heads, D=d, HALF=half,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), PAGE=k_cache.shape[2] if write else 1,
-        WRITE_KV=write, K_OUT=k_out is not None, num_warps=4,
+        WRITE_KV=write, K_OUT=k_out is not None, num_warps=4, **launch(),
     )  # fmt: skip
     return q_out
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, F, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, F, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F
@@ -169,12 +182,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     assert x.stride(-1) == 1
     out = torch.empty(t, f, dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_mul_kernel[(t, triton.cdiv(f, block))](x, out, f, x.stride(0), out.stride(0), BLOCK=block)
+    _silu_mul_kernel[(t, triton.cdiv(f, block))](x, out, f, x.stride(0), out.stride(0), BLOCK=block, **launch())
     return out
 
 
 @triton.jit
-def _advance_kernel(next_ptr, ids_ptr, pos_ptr, lens_ptr, B, BLOCK: tl.constexpr):
+def _advance_kernel(next_ptr, ids_ptr, pos_ptr, lens_ptr, B, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     offs = tl.arange(0, BLOCK)
     m = offs < B
     tl.store(ids_ptr + offs, tl.load(next_ptr + offs, mask=m).to(ids_ptr.dtype.element_ty), mask=m)
@@ -186,4 +202,48 @@ def advance(next_tokens: torch.Tensor, input_ids: torch.Tensor, positions: torch
     """In place, for the next decode step: input_ids = next_tokens; positions += 1; seq_lens += 1."""
     b = next_tokens.shape[0]
     assert input_ids.shape[0] >= b and positions.shape[0] >= b and seq_lens.shape[0] >= b
-    _advance_kernel[(1,)](next_tokens, input_ids, positions, seq_lens, b, BLOCK=triton.next_power_of_2(b))
+    _advance_kernel[(1,)](next_tokens, input_ids, positions, seq_lens, b, BLOCK=triton.next_power_of_2(b), **launch())
+
+
+ARGMAX_BLOCK = 4096
+
+
+@triton.jit
+def _argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, V, stride_x, NB, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    m, i = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(val_ptr + row * NB + blk, m)
+    tl.store(idx_ptr + row * NB + blk, blk * BLOCK + i)
+
+
+@triton.jit
+def _argmax_final_kernel(val_ptr, idx_ptr, out_ptr, NB, NB_PAD: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    row = tl.program_id(0)
+    offs = tl.arange(0, NB_PAD)
+    v = tl.load(val_ptr + row * NB + offs, mask=offs < NB, other=float("-inf"))
+    _, j = tl.max(v, 0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(out_ptr + row, tl.load(idx_ptr + row * NB + j).to(tl.int64))
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [M, V] -> int64 [M], the first index of each row's maximum (torch.argmax's choice for finite rows;
+    a NaN is not treated as the maximum). Two launches: per-4096-column block maxima, then their argmax."""
+    m, v = logits.shape
+    assert logits.stride(-1) == 1
+    nb = triton.cdiv(v, ARGMAX_BLOCK)
+    vals = torch.empty(m, nb, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(m, nb, dtype=torch.int32, device=logits.device)
+    out = torch.empty(m, dtype=torch.int64, device=logits.device)
+    _argmax_partial_kernel[(m, nb)](logits, vals, idx, v, logits.stride(0), nb, BLOCK=ARGMAX_BLOCK, num_warps=8,
+                                    **launch())  # fmt: skip
+    _argmax_final_kernel[(m,)](vals, idx, out, nb, NB_PAD=triton.next_power_of_2(nb), **launch())
+    return out

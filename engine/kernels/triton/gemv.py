@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch
+
 
 @triton.jit
 def _silu_mul(g, u, OUT_TY: tl.constexpr):
@@ -31,15 +33,26 @@ def _gemv_fma_kernel(
     g_ptr, eps, r_ptr,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     NORM: tl.constexpr, RES: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """M == 1. NORM: x -> g * rms_norm(x) on the fly (every program reads all of x once more for the rms, from
-    L2). RES: y -> round(y) + r, written to y (the residual stream, updated in place: r may alias y)."""
+    L2). RES: y -> round(y) + r, written to y (the residual stream, updated in place: r may alias y).
+    The weight tiles are double-buffered in registers (tile k+1 is loaded while tile k is multiplied); the
+    first one is loaded before the PDL wait, while the previous kernel finishes."""
     pid = tl.program_id(0)
     ty = w_ptr.dtype.element_ty
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+    if EVEN_K:
+        w_next = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0, eviction_policy="evict_first")
+    else:
+        w_next = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0,
+                         eviction_policy="evict_first")  # fmt: skip
+    if PDL:  # x, r and y belong to earlier kernels: wait for them, then let the next kernel start
+        gdc_wait()
+        gdc_launch_dependents()
     rstd = 1.0
     if NORM:
         ss = tl.zeros([BLOCK_K], tl.float32)
@@ -48,11 +61,13 @@ def _gemv_fma_kernel(
             ss += xs * xs
         rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
+        w = w_next
+        w_ptrs += BLOCK_K
+        nxt = (kk + BLOCK_K) < K  # the tile after this one (all masked past the end: no traffic)
+        w_next = tl.load(w_ptrs, mask=mask_n[:, None] & nxt[None, :], other=0.0, eviction_policy="evict_first")
         if EVEN_K:
-            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0, eviction_policy="evict_first")
             xv = tl.load(x_ptr + kk)
             if ACT:
                 xv = _silu_mul(xv, tl.load(x_ptr + K + kk), ty)
@@ -60,7 +75,6 @@ def _gemv_fma_kernel(
                 xv = (tl.load(g_ptr + kk).to(tl.float32) * (xv.to(tl.float32) * rstd).to(ty).to(tl.float32)).to(ty)
         else:
             mk = kk < K
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & mk[None, :], other=0.0, eviction_policy="evict_first")
             xv = tl.load(x_ptr + kk, mask=mk, other=0.0)
             if ACT:
                 xv = _silu_mul(xv, tl.load(x_ptr + K + kk, mask=mk, other=0.0), ty)
@@ -68,7 +82,6 @@ def _gemv_fma_kernel(
                 g = tl.load(g_ptr + kk, mask=mk, other=0.0).to(tl.float32)
                 xv = (g * (xv.to(tl.float32) * rstd).to(ty).to(tl.float32)).to(ty)
         acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-        w_ptrs += BLOCK_K
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -83,8 +96,11 @@ def _gemv_dot_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym, r_ptr, stride_rm,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr, RES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -231,7 +247,7 @@ def linear(
         _gemv_fma_kernel[grid](
             x, w, b_arg, out, n, k, w.stride(0), w, 0.0, w,
             ACT=act, HAS_BIAS=bias is not None, EVEN_K=even_k, NORM=False, RES=False,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch(),
         )  # fmt: skip
     else:
         assert m <= MAX_DOT_M, f"dot GEMV handles M <= {MAX_DOT_M}, got {m}"
@@ -241,7 +257,7 @@ def linear(
             ACT=act, HAS_BIAS=bias is not None, EVEN_K=even_k, RES=residual is not None,
             PREC="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch(),
         )  # fmt: skip
     return out
 
@@ -276,6 +292,6 @@ def linear_fused(
         norm_weight if norm_weight is not None else w, float(eps), residual if residual is not None else w,
         ACT=act, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
         NORM=norm_weight is not None, RES=residual is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch(),
     )  # fmt: skip
     return out

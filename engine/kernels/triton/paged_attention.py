@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch
+
 
 @triton.jit
 def _paged_decode_split_kernel(
@@ -29,7 +31,11 @@ def _paged_decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr,
     FUSED: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -121,7 +127,11 @@ def _paged_decode_merge_kernel(
     stride_lb, stride_lh,
     stride_outb, stride_outh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -146,9 +156,11 @@ BLOCK_N = 64
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132, cap: int = 32) -> int:
-    """Enough (sequence, KV head, split) programs for ~4 per SM, never more splits than BLOCK_N-token chunks."""
+    """Enough (sequence, KV head, split) programs for ~4 per SM, never more splits than BLOCK_N-token chunks,
+    rounded down to a power of two (each value is its own compiled kernel: 6 at most, compiled at warm-up)."""
     want = math.ceil(4 * num_sms / max(1, batch * num_kv_heads))
-    return max(1, min(cap, want, math.ceil(max_seq_len / BLOCK_N)))
+    s = max(1, min(cap, want, math.ceil(max_seq_len / BLOCK_N)))
+    return 1 << (s.bit_length() - 1)  # a power of two: NUM_SPLITS is a compile-time constant, so few variants
 
 
 def workspace(batch: int, num_heads: int, head_dim: int, num_splits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +234,7 @@ def paged_decode_attention(
         out, cnt, out.stride(0), out.stride(1), hkv,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, PREC=prec, FUSED=fused,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, **launch(),
     )  # fmt: skip
     if fused:
         return out
@@ -232,6 +244,6 @@ def paged_decode_attention(
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
-        num_warps=4,
+        num_warps=4, **launch(),
     )  # fmt: skip
     return out

@@ -1,0 +1,65 @@
+"""Programmatic dependent launch (PDL, sm_90+) for the decode step's Triton kernels.
+
+A kernel launched with `launch_pdl=True` may start while the previous kernel on the stream is still finishing:
+its programs first issue the loads that do not depend on earlier kernels (a GEMV's first weight tile), then
+`gdc_wait()` blocks until the previous kernel has completed and its writes are visible, then
+`gdc_launch_dependents()` lets the next kernel start the same way. Every PDL kernel waits before touching memory
+an earlier kernel writes, and triggers only after its own wait, so at most two kernels overlap and the order of
+the stream is kept (each kernel still sees everything before it complete). The launch gap and the ramp of each of
+the ~230 kernels of a batch-1 step overlap the previous kernel's tail instead of following it.
+
+`ENABLED` is False off CUDA, under the Triton interpreter, before sm_90, when this Triton has no launch_pdl
+option, or with ANVIL_PDL=0. Kernels take a `PDL: tl.constexpr` flag and launchers pass `**launch()`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton.language as tl
+
+
+def _supported() -> tuple[bool, str]:
+    if os.environ.get("ANVIL_PDL", "1") == "0":
+        return False, "disabled by ANVIL_PDL=0"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False, "Triton interpreter"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        if torch.cuda.get_device_capability() < (9, 0):
+            return False, f"sm_{''.join(map(str, torch.cuda.get_device_capability()))} < sm_90"
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        if "launch_pdl" not in CUDAOptions.__dataclass_fields__:
+            return False, "this Triton has no launch_pdl option"
+        from triton.language.extra import cuda as _cuda
+
+        if not hasattr(_cuda, "gdc_wait"):
+            return False, "this Triton has no gdc_wait"
+    except Exception as e:  # any probe failure: plain launches
+        return False, f"probe failed: {type(e).__name__}: {e}"
+    return True, "on"
+
+
+ENABLED, REASON = _supported()
+
+
+def launch() -> dict:
+    """Launch keyword arguments: the PDL flag of the kernel and the launch option."""
+    return {"PDL": True, "launch_pdl": True} if ENABLED else {"PDL": False}
+
+
+if ENABLED:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+else:  # never traced: kernels call these only under `if PDL:` (a constexpr False prunes the branch)
+
+    @tl.core.extern
+    def gdc_wait(_semantic=None):  # pragma: no cover
+        raise RuntimeError("PDL is not enabled")
+
+    @tl.core.extern
+    def gdc_launch_dependents(_semantic=None):  # pragma: no cover
+        raise RuntimeError("PDL is not enabled")
