@@ -63,7 +63,7 @@ class Int4LinearMethod(LinearMethod):
         w = self.weight(layer)
         if not x.is_cuda:
             return matmul_reference(x, w, layer.bias)
-        from engine.kernels.triton.int4_gemm import int4_matmul
+        from engine.kernels.triton.int4_gemm import int4_matmul  # decode kernel for small M, GEMM above
 
         shape = x.shape
         x2 = prepare_input(w, x.reshape(-1, shape[-1])).contiguous()
@@ -96,15 +96,13 @@ class NF4LinearMethod(LinearMethod):
     def matmul(self, layer, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x.is_cuda and x2.shape[0] <= 8:
+        if x.is_cuda and x2.shape[0] <= 32:  # the fused decode kernel (tl.dot path above M = 1); bias in-kernel
             from engine.kernels.triton.nf4_gemv import nf4_gemv
 
             code = self._codes.get(x.device)
             if code is None:
                 code = self._codes[x.device] = code_table(x.device)
-            y = nf4_gemv(x2.contiguous(), layer.qweight, layer.absmax.float(), code)
-            if layer.bias is not None:
-                y = y + layer.bias
+            y = nf4_gemv(x2.contiguous(), layer.qweight, layer.absmax.float(), code, bias=layer.bias)
         else:
             y = F.linear(x2, dequantize_nf4(self.weight(layer), x.dtype), layer.bias)
         return y.view(*shape[:-1], y.shape[-1])

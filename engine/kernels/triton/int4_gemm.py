@@ -1,79 +1,96 @@
-"""Dequant GEMM y[M, N] = x[M, K] @ W^T for prefill / larger batches (M > 8), W in Anvil's packed int4 format
-(engine/quant/int4.py). Tiles of W are dequantized in registers (float32 (q - z) * s, then rounded to x.dtype)
-and multiplied with tl.dot on the tensor cores, float32 accumulation; the weights are never expanded in memory.
+"""Dequant GEMM y[M, N] = x[M, K] @ W^T for prefill / larger batches, W in Anvil's packed int4 format
+(engine/quant/int4.py: qweight int32 [N, K/8], nibble j of word w = column 8w + j; scales / zeros [N, K/G]).
+
+It runs the kernel body of int4_gemv.py (`_wq_mm_kernel`) in its tl.dot mode with larger BLOCK_M tiles, the
+grouped launch order (programs that run together share W tiles in L2) and software pipelining (num_stages):
+each [BLOCK_N, BLOCK_K/8] word tile is loaded once, split into 8 nibble slices (magic-number dequant: no
+int->float conversion), scaled, rounded to x.dtype and multiplied on the tensor cores against the strided x
+columns, float32 accumulation. The weights are never expanded in memory.
+
+`int4_matmul` is the dispatcher the engine calls: the per-device table (int4_gemv.table_entry) when it has the
+shape, else the decode kernel for M <= DECODE_M and this GEMM above.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import triton
-import triton.language as tl
 
-from engine.kernels.triton.int4_gemv import _dequant_tile, check_int4_args
+from engine.kernels.triton.int4_gemv import DECODE_M, GEMV_MAX_M, check_int4_args, int4_gemv, launch, table_entry
 
 
-@triton.jit
-def _int4_gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-    G: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    # grouped launch order (the Triton matmul tutorial): programs that run together share W tiles in L2
-    pid = tl.program_id(0)
-    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * n_n
-    first_m = (pid // width) * GROUP_M
-    size_m = min(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :],
-                     other=0.0)  # [BM, BK]
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_n, mask_n, k0, N, K, G, HAS_GIDX, BLOCK_N, BLOCK_K)
-        acc += tl.dot(xv, tl.trans(w.to(xv.dtype)), input_precision=PREC)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+class GemmConfig(NamedTuple):
+    """Launch config of the GEMM (block_k: a power of two >= 128, as the nibble slices need BLOCK_K/8 >= 16)."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 128
+    warps: int = 4
+    stages: int = 3
+    split_k: int = 1
+    group_m: int = 8
 
 
-def gemm_config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by M bucket (untuned defaults; see bench_int4.py)."""
-    bk = 64 if group_size % 64 == 0 else 32
-    if m <= 16:
-        return 16, 64, bk, 4, 3
+def gemm_config(m: int, n: int, k: int, group_size: int) -> GemmConfig:
+    """The heuristic GEMM config by M bucket (untuned; the sweep's table overrides it)."""
+    del n, k, group_size
+    if m <= 32:
+        return GemmConfig(32, 64, 256, 4, 3)
     if m <= 64:
-        return 32, 64, bk, 4, 3
-    return 64, 128, bk, 8, 3
+        return GemmConfig(64, 64, 128, 4, 3)
+    return GemmConfig(128, 128, 128, 8, 3)
 
 
-def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              group_size: int, bias: torch.Tensor | None = None, config: tuple | None = None,
-              g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16; fp32 uses IEEE dots) -> y [M, N] in x.dtype."""
+def as_gemm_config(c) -> GemmConfig:
+    """GemmConfig from a GemmConfig, a dict of its fields or a tuple in field order (the old 5-tuple works;
+    a block_k below 128 is raised to 128)."""
+    if isinstance(c, GemmConfig):
+        out = c
+    elif isinstance(c, dict):
+        out = GemmConfig(**c)
+    else:
+        out = GemmConfig(*c)
+    return out._replace(block_k=max(out.block_k, 128))
+
+
+def int4_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    config=None,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] (bf16/fp16; fp32 uses IEEE dots) -> y [M, N] in x.dtype. config: a GemmConfig (dict / tuple)."""
     m, n, k = check_int4_args(x, qweight, scales, zeros, group_size, g_idx)
-    bm, bn, bk, warps, stages = config or gemm_config(m, n, k, group_size)
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _int4_gemm_kernel[grid](
-        x, qweight, scales, zeros, qweight if g_idx is None else g_idx, bias if bias is not None else y, y,
-        m, n, k, x.stride(0), y.stride(0),
-        G=group_size, HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
-    )
-    return y
+    if config is None:
+        e = table_entry("int4", m, n, k, x.device)
+        config = e["config"] if e and e.get("kernel") == "gemm" else gemm_config(m, n, k, group_size)
+    c = as_gemm_config(config)
+    return launch(x, qweight, scales, zeros, g_idx, bias, m, n, k, group_size, nf4=False, dot=True,
+                  block_m=max(c.block_m, 16), block_n=c.block_n, block_k=c.block_k, split_k=c.split_k, warps=c.warps,
+                  stages=c.stages, group_m=c.group_m)  # fmt: skip
 
 
-def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int, bias: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """GEMV for M <= 8, else the GEMM."""
-    from engine.kernels.triton.int4_gemv import int4_gemv
-
-    fn = int4_gemv if x.shape[0] <= 8 else int4_gemm
+def int4_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The table's kernel and config for (M, N, K) when it has one, else the decode kernel for M <= DECODE_M and
+    the GEMM above."""
+    m, n, k = x.shape[0], qweight.shape[0], x.shape[-1]
+    e = table_entry("int4", m, n, k, x.device)
+    if e is not None and e.get("kernel") == "gemm":
+        return int4_gemm(x, qweight, scales, zeros, group_size, bias, config=e["config"], g_idx=g_idx)
+    if e is not None and m <= GEMV_MAX_M:
+        return int4_gemv(x, qweight, scales, zeros, group_size, bias, config=e["config"], g_idx=g_idx)
+    fn = int4_gemv if m <= DECODE_M else int4_gemm
     return fn(x, qweight, scales, zeros, group_size, bias, g_idx=g_idx)

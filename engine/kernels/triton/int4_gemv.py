@@ -1,86 +1,247 @@
-"""Fused dequant GEMV y[M, N] = x[M, K] @ W^T for decode (M <= 8), W in Anvil's packed int4 g128 format
-(engine/quant/int4.py): qweight int32 [N, K/8] (low nibble first), scales / zeros [N, K/G] in the model dtype.
+"""Fused dequant matmul y[M, N] = x[M, K] @ W^T for decode (small M), W in Anvil's packed int4 format
+(engine/quant/int4.py): qweight int32 [N, K/8] (nibble j = bits 4j..4j+3 of word w is column 8w + j), scales /
+zeros [N, K/G] in the model dtype, optional g_idx int32 [K] (act-order), optional bias [N]. The same kernel body
+serves the prefill GEMM (int4_gemm.py, larger BLOCK_M) and the NF4 GEMV (nf4_gemv.py, NF4=True).
 
-Each program owns BLOCK_N output rows and walks K in BLOCK_K steps: it loads [BLOCK_N, BLOCK_K/8] words once,
-splits them into nibbles in registers, dequantizes (q - z) * s in float32 and multiplies on the CUDA cores
-(float32 accumulation, one reduction at the end for M == 1; a [M, N, K] broadcast-reduce per step for M > 1).
-The weights are never expanded in memory. `_dequant_tile` is shared with the GEMM (int4_gemm.py).
+Design (decode is memory bound: the goal is many weight bytes in flight and few instructions per nibble):
+- Program (pid_mn, pid_s) owns BLOCK_N output rows (and BLOCK_M rows of x) and the K tiles
+  [pid_s * TILES, (pid_s + 1) * TILES) of BLOCK_K columns each. Per tile it issues ONE [BLOCK_N, BLOCK_K/8] int32
+  load (BLOCK_K up to 1024: several groups per tile) plus the matching [BLOCK_N, BLOCK_K/8] scale / zero gathers
+  (one per word, L1-resident: a word's 8 nibbles share a group because 8 divides G).
+- Split-K (SPLIT > 1, a runtime argument): small-N shapes get SPLIT programs along K; each writes an fp32
+  partial [SPLIT, M, N] and `_splitk_reduce` sums them (+ bias, cast). Deterministic; no atomics, no memset.
+- Dequant without int->float conversions: nibble q of word w is `((w >> 4j) & 0xF) | 0x4B000000`, whose float32
+  bit pattern is exactly 2^23 + q; subtracting (2^23 + zero) is exact and gives q - zero.
+- No [BN, BK/8, 8] -> [BN, BK] reshape: nibble j of all words is processed as its own [BLOCK_N, BLOCK_K/8] slice
+  against the strided x columns x[m, 8w + j] (x is tiny and stays in L1 / L2).
+- USE_DOT=False (M == 1 only): an FMA reduction; the scale is applied once per word after summing the word's 8
+  nibbles ((q_j - z) * x_j summed over j, then * s). USE_DOT=True: each slice is scaled, rounded to x.dtype and
+  fed to tl.dot with x padded to BLOCK_M >= 16 rows (tensor cores; fp32 accumulation), so M = 1..BLOCK_M cost
+  about the same.
+- g_idx (act-order): the group differs per column, so scales / zeros are gathered per nibble (slower path).
+
+Launch configs (GemvConfig) come from an optional per-device table (int4_configs.json next to this file, written
+from `benchmarks/bench_int4.py --sweep`; env ANVIL_INT4_CONFIGS names another file), else from `gemv_config`'s
+heuristic. This file states the design; measured speeds live in results/ and the sweep's JSON.
 """
 
 from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_n, mask_n, k0, N, K, G: tl.constexpr, HAS_GIDX: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """float32 [BLOCK_N, BLOCK_K] = dequantized W[offs_n, k0 : k0 + BLOCK_K] (0 outside N / K). HAS_GIDX: the
-    group of column k is g_idx[k] (act-order), else k // G."""
-    BKW: tl.constexpr = BLOCK_K // 8
-    offs_w = k0 // 8 + tl.arange(0, BKW)
-    mask = mask_n[:, None] & (offs_w < K // 8)[None, :]
-    qw = tl.load(qw_ptr + offs_n[:, None] * (K // 8) + offs_w[None, :], mask=mask, other=0,
-                 eviction_policy="evict_first")  # [BN, BKW] int32
-    shifts = tl.arange(0, 8) * 4
-    q = (qw[:, :, None] >> shifts[None, None, :]) & 0xF  # [BN, BKW, 8]
-    q = tl.reshape(q, (BLOCK_N, BLOCK_K)).to(tl.float32)  # column 8w + j = nibble j of word w
-    NG = K // G
-    if G % BLOCK_K == 0 and not HAS_GIDX:  # the whole tile is in one group: one scale / zero per row
-        g = k0 // G
-        s = tl.load(s_ptr + offs_n * NG + g, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs_n * NG + g, mask=mask_n, other=0.0).to(tl.float32)
-        w = (q - z[:, None]) * s[:, None]
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        if HAS_GIDX:
-            gk = tl.load(gi_ptr + offs_k, mask=offs_k < K, other=0)
-        else:
-            gk = offs_k // G
-        mk = mask_n[:, None] & (offs_k < K)[None, :]
-        s = tl.load(s_ptr + offs_n[:, None] * NG + gk[None, :], mask=mk, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs_n[:, None] * NG + gk[None, :], mask=mk, other=0.0).to(tl.float32)
-        w = (q - z) * s
-    return w
+GEMV_MAX_M = 32  # int4_gemv takes M <= this many rows
+DECODE_M = 16  # int4_matmul's default switch to the GEMM above this M (the config table may say otherwise)
+CONFIG_FILE = Path(__file__).with_name("int4_configs.json")
 
 
-@triton.jit
-def _int4_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-    G: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+class GemvConfig(NamedTuple):
+    """Launch config of the decode kernel. split_k: 0 = pick from the grid size, 1 = off, s = s K-splits.
+    dot: tl.dot on x padded to block_m rows (any M <= block_m); False: FMA reduction (M == 1 only)."""
+
+    block_n: int = 32
+    block_k: int = 512
+    split_k: int = 0
+    warps: int = 4
+    stages: int = 1
+    dot: bool = False
+    block_m: int = 16
+
+
+@triton.jit(do_not_specialize=["M", "SPLIT", "TILES"])
+def _wq_mm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, b_ptr, y_ptr, p_ptr, M, N, K, SPLIT, TILES,
+    G: tl.constexpr, NF4: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
+    """y[M, N] (or fp32 partial p[SPLIT, M, N]) for int4 (z_ptr: zeros) or NF4 (z_ptr: the 16-entry code book,
+    s_ptr: absmax, G = 64, nibble j of a little-endian word is element 8w + (j ^ 1))."""
+    BKW: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_m = tl.arange(0, BLOCK_M)
+    pid_s = tl.program_id(1)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * n_n  # grouped order (Triton's matmul tutorial): neighbours share W tiles in L2
+    first_m = (pid // width) * GROUP_M
+    size_m = min(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
-    offs_k = tl.arange(0, BLOCK_K)
-    if BLOCK_M == 1:
-        acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    else:
+    mask_n = offs_n < N
+    KW = K // 8
+    NG = K // G
+    offs_w = tl.arange(0, BKW)
+    t0 = pid_s * TILES
+    t1 = min(t0 + TILES, tl.cdiv(K, BLOCK_K))
+    if USE_DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_n, mask_n, k0, N, K, G, HAS_GIDX, BLOCK_N, BLOCK_K)
-        kk = k0 + offs_k
-        xm = mask_m[:, None] & (kk < K)[None, :]
-        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=xm, other=0.0).to(tl.float32)
-        if BLOCK_M == 1:
-            acc1 += w * xv  # [BN, BK] * [1, BK]
-        else:
-            acc += tl.sum(xv[:, None, :] * w[None, :, :], axis=2)  # [BM, BN]
-    if BLOCK_M == 1:
-        acc = tl.sum(acc1, axis=1)[None, :]
+    else:
+        acc = tl.zeros([BLOCK_N, BKW], tl.float32)
+    for t in range(t0, t1):
+        w = t * BKW + offs_w  # word index [BKW]
+        mask_w = w < KW
+        mask = mask_n[:, None] & mask_w[None, :]
+        qw = tl.load(qw_ptr + offs_n[:, None] * KW + w[None, :], mask=mask, other=0, eviction_policy="evict_first")
+        if not HAS_GIDX:
+            sz = offs_n[:, None] * NG + ((w * 8) // G)[None, :]  # one group per word
+            s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+            if not NF4:
+                zf = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32) + 8388608.0
+        if not USE_DOT:
+            part = tl.zeros([BLOCK_N, BKW], tl.float32)
+        for j in tl.static_range(8):
+            nib = (qw >> (4 * j)) & 0xF
+            if NF4:
+                kj = w * 8 + (j ^ 1)
+                v = tl.load(z_ptr + nib)  # code book (64 bytes, L1)
+            else:
+                kj = w * 8 + j
+                v = (nib | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q, exactly
+            if HAS_GIDX:
+                gk = tl.load(gi_ptr + kj, mask=mask_w, other=0)
+                sz_j = offs_n[:, None] * NG + gk[None, :]
+                s_j = tl.load(s_ptr + sz_j, mask=mask, other=0.0).to(tl.float32)
+                if NF4:
+                    v = v * s_j
+                else:
+                    z_j = tl.load(z_ptr + sz_j, mask=mask, other=0.0).to(tl.float32) + 8388608.0
+                    v = (v - z_j) * s_j
+            elif not NF4:
+                v = v - zf  # q - zero, exact
+            if USE_DOT:
+                if not HAS_GIDX:
+                    v = v * s
+                xj = tl.load(x_ptr + offs_m[:, None] * K + kj[None, :], mask=mask_m[:, None] & mask_w[None, :],
+                             other=0.0)  # fmt: skip
+                acc = tl.dot(xj, tl.trans(v.to(xj.dtype)), acc, input_precision=PREC)
+            else:
+                xj = tl.load(x_ptr + kj, mask=mask_w, other=0.0).to(tl.float32)  # M == 1
+                part += v * xj[None, :]
+        if not USE_DOT:
+            if HAS_GIDX:
+                acc += part
+            else:
+                acc += part * s  # the scale once per word
+    if USE_DOT:
+        out = acc
+        omask = mask_m[:, None] & mask_n[None, :]
+        ooff = offs_m[:, None] * N + offs_n[None, :]
+    else:
+        out = tl.sum(acc, axis=1)
+        omask = mask_n
+        ooff = offs_n
+    if SPLIT > 1:
+        tl.store(p_ptr + pid_s * M * N + ooff, out, mask=omask)
+    else:
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            if USE_DOT:
+                out += bias[None, :]
+            else:
+                out += bias
+        tl.store(y_ptr + ooff, out.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit(do_not_specialize=["MN", "SPLIT"])
+def _splitk_reduce(p_ptr, b_ptr, y_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def check_int4_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                    group_size: int, g_idx: torch.Tensor | None = None) -> tuple[int, int, int]:
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick_split(split_k: int, programs: int, n_tiles: int, device: torch.device) -> int:
+    """The K split: split_k if given (capped at the tile count), else enough to give ~4 programs per SM."""
+    if split_k <= 0:
+        split_k = max(1, (4 * _num_sms(device)) // max(programs, 1))
+    return max(1, min(split_k, n_tiles))
+
+
+def launch(x, qweight, scales, zeros_or_code, g_idx, bias, m, n, k, group_size, *, nf4: bool, dot: bool,
+           block_m: int, block_n: int, block_k: int, split_k: int, warps: int, stages: int,
+           group_m: int = 8) -> torch.Tensor:  # fmt: skip
+    """Run `_wq_mm_kernel` (+ the split-K reduction); returns y [M, N] in x.dtype."""
+    assert dot or m == 1, "the FMA (dot=False) config takes M == 1 only"
+    assert block_k >= 128 and block_k & (block_k - 1) == 0, "block_k: a power of two >= 128"
+    bm = max(block_m, 16)  # the FMA path ignores it (M == 1: one M tile either way)
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    n_tiles = triton.cdiv(k, block_k)
+    programs = triton.cdiv(m, bm) * triton.cdiv(n, block_n)
+    split = pick_split(split_k, programs, n_tiles, x.device)
+    tiles = triton.cdiv(n_tiles, split)
+    split = triton.cdiv(n_tiles, tiles)  # no empty splits
+    part = torch.empty(
+        split if split > 1 else 1, m if split > 1 else 1, n if split > 1 else 1, device=x.device, dtype=torch.float32
+    )  # fp32 either way: one compiled kernel for split and no split
+    _wq_mm_kernel[(programs, split)](
+        x, qweight, scales, zeros_or_code, qweight if g_idx is None else g_idx, y if bias is None else bias, y, part,
+        m, n, k, split, tiles,
+        G=group_size, NF4=nf4, HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None, USE_DOT=dot,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    if split > 1:
+        block = 1024
+        _splitk_reduce[(triton.cdiv(m * n, block),)](
+            part, y if bias is None else bias, y, m * n, n, split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4
+        )
+    return y
+
+
+# ------------------------------------------------------------------------------------------- config table
+@functools.lru_cache(maxsize=4)
+def _load_table(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text()).get("devices", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def table_entry(kind: str, m: int, n: int, k: int, device: torch.device) -> dict | None:
+    """The table's entry for (kind "int4" | "nf4", N, K) with the smallest M >= m on this device's name, or None.
+    Entry: {"M", "N", "K", "kernel": "gemv" | "gemm", "config": {GemvConfig or GemmConfig fields}}."""
+    if device.type != "cuda":
+        return None
+    table = _load_table(os.environ.get("ANVIL_INT4_CONFIGS", str(CONFIG_FILE)))
+    if not table:
+        return None
+    rows = table.get(torch.cuda.get_device_name(device), {}).get(kind, [])
+    fits = [r for r in rows if r.get("N") == n and r.get("K") == k and r.get("M", 0) >= m]
+    return min(fits, key=lambda r: r["M"]) if fits else None
+
+
+# ------------------------------------------------------------------------------------------------ int4 API
+def check_int4_args(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+) -> tuple[int, int, int]:
     """(M, N, K) after checking devices, dtypes, contiguity and shapes."""
     assert x.dim() == 2 and x.is_contiguous(), "x must be a contiguous [M, K] tensor"
     assert x.is_cuda or x.device.type == "cpu", "Triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
@@ -98,27 +259,45 @@ def check_int4_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     return m, n, k
 
 
-def gemv_config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): BLOCK_K = the group (one scale per row and step) up to 256;
-    fewer rows per program as M grows, to keep the [M, N, K] product in registers."""
-    bm = triton.next_power_of_2(m)
-    bk = min(group_size, 256) if group_size >= 32 else 32
-    bn = {1: 16, 2: 16, 4: 8, 8: 4}[bm]
-    return bm, bn, bk, 4
+def gemv_config(m: int, n: int, k: int, group_size: int) -> GemvConfig:
+    """The heuristic decode config (untuned; the sweep's table overrides it): FMA for M == 1, tl.dot with x padded
+    to 16 (32) rows above; split_k=0 lets `pick_split` fill the SMs."""
+    del n, group_size
+    bk = 512 if k >= 512 else 256 if k >= 256 else 128
+    if m == 1:
+        return GemvConfig(block_n=32, block_k=bk, split_k=0, warps=4, stages=1, dot=False)
+    return GemvConfig(block_n=64, block_k=min(bk, 256), split_k=0, warps=4, stages=1, dot=True,
+                      block_m=16 if m <= 16 else 32)  # fmt: skip
 
 
-def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              group_size: int, bias: torch.Tensor | None = None, config: tuple | None = None,
-              g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M <= 8, K] (bf16/fp16/fp32) -> y [M, N] in x.dtype. Float32 dequant and accumulation."""
+def as_gemv_config(c) -> GemvConfig:
+    """GemvConfig from a GemvConfig, a dict of its fields or a tuple in field order."""
+    if isinstance(c, GemvConfig):
+        return c
+    if isinstance(c, dict):
+        return GemvConfig(**c)
+    return GemvConfig(*c)
+
+
+def int4_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    config=None,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M <= 32, K] (bf16/fp16/fp32) -> y [M, N] in x.dtype. config: a GemvConfig (or its dict / tuple);
+    default: the device table's entry, else `gemv_config`."""
     m, n, k = check_int4_args(x, qweight, scales, zeros, group_size, g_idx)
-    assert 1 <= m <= 8, f"int4_gemv takes M <= 8 rows (got {m}); use int4_gemm"
-    bm, bn, bk, warps = config or gemv_config(m, n, k, group_size)
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(n, bn),)
-    _int4_gemv_kernel[grid](
-        x, qweight, scales, zeros, qweight if g_idx is None else g_idx, bias if bias is not None else y, y,
-        m, n, k, x.stride(0), y.stride(0),
-        G=group_size, HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-    )
-    return y
+    assert 1 <= m <= GEMV_MAX_M, f"int4_gemv takes M <= {GEMV_MAX_M} rows (got {m}); use int4_gemm"
+    if config is None:
+        e = table_entry("int4", m, n, k, x.device)
+        config = e["config"] if e and e.get("kernel", "gemv") == "gemv" else gemv_config(m, n, k, group_size)
+    c = as_gemv_config(config)
+    dot = c.dot or m > 1
+    return launch(x, qweight, scales, zeros, g_idx, bias, m, n, k, group_size, nf4=False, dot=dot,
+                  block_m=max(c.block_m, triton.next_power_of_2(m), 16), block_n=c.block_n, block_k=c.block_k,
+                  split_k=c.split_k, warps=c.warps, stages=c.stages)  # fmt: skip

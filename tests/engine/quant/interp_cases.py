@@ -24,9 +24,22 @@ def error_and_bound(out: torch.Tensor, x: torch.Tensor, w_deq: torch.Tensor) -> 
     return err, 2 * (same - ref).abs().max().item() + floor
 
 
-def run_case(kind: str, n: int, k: int, m: int, dtype: str, group: int = 128, bias: bool = False,
-             device: str = "cpu", seed: int = 0, act_order: bool = False) -> tuple[float, float]:
-    from engine.kernels.triton.int4_gemm import int4_gemm
+def run_case(
+    kind: str,
+    n: int,
+    k: int,
+    m: int,
+    dtype: str,
+    group: int = 128,
+    bias: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+    act_order: bool = False,
+    config: list | dict | None = None,
+) -> tuple[float, float]:
+    """(error, bound) of one kernel call on fresh random inputs. kind: int4_gemv | int4_gemm | int4_matmul |
+    nf4_gemv; config: the launcher's config (GemvConfig / GemmConfig fields as a list or dict; None: default)."""
+    from engine.kernels.triton.int4_gemm import int4_gemm, int4_matmul
     from engine.kernels.triton.int4_gemv import int4_gemv
     from engine.kernels.triton.nf4_gemv import nf4_gemv
     from engine.quant.int4 import dequantize, quantize_rtn
@@ -39,14 +52,19 @@ def run_case(kind: str, n: int, k: int, m: int, dtype: str, group: int = 128, bi
     b = torch.randn(n, generator=g).to(device, dt) if bias else None
     if kind == "nf4_gemv":
         p = quantize_nf4(w)
-        out = nf4_gemv(x, p.qweight.to(device), p.absmax.to(device), code_table(device))
+        out = nf4_gemv(x, p.qweight.to(device), p.absmax.to(device), code_table(device), config=config, bias=b)
+        if b is not None:
+            out = out - b
         return error_and_bound(out, x, dequantize_nf4(p).to(device))
     p = quantize_rtn(w, group).to(device, dt)
     if act_order:  # a random act-order grouping: G channels per group, scattered over K
         perm = torch.randperm(k, generator=g)
         p.g_idx = (torch.arange(k) // group)[torch.argsort(perm)].to(device, torch.int32)
-    fn = {"int4_gemv": int4_gemv, "int4_gemm": int4_gemm}[kind]
-    out = fn(x, p.qweight, p.scales, p.zeros, group, bias=b, g_idx=p.g_idx)
+    if kind == "int4_matmul":
+        out = int4_matmul(x, p.qweight, p.scales, p.zeros, group, bias=b, g_idx=p.g_idx)
+    else:
+        fn = {"int4_gemv": int4_gemv, "int4_gemm": int4_gemm}[kind]
+        out = fn(x, p.qweight, p.scales, p.zeros, group, bias=b, config=config, g_idx=p.g_idx)
     if b is not None:
         out = out - b
     return error_and_bound(out, x, dequantize(p))

@@ -24,25 +24,56 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available (torch.cuda.is_available() is False)")
 REPO = Path(__file__).resolve().parents[3]
 
-CPU_SHAPES = [(96, 256), (200, 384)]
+CPU_SHAPES = [(200, 384), (200, 640)]  # N not a multiple of any BLOCK_N; K = 3 and 5 groups of 128
 CPU_DTYPES = ["float32", "float16"]
+# GemvConfig fields (block_n, block_k, split_k, warps, stages, dot): each config exercises tiles that cover
+# several groups, a partial last tile, and split-K (split_k > 1) or not
+FMA = [[32, 256, 1, 4, 1, False], [64, 128, 3, 4, 1, False]]
+DOT = [[32, 256, 2, 4, 1, True], [64, 128, 1, 4, 1, True]]
+GEMM = [
+    [32, 64, 128, 4, 1, 1],
+    [64, 32, 256, 4, 1, 2],
+]  # GemmConfig (block_m, block_n, block_k, warps, stages, split_k)
 CPU_CASES = (
-    [dict(kind="int4_gemv", n=n, k=k, m=m, dtype=d, seed=n + m) for n, k in CPU_SHAPES for m in (1, 3, 8)
-     for d in CPU_DTYPES]
-    + [dict(kind="int4_gemm", n=n, k=k, m=m, dtype=d, seed=n + m) for n, k in CPU_SHAPES for m in (3, 17)
-       for d in CPU_DTYPES]
-    + [dict(kind=kd, n=40, k=256, m=5, dtype="float32", group=gr, bias=True) for kd in ("int4_gemv", "int4_gemm")
-       for gr in (32, 64)]
-    + [dict(kind=kd, n=96, k=384, m=m, dtype="float32", act_order=True) for kd in ("int4_gemv", "int4_gemm")
-       for m in (1, 5)]
-    + [dict(kind="nf4_gemv", n=n, k=k, m=m, dtype=d, seed=m) for n, k in ((96, 256), (200, 320)) for m in (1, 3, 8)
-       for d in CPU_DTYPES]
+    [
+        dict(kind="int4_gemv", n=n, k=k, m=1, dtype=d, seed=i, config=c, bias=i == 0)
+        for n, k in CPU_SHAPES
+        for d in CPU_DTYPES
+        for i, c in enumerate(FMA)
+    ]
+    + [
+        dict(kind="int4_gemv", n=n, k=k, m=m, dtype=d, seed=m, config=c, bias=m == 3)
+        for n, k in CPU_SHAPES
+        for d in CPU_DTYPES
+        for m, c in ((1, DOT[0]), (3, DOT[1]), (8, DOT[0]), (13, DOT[1]))
+    ]
+    + [
+        dict(kind="int4_gemm", n=200, k=384, m=m, dtype=d, seed=m, config=c)
+        for d in CPU_DTYPES
+        for m, c in ((17, GEMM[0]), (40, GEMM[1]))
+    ]
+    + [
+        dict(kind=kd, n=40, k=256, m=m, dtype="float32", group=gr, bias=True)
+        for kd, m in (("int4_gemv", 1), ("int4_gemv", 5), ("int4_gemm", 20))
+        for gr in (32, 64)
+    ]
+    + [
+        dict(kind=kd, n=200, k=384, m=m, dtype="float32", act_order=True, config=c, bias=True)
+        for kd, m, c in (("int4_gemv", 1, FMA[1]), ("int4_gemv", 5, DOT[0]), ("int4_gemm", 17, GEMM[1]))
+    ]
+    + [dict(kind="int4_matmul", n=200, k=640, m=m, dtype="float32", seed=m) for m in (1, 13, 40)]
+    + [
+        dict(kind="nf4_gemv", n=200, k=320, m=m, dtype=d, seed=m, config=c, bias=m == 3)
+        for d in CPU_DTYPES
+        for m, c in ((1, FMA[0]), (1, FMA[1]), (3, DOT[0]), (13, DOT[1]))
+    ]
 )
 
 
 def case_id(c: dict) -> str:
-    extra = (f"-g{c['group']}-bias" if "group" in c else "") + ("-act_order" if c.get("act_order") else "")
-    return f"{c['kind']}-{c['n']}x{c['k']}-m{c['m']}-{c['dtype']}{extra}"
+    extra = (f"-g{c['group']}" if "group" in c else "") + ("-bias" if c.get("bias") else "")
+    extra += ("-act_order" if c.get("act_order") else "") + (f"-cfg{c['config']}" if c.get("config") else "")
+    return f"{c['kind']}-{c['n']}x{c['k']}-m{c['m']}-{c['dtype']}{extra}".replace(" ", "")
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +82,15 @@ def interpreted() -> dict[str, tuple[float, float]]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return {case_id(c): run_case(**c) for c in CPU_CASES}
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "tests.engine.quant.interp_cases"], input=json.dumps(CPU_CASES),
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.engine.quant.interp_cases"],
+        input=json.dumps(CPU_CASES),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, f"interpreter child failed:\n{proc.stderr[-3000:]}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     return {case_id(c): tuple(r) for c, r in zip(CPU_CASES, results, strict=True)}
@@ -69,8 +107,8 @@ def test_int4_launcher_rejects_bad_shapes():
     from engine.quant.int4 import quantize_rtn
 
     p = quantize_rtn(torch.randn(96, 256), 128)
-    with pytest.raises(AssertionError, match="M <= 8"):
-        int4_gemv(torch.zeros(9, 256), p.qweight, p.scales, p.zeros, 128)
+    with pytest.raises(AssertionError, match="M <= 32"):
+        int4_gemv(torch.zeros(33, 256), p.qweight, p.scales, p.zeros, 128)
     with pytest.raises(AssertionError, match="qweight"):
         int4_gemv(torch.zeros(1, 384), p.qweight, p.scales, p.zeros, 128)
 
@@ -94,9 +132,9 @@ def gpu_case(**kw) -> None:
 @needs_cuda
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("n,k", GPU_SHAPES)
-@pytest.mark.parametrize("m", [1, 3, 8, 17, 128])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 128])
 def test_int4_matmul_gpu(n, k, m, dtype):
-    gpu_case(kind="int4_gemv" if m <= 8 else "int4_gemm", n=n, k=k, m=m, dtype=dtype, seed=m)
+    gpu_case(kind="int4_gemv" if m <= 32 else "int4_gemm", n=n, k=k, m=m, dtype=dtype, seed=m)
 
 
 @pytest.mark.gpu
@@ -105,10 +143,10 @@ def test_int4_matmul_gpu(n, k, m, dtype):
 @pytest.mark.parametrize("n,k", [(96, 256), (200, 384), (4000, 4096)])
 def test_int4_gemm_small_m_and_awkward_gpu(n, k, m):
     gpu_case(kind="int4_gemm", n=n, k=k, m=m, dtype="bfloat16", seed=n)
-    if m <= 8:
+    if m <= 32:
         gpu_case(kind="int4_gemv", n=n, k=k, m=m, dtype="bfloat16", seed=n)
-    gpu_case(kind="int4_gemv" if m <= 8 else "int4_gemm", n=n, k=k, m=m, dtype="float32", group=64, bias=True)
-    gpu_case(kind="int4_gemv" if m <= 8 else "int4_gemm", n=n, k=k, m=m, dtype="bfloat16", act_order=True)
+    gpu_case(kind="int4_gemv" if m <= 32 else "int4_gemm", n=n, k=k, m=m, dtype="float32", group=64, bias=True)
+    gpu_case(kind="int4_gemv" if m <= 32 else "int4_gemm", n=n, k=k, m=m, dtype="bfloat16", act_order=True)
 
 
 @pytest.mark.gpu
