@@ -3,6 +3,13 @@ backends) on the Llama-3-8B head layout (32 query / 8 KV heads, d128, bf16, caus
 TFLOP/s counts the causal half: 2 * 2 * H * D * sum over queries of the keys each attends.
 
   python benchmarks/bench_attention.py --out results/gpu/attention.json [--lens 4096,16384] [--extend 2048]
+  python benchmarks/bench_attention.py --sweep --out OUT.json [--budget 90]
+
+--sweep also times the kernel under every launch config of SWEEP (BLOCK_M rows = tokens x GQA group, BLOCK_N keys
+per tile, num_warps, num_stages) on the same cases plus a sliding-window extend; each config's output is first
+checked against the SDPA output (|err| <= 1e-2 + 2e-2 |ref|) and only timed when it matches. A config that fails
+to compile or launch (e.g. out of shared memory) is recorded with its error. Configs stop being tried once
+--budget seconds have passed. The best config per case and the default heuristic's are printed and saved.
 """
 
 from __future__ import annotations
@@ -10,14 +17,24 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.kernels.triton.paged_prefill import paged_prefill_attention
+from engine.kernels.triton.paged_prefill import clamp_config, default_config, paged_prefill_attention
 
 H, HKV, D, PAGE = 32, 8, 128, 16
+DEV = "cuda"
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+SWEEP = [
+    *[(128, bn, w, s) for bn in (64, 128) for w in (8, 4) for s in (2, 3)],
+    *[(64, bn, 4, s) for bn in (32, 64, 128) for s in (2, 3)],
+    (256, 64, 16, 2),
+    (256, 64, 8, 2),
+]
 
 
 def timed(fn, iters: int = 10) -> float:
@@ -34,9 +51,10 @@ def timed(fn, iters: int = 10) -> float:
     return statistics.median(ts)
 
 
-def case(n_ctx: int, q_len: int, dtype=torch.bfloat16) -> dict:
-    """q_len new queries at the end of an n_ctx-token sequence (q_len == n_ctx: a fresh prompt)."""
-    dev = "cuda"
+def make_case(n_ctx: int, q_len: int, window: int = 0, dtype=torch.bfloat16) -> dict:
+    """q_len new queries at the end of an n_ctx-token sequence (q_len == n_ctx: a fresh prompt), its K/V in a
+    paged cache with scattered pages, and the causal (windowed) FLOP count."""
+    dev = DEV
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(q_len, H, D, device=dev, dtype=dtype, generator=g)
     k = torch.randn(n_ctx, HKV, D, device=dev, dtype=dtype, generator=g)
@@ -48,40 +66,102 @@ def case(n_ctx: int, q_len: int, dtype=torch.bfloat16) -> dict:
     pos = torch.arange(n_ctx, device=dev)
     kc[perm[pos // PAGE].long(), :, pos % PAGE] = k
     vc[perm[pos // PAGE].long(), :, pos % PAGE] = v
-    bt = perm[None, :]
-    cu = torch.tensor([0, q_len], device=dev, dtype=torch.int32)
-    lens = torch.tensor([n_ctx], device=dev, dtype=torch.int32)
-    scale = D**-0.5
-    flops = 4 * H * D * sum(n_ctx - q_len + i + 1 for i in range(q_len))
-    res = {"n_ctx": n_ctx, "q_len": q_len}
-    out_t = paged_prefill_attention(q, kc, vc, bt, cu, lens, scale, 0, 0, 1, q_len)
-    res["triton_paged_ms"] = timed(lambda: paged_prefill_attention(q, kc, vc, bt, cu, lens, scale, 0, 0, 1, q_len))
-    qq = q.transpose(0, 1)[None]
-    kk = k.transpose(0, 1)[None]
-    vv = v.transpose(0, 1)[None]
+    qpos = n_ctx - q_len + torch.arange(q_len)
+    seen = qpos + 1 if window <= 0 else torch.clamp(qpos + 1, max=window)
+    return {
+        "n_ctx": n_ctx, "q_len": q_len, "window": window, "q": q, "k": k, "v": v, "kc": kc, "vc": vc,
+        "bt": perm[None, :], "cu": torch.tensor([0, q_len], device=dev, dtype=torch.int32),
+        "lens": torch.tensor([n_ctx], device=dev, dtype=torch.int32), "scale": D**-0.5,
+        "flops": 4 * H * D * int(seen.sum()),
+    }  # fmt: skip
+
+
+def run_kernel(c: dict, config: dict | None = None) -> torch.Tensor:
+    return paged_prefill_attention(c["q"], c["kc"], c["vc"], c["bt"], c["cu"], c["lens"], c["scale"], c["window"],
+                                   0, 1, c["q_len"], config=config)  # fmt: skip
+
+
+def sdpa(c: dict, res: dict) -> torch.Tensor | None:
+    """Times SDPA's cuDNN / flash / efficient backends into res; returns the first output ([q_len, H, D])."""
+    n_ctx, q_len, window = c["n_ctx"], c["q_len"], c["window"]
+    qq, kk, vv = (c[x].transpose(0, 1)[None] for x in "qkv")
     mask = None
-    if q_len != n_ctx:  # bottom-right causal: query i sees keys <= n_ctx - q_len + i
-        i = torch.arange(q_len, device=dev)[:, None]
-        mask = torch.arange(n_ctx, device=dev)[None, :] <= (n_ctx - q_len + i)
+    if q_len != n_ctx or window > 0:  # bottom-right causal: query i sees keys <= n_ctx - q_len + i
+        i = n_ctx - q_len + torch.arange(q_len, device=DEV)[:, None]
+        j = torch.arange(n_ctx, device=DEV)[None, :]
+        mask = (j <= i) & ((i - j < window) if window > 0 else True)
     ref = None
     for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
                      ("efficient", SDPBackend.EFFICIENT_ATTENTION)):  # fmt: skip
         try:
             with sdpa_kernel(be):
+
                 def f():
                     return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None,
-                                                          scale=scale, enable_gqa=True)  # fmt: skip
+                                                          scale=c["scale"], enable_gqa=True)  # fmt: skip
+
                 o = f()
                 res[f"sdpa_{name}_ms"] = timed(f)
-                ref = o if ref is None else ref
+                ref = o[0].transpose(0, 1) if ref is None else ref
         except Exception as e:  # a backend that does not take this case
             res[f"sdpa_{name}_ms"] = None
             res[f"sdpa_{name}_why"] = f"{type(e).__name__}: {str(e)[:120]}"
-    if ref is not None:
-        res["triton_max_abs_err"] = (out_t.float() - ref[0].transpose(0, 1).float()).abs().max().item()
+    return ref
+
+
+def add_tflops(res: dict, flops: int) -> dict:
     for key in [k for k in res if k.endswith("_ms") and res[k]]:
         res[key.replace("_ms", "_tflops")] = flops / (res[key] * 1e-3) / 1e12
     return res
+
+
+def case(c: dict) -> tuple[dict, torch.Tensor | None]:
+    res = {"n_ctx": c["n_ctx"], "q_len": c["q_len"], "window": c["window"],
+           "default_config": default_config(c["q_len"], H // HKV, D, c["q"].dtype, c["q"].device)}  # fmt: skip
+    out_t = run_kernel(c)
+    res["triton_paged_ms"] = timed(lambda: run_kernel(c))
+    ref = sdpa(c, res)
+    if ref is not None:
+        res["triton_max_abs_err"] = (out_t.float() - ref.float()).abs().max().item()
+    return add_tflops(res, c["flops"]), ref
+
+
+def sweep(cases: list[tuple[dict, torch.Tensor]], budget_s: float) -> list[dict]:
+    """Every config of SWEEP on every case: check against the SDPA output, then time."""
+    rows, t0 = [], time.time()
+    for bm, bn, w, s in SWEEP:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+        for c, ref in cases:
+            row = {"n_ctx": c["n_ctx"], "q_len": c["q_len"], "window": c["window"], "config": cfg,
+                   "launched": clamp_config(cfg, c["q_len"], H // HKV)}  # fmt: skip
+            if time.time() - t0 > budget_s:
+                row["skipped"] = "budget"
+                rows.append(row)
+                continue
+            try:
+                o = run_kernel(c, cfg)
+                torch.cuda.synchronize()
+                err = (o.float() - ref.float()).abs()
+                row["max_abs_err"] = err.max().item()
+                row["ok"] = bool((err <= 1e-2 + 2e-2 * ref.float().abs()).all().item())
+                if row["ok"]:
+                    row["ms"] = timed(lambda c=c, cfg=cfg: run_kernel(c, cfg))
+                    row["tflops"] = c["flops"] / (row["ms"] * 1e-3) / 1e12
+            except Exception as e:  # compile / launch failure (e.g. out of shared memory)
+                row["ok"] = False
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+def best_per_case(rows: list[dict]) -> list[dict]:
+    best = {}
+    for r in rows:
+        key = (r["n_ctx"], r["q_len"], r["window"])
+        if r.get("ms") and (key not in best or r["ms"] < best[key]["ms"]):
+            best[key] = r
+    return list(best.values())
 
 
 def main() -> None:
@@ -89,17 +169,37 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--lens", default="4096,16384")
     ap.add_argument("--extend", type=int, default=2048, help="also a chunk of this many queries over each prefix")
+    ap.add_argument("--sweep", action="store_true", help="also time every launch config of SWEEP")
+    ap.add_argument("--window", type=int, default=1024, help="--sweep: a sliding-window extend case (0: none)")
+    ap.add_argument("--budget", type=float, default=90.0, help="--sweep: seconds to spend on configs")
     args = ap.parse_args()
-    rows = []
+    specs = []
     for n in (int(x) for x in args.lens.split(",")):
-        for ql in (n, min(args.extend, n)) if args.extend else (n,):
-            r = case(n, ql)
-            rows.append(r)
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if not k.endswith("_why")},
-                  flush=True)  # fmt: skip
+        specs += [(n, ql, 0) for ql in ((n, min(args.extend, n)) if args.extend else (n,))]
+    if args.sweep and args.window > 0:
+        n = int(args.lens.split(",")[0])
+        specs.append((n, min(args.extend or n, n), args.window))
+    rows, cases = [], []
+    for n, ql, w in specs:
+        c = make_case(n, ql, w)
+        r, ref = case(c)
+        rows.append(r)
+        if ref is not None:
+            cases.append((c, ref))
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if not k.endswith("_why")},
+              flush=True)  # fmt: skip
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    result = {"env": env, "rows": rows}
+    if args.sweep:
+        result["sweep"] = sweep(cases, args.budget)
+        result["best"] = best_per_case(result["sweep"])
+        default_ms = {(r["n_ctx"], r["q_len"], r["window"]): r["triton_paged_ms"] for r in rows}
+        for b in result["best"]:
+            print("best", b["n_ctx"], b["q_len"], b["window"], b["config"], round(b["ms"], 3), "ms",
+                  round(b["tflops"], 1), "TFLOP/s; default config",
+                  round(default_ms[(b["n_ctx"], b["q_len"], b["window"])], 3), "ms")  # fmt: skip
     with open(args.out, "w") as f:
-        json.dump({"env": env, "rows": rows}, f, indent=1)
+        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
