@@ -44,7 +44,9 @@ CONFIG_FILE = Path(__file__).with_name("int4_configs.json")
 
 class GemvConfig(NamedTuple):
     """Launch config of the decode kernel. split_k: 0 = pick from the grid size, 1 = off, s = s K-splits.
-    dot: tl.dot on x padded to block_m rows (any M <= block_m); False: FMA reduction (M == 1 only)."""
+    dot: tl.dot on x padded to block_m rows (any M <= block_m); False: FMA reduction (M == 1 only).
+    grouped: [BLOCK_N, groups, G/8] word tiles with broadcast scales (else per-word scale gathers; g_idx and
+    non-power-of-two G always use the latter)."""
 
     block_n: int = 32
     block_k: int = 512
@@ -53,17 +55,129 @@ class GemvConfig(NamedTuple):
     stages: int = 1
     dot: bool = False
     block_m: int = 16
+    grouped: bool = True
+
+
+@triton.jit
+def _nibbles(qw, j: tl.constexpr, NF4: tl.constexpr, code_ptr):
+    """Nibble j of every word: float32 2^23 + q (int4: the magic-number trick, exact) or code[q] (NF4)."""
+    nib = (qw >> (4 * j)) & 0xF
+    if NF4:
+        v = tl.load(code_ptr + nib)  # the 16-entry code book (64 bytes, L1)
+    else:
+        v = (nib | 0x4B000000).to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
+def _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, K,
+                 G: tl.constexpr, NF4: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """One K tile as [BLOCK_N, groups, G/8] words: the [BLOCK_N, groups] scales / zeros broadcast over a group's
+    words (no per-word gathers). Needs G a power of two <= BLOCK_K and no g_idx."""
+    GW: tl.constexpr = G // 8
+    NGT: tl.constexpr = BLOCK_K // G
+    BKW: tl.constexpr = BLOCK_K // 8
+    KW = K // 8
+    NG = K // G
+    gi = t * NGT + tl.arange(0, NGT)  # group index [NGT]
+    w3 = gi[:, None] * GW + tl.arange(0, GW)[None, :]  # word index [NGT, GW]
+    mask_w3 = w3 < KW
+    qw = tl.load(qw_ptr + offs_n[:, None, None] * KW + w3[None, :, :], mask=mask_n[:, None, None] & mask_w3[None, :, :],
+                 other=0, eviction_policy="evict_first")  # fmt: skip
+    mask_g = mask_n[:, None] & (gi < NG)[None, :]
+    s = tl.load(s_ptr + offs_n[:, None] * NG + gi[None, :], mask=mask_g, other=0.0).to(tl.float32)[:, :, None]
+    if not NF4:
+        zf = tl.load(z_ptr + offs_n[:, None] * NG + gi[None, :], mask=mask_g, other=0.0).to(tl.float32) + 8388608.0
+        zf = zf[:, :, None]
+    if not USE_DOT:
+        part = tl.zeros([BLOCK_N, NGT, GW], tl.float32)
+    w = t * BKW + tl.arange(0, BKW)  # the same words, flat (x addresses of the dot path)
+    for j in tl.static_range(8):
+        v = _nibbles(qw, j, NF4, z_ptr)
+        if not NF4:
+            v = v - zf  # q - zero, exact
+        if NF4:
+            jj = j + 1 - 2 * (j % 2)  # NF4: the high nibble of a byte is the even element (j ^ 1)
+        else:
+            jj = j
+        if USE_DOT:
+            v = tl.reshape(v * s, [BLOCK_N, BKW])
+            xj = tl.load(x_ptr + offs_m[:, None] * K + (w * 8 + jj)[None, :],
+                         mask=mask_m[:, None] & (w < KW)[None, :], other=0.0)  # fmt: skip
+            acc = tl.dot(xj, tl.trans(v.to(xj.dtype)), acc, input_precision=PREC)
+        else:
+            xj = tl.load(x_ptr + w3 * 8 + jj, mask=mask_w3, other=0.0).to(tl.float32)  # M == 1
+            part += v * xj[None, :, :]
+    if not USE_DOT:
+        acc += part * s  # the scale once per word
+    return acc
+
+
+@triton.jit
+def _tile_words(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, offs_m, mask_m, offs_n, mask_n, K,
+                G: tl.constexpr, NF4: tl.constexpr, HAS_GIDX: tl.constexpr, USE_DOT: tl.constexpr,
+                PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """One K tile as [BLOCK_N, BLOCK_K/8] words; scales / zeros gathered per word (any G), or per nibble from
+    g_idx (act-order)."""
+    BKW: tl.constexpr = BLOCK_K // 8
+    KW = K // 8
+    NG = K // G
+    w = t * BKW + tl.arange(0, BKW)  # word index [BKW]
+    mask_w = w < KW
+    mask = mask_n[:, None] & mask_w[None, :]
+    qw = tl.load(qw_ptr + offs_n[:, None] * KW + w[None, :], mask=mask, other=0, eviction_policy="evict_first")
+    if not HAS_GIDX:
+        sz = offs_n[:, None] * NG + ((w * 8) // G)[None, :]  # one group per word (8 divides G)
+        s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+        if not NF4:
+            zf = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32) + 8388608.0
+    if not USE_DOT:
+        part = tl.zeros([BLOCK_N, BKW], tl.float32)
+    for j in tl.static_range(8):
+        v = _nibbles(qw, j, NF4, z_ptr)
+        if NF4:
+            jj = j + 1 - 2 * (j % 2)
+        else:
+            jj = j
+        kj = w * 8 + jj
+        if HAS_GIDX:
+            gk = tl.load(gi_ptr + kj, mask=mask_w, other=0)
+            sz_j = offs_n[:, None] * NG + gk[None, :]
+            s_j = tl.load(s_ptr + sz_j, mask=mask, other=0.0).to(tl.float32)
+            if NF4:
+                v = v * s_j
+            else:
+                z_j = tl.load(z_ptr + sz_j, mask=mask, other=0.0).to(tl.float32) + 8388608.0
+                v = (v - z_j) * s_j
+        elif not NF4:
+            v = v - zf  # q - zero, exact
+        if USE_DOT:
+            if not HAS_GIDX:
+                v = v * s
+            xj = tl.load(x_ptr + offs_m[:, None] * K + kj[None, :], mask=mask_m[:, None] & mask_w[None, :],
+                         other=0.0)  # fmt: skip
+            acc = tl.dot(xj, tl.trans(v.to(xj.dtype)), acc, input_precision=PREC)
+        else:
+            xj = tl.load(x_ptr + kj, mask=mask_w, other=0.0).to(tl.float32)  # M == 1
+            part += v * xj[None, :]
+    if not USE_DOT:
+        if HAS_GIDX:
+            acc += part
+        else:
+            acc += part * s  # the scale once per word
+    return acc
 
 
 @triton.jit(do_not_specialize=["M", "SPLIT", "TILES"])
 def _wq_mm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, b_ptr, y_ptr, p_ptr, M, N, K, SPLIT, TILES,
     G: tl.constexpr, NF4: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    GROUPED: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """y[M, N] (or fp32 partial p[SPLIT, M, N]) for int4 (z_ptr: zeros) or NF4 (z_ptr: the 16-entry code book,
     s_ptr: absmax, G = 64, nibble j of a little-endian word is element 8w + (j ^ 1))."""
-    BKW: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_m = tl.cdiv(M, BLOCK_M)
@@ -77,60 +191,23 @@ def _wq_mm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    KW = K // 8
-    NG = K // G
-    offs_w = tl.arange(0, BKW)
     t0 = pid_s * TILES
     t1 = min(t0 + TILES, tl.cdiv(K, BLOCK_K))
     if USE_DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    elif GROUPED:
+        acc = tl.zeros([BLOCK_N, BLOCK_K // G, G // 8], tl.float32)
     else:
-        acc = tl.zeros([BLOCK_N, BKW], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
     for t in range(t0, t1):
-        w = t * BKW + offs_w  # word index [BKW]
-        mask_w = w < KW
-        mask = mask_n[:, None] & mask_w[None, :]
-        qw = tl.load(qw_ptr + offs_n[:, None] * KW + w[None, :], mask=mask, other=0, eviction_policy="evict_first")
-        if not HAS_GIDX:
-            sz = offs_n[:, None] * NG + ((w * 8) // G)[None, :]  # one group per word
-            s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
-            if not NF4:
-                zf = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32) + 8388608.0
-        if not USE_DOT:
-            part = tl.zeros([BLOCK_N, BKW], tl.float32)
-        for j in tl.static_range(8):
-            nib = (qw >> (4 * j)) & 0xF
-            if NF4:
-                kj = w * 8 + (j ^ 1)
-                v = tl.load(z_ptr + nib)  # code book (64 bytes, L1)
-            else:
-                kj = w * 8 + j
-                v = (nib | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q, exactly
-            if HAS_GIDX:
-                gk = tl.load(gi_ptr + kj, mask=mask_w, other=0)
-                sz_j = offs_n[:, None] * NG + gk[None, :]
-                s_j = tl.load(s_ptr + sz_j, mask=mask, other=0.0).to(tl.float32)
-                if NF4:
-                    v = v * s_j
-                else:
-                    z_j = tl.load(z_ptr + sz_j, mask=mask, other=0.0).to(tl.float32) + 8388608.0
-                    v = (v - z_j) * s_j
-            elif not NF4:
-                v = v - zf  # q - zero, exact
-            if USE_DOT:
-                if not HAS_GIDX:
-                    v = v * s
-                xj = tl.load(x_ptr + offs_m[:, None] * K + kj[None, :], mask=mask_m[:, None] & mask_w[None, :],
-                             other=0.0)  # fmt: skip
-                acc = tl.dot(xj, tl.trans(v.to(xj.dtype)), acc, input_precision=PREC)
-            else:
-                xj = tl.load(x_ptr + kj, mask=mask_w, other=0.0).to(tl.float32)  # M == 1
-                part += v * xj[None, :]
-        if not USE_DOT:
-            if HAS_GIDX:
-                acc += part
-            else:
-                acc += part * s  # the scale once per word
+        if GROUPED:
+            acc = _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, K,
+                               G, NF4, USE_DOT, PREC, BLOCK_N, BLOCK_K)  # fmt: skip
+        else:
+            acc = _tile_words(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, offs_m, mask_m, offs_n, mask_n, K,
+                              G, NF4, HAS_GIDX, USE_DOT, PREC, BLOCK_N, BLOCK_K)  # fmt: skip
+    if not USE_DOT and GROUPED:
+        acc = tl.sum(acc, axis=2)
     if USE_DOT:
         out = acc
         omask = mask_m[:, None] & mask_n[None, :]
@@ -179,10 +256,11 @@ def pick_split(split_k: int, programs: int, n_tiles: int, device: torch.device) 
 
 def launch(x, qweight, scales, zeros_or_code, g_idx, bias, m, n, k, group_size, *, nf4: bool, dot: bool,
            block_m: int, block_n: int, block_k: int, split_k: int, warps: int, stages: int,
-           group_m: int = 8) -> torch.Tensor:  # fmt: skip
+           group_m: int = 8, grouped: bool = True) -> torch.Tensor:  # fmt: skip
     """Run `_wq_mm_kernel` (+ the split-K reduction); returns y [M, N] in x.dtype."""
     assert dot or m == 1, "the FMA (dot=False) config takes M == 1 only"
     assert block_k >= 128 and block_k & (block_k - 1) == 0, "block_k: a power of two >= 128"
+    grouped = grouped and g_idx is None and group_size & (group_size - 1) == 0 and group_size <= block_k
     bm = max(block_m, 16)  # the FMA path ignores it (M == 1: one M tile either way)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     n_tiles = triton.cdiv(k, block_k)
@@ -197,7 +275,7 @@ def launch(x, qweight, scales, zeros_or_code, g_idx, bias, m, n, k, group_size, 
         x, qweight, scales, zeros_or_code, qweight if g_idx is None else g_idx, y if bias is None else bias, y, part,
         m, n, k, split, tiles,
         G=group_size, NF4=nf4, HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None, USE_DOT=dot,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=block_n,
+        GROUPED=grouped, PREC="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=block_n,
         BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split > 1:
@@ -300,4 +378,4 @@ def int4_gemv(
     dot = c.dot or m > 1
     return launch(x, qweight, scales, zeros, g_idx, bias, m, n, k, group_size, nf4=False, dot=dot,
                   block_m=max(c.block_m, triton.next_power_of_2(m), 16), block_n=c.block_n, block_k=c.block_k,
-                  split_k=c.split_k, warps=c.warps, stages=c.stages)  # fmt: skip
+                  split_k=c.split_k, warps=c.warps, stages=c.stages, grouped=c.grouped)  # fmt: skip

@@ -26,14 +26,13 @@ REPO = Path(__file__).resolve().parents[3]
 
 CPU_SHAPES = [(200, 384), (200, 640)]  # N not a multiple of any BLOCK_N; K = 3 and 5 groups of 128
 CPU_DTYPES = ["float32", "float16"]
-# GemvConfig fields (block_n, block_k, split_k, warps, stages, dot): each config exercises tiles that cover
-# several groups, a partial last tile, and split-K (split_k > 1) or not
-FMA = [[32, 256, 1, 4, 1, False], [64, 128, 3, 4, 1, False]]
-DOT = [[32, 256, 2, 4, 1, True], [64, 128, 1, 4, 1, True]]
-GEMM = [
-    [32, 64, 128, 4, 1, 1],
-    [64, 32, 256, 4, 1, 2],
-]  # GemmConfig (block_m, block_n, block_k, warps, stages, split_k)
+# GemvConfig fields (block_n, block_k, split_k, warps, stages, dot, block_m, grouped): each config exercises tiles
+# that cover several groups, a partial last tile, split-K (split_k > 1) or not, and both tile shapes (grouped:
+# [BN, groups, G/8] words with broadcast scales; else [BN, BK/8] words with per-word scale gathers)
+FMA = [[32, 256, 1, 4, 1, False, 16, True], [64, 128, 3, 4, 1, False, 16, False]]
+DOT = [[32, 256, 2, 4, 1, True, 16, True], [64, 128, 1, 4, 1, True, 16, False]]
+# GemmConfig (block_m, block_n, block_k, warps, stages, split_k, group_m, grouped)
+GEMM = [[32, 64, 128, 4, 1, 1, 8, True], [64, 32, 256, 4, 1, 2, 8, False]]
 CPU_CASES = (
     [
         dict(kind="int4_gemv", n=n, k=k, m=1, dtype=d, seed=i, config=c, bias=i == 0)
