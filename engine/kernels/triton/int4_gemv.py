@@ -298,17 +298,26 @@ def _load_table(path: str) -> dict:
         return {}
 
 
+def lookup_entry(devices: dict, device_name: str, kind: str, m: int, n: int, k: int) -> dict | None:
+    """The entry of `devices` (the table's "devices" object) for this device name, kind ("int4" | "nf4") and
+    (N, K) with the smallest M >= m, or None. Entry: {"M", "N", "K", "kernel": "gemv" | "gemm", "config":
+    {GemvConfig or GemmConfig fields}} (benchmarks/bench_int4.py --sweep writes them)."""
+    rows = devices.get(device_name, {}).get(kind, [])
+    fits = [r for r in rows if r.get("N") == n and r.get("K") == k and r.get("M", 0) >= m and "config" in r]
+    return min(fits, key=lambda r: r["M"]) if fits else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_entry(path: str, device: torch.device, kind: str, m: int, n: int, k: int) -> dict | None:
+    devices = _load_table(path)
+    return lookup_entry(devices, torch.cuda.get_device_name(device), kind, m, n, k) if devices else None
+
+
 def table_entry(kind: str, m: int, n: int, k: int, device: torch.device) -> dict | None:
-    """The table's entry for (kind "int4" | "nf4", N, K) with the smallest M >= m on this device's name, or None.
-    Entry: {"M", "N", "K", "kernel": "gemv" | "gemm", "config": {GemvConfig or GemmConfig fields}}."""
+    """The config table's entry for this call (see lookup_entry); None off CUDA or without a table."""
     if device.type != "cuda":
         return None
-    table = _load_table(os.environ.get("ANVIL_INT4_CONFIGS", str(CONFIG_FILE)))
-    if not table:
-        return None
-    rows = table.get(torch.cuda.get_device_name(device), {}).get(kind, [])
-    fits = [r for r in rows if r.get("N") == n and r.get("K") == k and r.get("M", 0) >= m]
-    return min(fits, key=lambda r: r["M"]) if fits else None
+    return _cached_entry(os.environ.get("ANVIL_INT4_CONFIGS", str(CONFIG_FILE)), device, kind, m, n, k)
 
 
 # ------------------------------------------------------------------------------------------------ int4 API

@@ -112,6 +112,65 @@ def test_int4_launcher_rejects_bad_shapes():
         int4_gemv(torch.zeros(1, 384), p.qweight, p.scales, p.zeros, 128)
 
 
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_int4", REPO / "benchmarks" / "bench_int4.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_config_table_roundtrip():
+    """The sweep's best rows -> the int4_configs.json document -> lookup_entry -> a launch config."""
+    from engine.kernels.triton.int4_gemm import GemmConfig
+    from engine.kernels.triton.int4_gemv import GemvConfig, lookup_entry
+
+    bench = _bench_module()
+    fast, slow = GemvConfig(64, 512, 2, 8, 1, True, 16), GemvConfig(32, 256, 1, 4, 1, True, 16)
+    rows = [
+        dict(shape="wo", N=4096, K=4096, M=4, kernel="int4_gemv", config=slow._asdict(), median_ms=0.03,
+             dense_ms=0.02, speedup_vs_dense=0.7, status="ok"),
+        dict(shape="wo", N=4096, K=4096, M=4, kernel="int4_gemv", config=fast._asdict(), median_ms=0.01,
+             dense_ms=0.02, speedup_vs_dense=2.0, status="ok"),
+        dict(shape="wo", N=4096, K=4096, M=4, kernel="int4_gemv", config=None, median_ms=0.001,
+             dense_ms=0.02, speedup_vs_dense=20.0, status="wrong: rel err 1 > 0.02"),
+        dict(shape="wo", N=4096, K=4096, M=32, kernel="int4_gemm", config=GemmConfig(32, 64, 256)._asdict(),
+             median_ms=0.02, dense_ms=0.02, speedup_vs_dense=1.0, status="ok"),
+    ]  # fmt: skip
+    table = bench.configs_table(bench.best_configs(rows), "GPU X", {"devices": {"GPU Y": {"int4": []}}})
+    doc = json.loads(json.dumps(table))
+    assert set(doc["devices"]) == {"GPU X", "GPU Y"}
+    e = lookup_entry(doc["devices"], "GPU X", "int4", 3, 4096, 4096)  # M = 3 takes the M = 4 entry
+    assert e["kernel"] == "gemv" and GemvConfig(**e["config"]) == fast
+    e = lookup_entry(doc["devices"], "GPU X", "int4", 17, 4096, 4096)
+    assert e["kernel"] == "gemm" and GemmConfig(**e["config"]) == GemmConfig(32, 64, 256)
+    assert lookup_entry(doc["devices"], "GPU X", "int4", 33, 4096, 4096) is None
+    assert lookup_entry(doc["devices"], "GPU X", "int4", 1, 4096, 14336) is None
+    assert lookup_entry(doc["devices"], "GPU Z", "int4", 1, 4096, 4096) is None
+    shipped = json.loads((REPO / "engine" / "kernels" / "triton" / "int4_configs.json").read_text())
+    assert shipped["schema"] == table["schema"] and isinstance(shipped["devices"], dict)
+
+
+def test_bench_sweep_cpu_smoke(tmp_path):
+    """bench_int4.py's sweep bookkeeping under the interpreter: the defaults run and pass the reference check,
+    the candidates are recorded as skipped once the (zero) time budget is spent, the JSON has the table."""
+    out = tmp_path / "b.json"
+    cmd = [sys.executable, "benchmarks/bench_int4.py", "--cpu-smoke", "--sweep", "--budget-s", "0", "--shapes",
+           "40x256", "--ms", "1,17", "--iters", "1", "--out", str(out), "--configs-out", str(tmp_path / "t.json")]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    by_status = {}
+    for r in doc["rows"]:
+        by_status.setdefault(r["status"].split(":")[0], []).append(r)
+    assert {r["kernel"] for r in by_status["ok"]} == {"int4_gemv", "int4_gemm", "nf4_gemv", "bf16_cublas"}
+    assert all(r["config"] is None for r in by_status["ok"]) and len(by_status["skipped"]) > 10
+    assert {(b["format"], b["M"]) for b in doc["best"]} == {("int4", 1), ("int4", 17), ("nf4", 1), ("nf4", 17)}
+    assert json.loads((tmp_path / "t.json").read_text())["devices"]["cpu-interpreter"]["int4"]
+
+
 def poison() -> None:
     torch.empty(1 << 26, device="cuda").fill_(float("nan"))  # unwritten outputs show up as NaN
 
