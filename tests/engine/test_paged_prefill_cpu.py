@@ -85,3 +85,51 @@ def test_paged_prefill_kernel_equals_reference_under_the_interpreter(case):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
     r = subprocess.run([sys.executable, "-c", SCRIPT, case], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+COMPILE = textwrap.dedent(
+    """
+    import re, sys
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from engine.kernels.triton.paged_prefill import _paged_prefill_kernel, default_config
+
+    class Hopper:  # default_config's device argument, without a GPU
+        type = "cuda"
+
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    ints = "window seq_offset stride_qt stride_qh stride_ot stride_oh stride_kb stride_kh stride_ks stride_btb"
+    sig = {**{p: "*bf16" for p in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}, "bt_ptr": "*i32", "cu_q_ptr": "*i32",
+           "lens_ptr": "*i32", "qk_scale": "fp32", **{k: "i32" for k in ints.split()}}
+    for group, d, window in ((4, 128, False), (4, 128, True), (3, 96, False), (8, 64, False)):
+        cfg = default_config(2048, group, d, torch.bfloat16, Hopper())
+        const = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), PAGE=16, BLOCK_M=cfg["BLOCK_M"],
+                     BLOCK_Q=cfg["BLOCK_M"] // group, BLOCK_N=cfg["BLOCK_N"], PREC="tf32", WINDOW=window)
+        full = {**sig, **{k: "constexpr" for k in const}}
+        names = list(full)
+        aligned = [k for k in sig if k.endswith("_ptr") or k.startswith("stride")]  # what the JIT specializes
+        src = ASTSource(_paged_prefill_kernel, full, {(names.index(k),): v for k, v in const.items()},
+                        {(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+        ir = k.asm["ttgir"]
+        assert k.metadata.shared <= 227 * 1024, (group, d, window, k.metadata.shared)
+        assert "ttng.warp_group_dot" in ir and "async_copy_global_to_local" in ir, (group, d, window)
+        waits = [int(n) for n in re.findall(r"async_wait %k_\\d+, %v_\\d+[^{]*\\{num = (\\d+)", ir)]
+        assert waits and min(waits) > 0, ("the K/V copies are not prefetched", group, d, window, waits)
+    print("OK")
+    """
+)
+
+
+def test_the_default_hopper_config_compiles_for_sm90_with_pipelined_kv_loads():
+    """Without a GPU: the sm_90 build of the default configs (GQA 4:1 d128 with and without a window, 3:1 d96 (padded to 128), 8:1 d64)
+    fits in shared memory, uses wgmma, and keeps the K/V copies of a later tile in flight while a tile is computed
+    (a Triton upgrade that changes the stage mapping fails here: re-run the --sweep)."""
+    pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas) to compile")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.getcwd()
+    r = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]

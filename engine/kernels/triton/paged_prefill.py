@@ -149,27 +149,32 @@ def _paged_prefill_kernel(
 
 def default_config(max_q_len: int, group: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Launch config {BLOCK_M (rows = tokens x GROUP heads), BLOCK_N (keys per tile), num_warps, num_stages}.
-    A starting point chosen from the known-good FlashAttention-2 shapes per architecture, to be confirmed (or
-    replaced) by benchmarks/bench_attention.py --sweep on the target GPU; clamp_config fits it to the problem."""
+    A starting point from the FlashAttention-2 tile shapes per architecture (not a measured optimum: confirm or
+    replace it with benchmarks/bench_attention.py --sweep on the target GPU); clamp_config fits it to the problem.
+
+    num_stages: the K/V loads hang off the page-id load, which takes a pipeline stage of its own, so (Triton 3.8,
+    read off the sm_90 TTGIR) stages 2-4 give two K/V buffers with the next tile's copy waited on at once (no
+    overlap), 5-6 three buffers with the tile after next in flight, 7 four."""
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
     if dtype == torch.float32 or cap[0] < 8:  # fp32 / the interpreter / older GPUs: small tiles
         cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     elif head_dim > 128:
-        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    elif cap[0] >= 9:  # Hopper: 128-row wgmma tiles across two warpgroups
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    elif cap == (8, 0) or cap == (8, 7):  # A100 / Orin: 164 KiB of shared memory
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    elif cap[0] >= 9:  # Hopper: 128-row wgmma tiles over two warpgroups, ~130 KiB of shared memory (d128)
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 5}
+    elif cap in ((8, 0), (8, 7)):  # A100 / Orin: 164 KiB of shared memory
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 5}
     else:  # sm_86 / sm_89 (~100 KiB of shared memory)
-        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 5}
     return clamp_config(cfg, max_q_len, group)
 
 
 def clamp_config(cfg: dict, max_q_len: int, group: int) -> dict:
-    """Shrink BLOCK_M to the rows the longest query run needs (>= 16 for tl.dot, >= GROUP: one token at least)."""
+    """Shrink BLOCK_M to the rows the longest query run needs (>= 16 for tl.dot, >= GROUP: one token at least);
+    a shrunk block keeps at most one warp per 16 rows (4 at least: one warpgroup)."""
     need = max(16, triton.next_power_of_2(max(1, max_q_len) * group))
     bm = max(min(cfg["BLOCK_M"], need), triton.next_power_of_2(group))
-    warps = cfg["num_warps"] if bm >= 64 else min(cfg["num_warps"], 4)
+    warps = cfg["num_warps"] if bm >= cfg["BLOCK_M"] else min(cfg["num_warps"], max(4, bm // 16))
     return {**cfg, "BLOCK_M": bm, "num_warps": warps}
 
 
