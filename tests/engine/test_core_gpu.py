@@ -1,5 +1,6 @@
 """The engine core on a GPU (Triton backend, tuned/fixed GEMVs, CUDA graphs) == the reference loop, and the Triton
-paged prefill kernel == the torch backend at awkward sizes. Needs a CUDA GPU."""
+paged prefill kernel == the torch backend at awkward sizes, under its default and the sweep's launch configs. Needs a
+CUDA GPU."""
 
 from __future__ import annotations
 
@@ -22,17 +23,31 @@ def _prompts(lengths, vocab, seed=0):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize(
-    "h,hkv,d,page,specs,window,dtype",
-    [
-        (8, 2, 128, 16, [(5, 37), (97, 97), (1, 20), (64, 1025)], 0, torch.bfloat16),
-        (4, 4, 59, 8, [(13, 13), (7, 300)], 0, torch.float16),
-        (12, 4, 111, 32, [(33, 200), (100, 100)], 50, torch.bfloat16),
-        (6, 2, 64, 16, [(17, 130), (2, 2)], 7, torch.float32),
-    ],
-)
-def test_paged_prefill_kernel_matches_reference(h, hkv, d, page, specs, window, dtype):
+PREFILL_CASES = [
+    (8, 2, 128, 16, [(5, 37), (97, 97), (1, 20), (64, 1025)], 0, torch.bfloat16),
+    (4, 4, 59, 8, [(13, 13), (7, 300)], 0, torch.float16),
+    (12, 4, 111, 32, [(33, 200), (100, 100)], 50, torch.bfloat16),
+    (6, 2, 64, 16, [(17, 130), (2, 2)], 7, torch.float32),
+    # GQA 4:1 d128 (the Llama layout): a long chunk over a long prefix, fresh, a window, speculative rows
+    (8, 2, 128, 16, [(300, 2100), (1, 1), (257, 257), (4, 999)], 0, torch.bfloat16),
+    (8, 2, 128, 16, [(200, 1500), (3, 64), (129, 129)], 100, torch.bfloat16),
+    (16, 2, 96, 16, [(1, 700)] * 5 + [(6, 70)], 0, torch.float16),  # 8:1, d96, many one-query sequences
+]
+# launch configs of benchmarks/bench_attention.py's sweep (BLOCK_M, BLOCK_N, num_warps, num_stages), on the 16-bit
+# GQA cases (the others run the default config only)
+PREFILL_CONFIGS = [(128, 64, 8, 2), (128, 128, 8, 5), (128, 32, 8, 7), (64, 64, 4, 5), (256, 32, 16, 5)]
+PREFILL_PARAMS = [(*c, None) for c in PREFILL_CASES] + [(*PREFILL_CASES[i], cfg) for i in (0, 4, 5, 6)
+                                                          for cfg in PREFILL_CONFIGS]  # fmt: skip
+
+
+@pytest.mark.parametrize("h,hkv,d,page,specs,window,dtype,config", PREFILL_PARAMS)
+def test_paged_prefill_kernel_matches_reference(h, hkv, d, page, specs, window, dtype, config):
+    import triton
+
     from engine.kernels.triton.paged_prefill import paged_prefill_attention
+
+    if config is not None:
+        config = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), config, strict=True))
 
     g = torch.Generator(device="cuda").manual_seed(0)
     nb = sum(math.ceil(n / page) for _, n in specs) + 5
@@ -50,9 +65,14 @@ def test_paged_prefill_kernel_matches_reference(h, hkv, d, page, specs, window, 
     q = torch.randn(qs[-1], h, d, device="cuda", dtype=dtype, generator=g)
     bt = torch.tensor(tables, dtype=torch.int32, device="cuda")
     out = torch.full_like(q, float("nan"))  # poisoned: every row must be written
-    paged_prefill_attention(q, kc, vc, bt, torch.tensor(qs, dtype=torch.int32, device="cuda"),
-                            torch.tensor(lens, dtype=torch.int32, device="cuda"), d**-0.5, window, 0, len(specs),
-                            max(ql for ql, _ in specs), out=out)  # fmt: skip
+    try:
+        paged_prefill_attention(q, kc, vc, bt, torch.tensor(qs, dtype=torch.int32, device="cuda"),
+                                torch.tensor(lens, dtype=torch.int32, device="cuda"), d**-0.5, window, 0, len(specs),
+                                max(ql for ql, _ in specs), out=out, config=config)  # fmt: skip
+    except triton.runtime.errors.OutOfResources as e:
+        if config is None:
+            raise
+        pytest.skip(f"{config} does not fit this GPU: {e}")
     for b, (ql, n) in enumerate(specs):
         s, e = qs[b], qs[b + 1]
         ks = gather_paged(kc, bt[b], n).repeat_interleave(h // hkv, 0).double()
@@ -95,4 +115,3 @@ def test_core_bf16_on_the_trained_tiny_model_equals_reference():
     agree = [sum(a == b for a, b in zip(o.tokens, r, strict=True)) for o, r in zip(outs, ref, strict=True)]
     # bf16: the Triton/cuBLAS sums and the torch reference may round differently; most tokens still agree
     assert all(x >= 32 for x in agree), agree
-
