@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh core|int4|spec|serve OUT_DIR
+# usage: bash scripts/gpu_session.sh core|int4|spec OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -27,6 +27,12 @@ lambda m: m.group(0) if False else '', t, count=0).replace('name = \"gpu-int4\"'
   timeout 150 python3 -m harness run /tmp/int4-rtn.toml --out /tmp/int4-run 2>&1 | tail -20 > "$out/int4-suite.log"
   cp /tmp/int4-run/records.jsonl "$out/int4-records.jsonl" 2>/dev/null
   cp /tmp/int4-run/table.md "$out/int4-table.md" 2>/dev/null
+  ;;
+spec)
+  timeout 150 python3 benchmarks/spec_bench.py --device cuda --out "$out/spec-tiny-h200.json" 2>&1 | tail -30 \
+    > "$out/spec-tiny.log"
+  timeout 120 python3 benchmarks/spec_bench.py --device cuda --verify-cost --from "$out/spec-tiny-h200.json" \
+    --out "$out/spec-verify-8b-h200.json" 2>&1 | tail -30 > "$out/spec-verify.log"
   ;;
 *)
   echo "unknown part $part" >&2

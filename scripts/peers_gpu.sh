@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# usage: bash scripts/peers_gpu.sh decode|serve OUT_DIR      on the lent GPU, after the vLLM kit is installed
+# (../shared/tools/vllm-kit: carry .vk/part* to /tmp/vk, then `eval "$(sh /tmp/vk/reassemble.sh)"`).
+#   decode: suites/gpu-decode-peers.toml (anvil, vLLM, HF in one run)
+#   serve:  anvil's server under suites/serving-gpu.toml (scripts/serve_gpu.sh), then `vllm serve` of the same
+#           synthetic Llama-3-8B (load_format dummy) on the same port under the same suite, right after it.
+set -u
+part=$1
+out=$2
+mkdir -p "$out"
+export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton TORCH_EXTENSIONS_DIR=/tmp/anvil-ext
+export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.csv" 2>&1 || true
+python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" > "$out/versions.txt" 2>&1
+case "$part" in
+decode)
+  timeout 560 python3 -m harness run suites/gpu-decode-peers.toml --out /tmp/peers-run 2>&1 | tail -30 > "$out/decode.log"
+  cp /tmp/peers-run/records.jsonl /tmp/peers-run/table.md "$out/" 2>/dev/null
+  ;;
+serve)
+  timeout 280 bash scripts/serve_gpu.sh "$out/anvil" > "$out/anvil.log" 2>&1
+  dir=$(python3 -c "from adapters.vllm import synthetic_model_dir; print(synthetic_model_dir('llama-3-8b', 'bfloat16', '/tmp/vsyn'))")
+  t0=$(date +%s)
+  python3 -m vllm.entrypoints.openai.api_server --model "$dir" --tokenizer "$dir" --load-format dummy \
+    --dtype bfloat16 --host 127.0.0.1 --port 8000 --max-model-len 4096 --seed 0 \
+    --served-model-name synthetic:llama-3-8b > "$out/vllm-server.log" 2>&1 &
+  pid=$!
+  python3 - "$pid" <<'PY'
+import os, sys, time, urllib.request
+for _ in range(600):
+    try:
+        if urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2).status == 200:
+            break
+    except OSError:
+        pass
+    try:
+        os.kill(int(sys.argv[1]), 0)
+    except OSError:
+        sys.exit("vllm server died: see vllm-server.log")
+    time.sleep(0.5)
+PY
+  echo "vllm ready after $(( $(date +%s) - t0 )) s" | tee "$out/vllm-startup.txt"
+  timeout 300 python3 -m harness run suites/serving-gpu.toml --out "$out/vllm-run" > "$out/vllm.log" 2>&1
+  kill -TERM $pid; wait $pid 2>/dev/null
+  ;;
+*)
+  echo "unknown part $part" >&2
+  exit 2
+  ;;
+esac
+tail -n 20 "$out"/*.log
