@@ -1,6 +1,7 @@
-"""The CUDA attention backend: Triton RoPE + paged KV write, split-KV decode, and per prompt chunk either SDPA on the
-chunk's own K/V (a fresh prompt: flash / cuDNN) or the Triton paged prefill kernel (a chunk over a cached prefix,
-sliding windows, speculative verification). Decode rows come first in every batch.
+"""The CUDA attention backend: Triton RoPE + paged KV write, split-KV decode, and for the prompt rows of a step
+either one batched SDPA call (fresh prompts of one length: flash / cuDNN) or one launch of the Triton paged
+prefill kernel for all of them (chunks over a cached prefix, sliding windows, speculative verification, mixed
+lengths). Decode rows come first in every batch.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class TritonBackend(AttentionBackend):
         a = batch.attn
         t, h, hkv, d = qkv.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim
         nd = a.num_decodes
-        kinds = [] if a.all_decode else [self._kind(a, b, spec) for b in range(nd, a.num_seqs)]
-        k_out = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device) if "fresh" in kinds else None
+        sdpa = not a.all_decode and self._sdpa(a, spec)
+        k_out = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device) if sdpa else None
         q = self._rope_kv(qkv, cos_sin, batch.positions, h, hkv, d, batch.seq_idx, a.block_tables,
                           k_cache, v_cache, k_out=k_out)  # fmt: skip  [T, H, D]
         if a.all_decode:
@@ -60,28 +61,24 @@ class TritonBackend(AttentionBackend):
         if nd:
             self._decode(q[:nd], k_cache, v_cache, a.block_tables[:nd], a.seq_lens[:nd], spec.scale, spec.window,
                          num_splits=self.num_splits(nd, hkv, a.max_seq_len), out=out[:nd])  # fmt: skip
-        v = qkv[:, (h + hkv) * d :].view(t, hkv, d)
-        b = nd
-        while b < a.num_seqs:  # runs of sequences of one kind, each through its kernel
-            kind = kinds[b - nd]
-            e = b + 1
-            while e < a.num_seqs and kinds[e - nd] == kind:
-                e += 1
-            if kind == "fresh":
-                self._fresh(q, k_out, v, a, spec, out, b, e)
-            else:
-                qs = a.query_start
-                self._prefill(q, k_cache, v_cache, a.block_tables, a.cu_seqlens_q, a.seq_lens, spec.scale,
-                              spec.window, b, e - b, max(qs[i + 1] - qs[i] for i in range(b, e)), out=out)  # fmt: skip
-            b = e
+        if sdpa:
+            self._fresh(q, k_out, qkv[:, (h + hkv) * d :].view(t, hkv, d), a, spec, out, nd, a.num_seqs)
+        else:  # every prompt row of the step in one launch, over the cache rope_kv has just written
+            self._prefill(q, k_cache, v_cache, a.block_tables, a.cu_seqlens_q, a.seq_lens, spec.scale, spec.window,
+                          nd, a.num_seqs - nd, a.max_q_len, out=out)  # fmt: skip
         return out.view(t, h * d)
 
     @staticmethod
-    def _kind(a, b: int, spec: AttentionLayerSpec) -> str:
-        """fresh: a prompt from position 0 without a window (causal SDPA on its own K/V); paged: the Triton kernel
-        (a chunk over a cached prefix, sliding windows, speculative verification)."""
-        q_len = a.query_start[b + 1] - a.query_start[b]
-        return "fresh" if spec.window == 0 and q_len == a.seq_lens_host[b] else "paged"
+    def _sdpa(a, spec: AttentionLayerSpec) -> bool:
+        """SDPA (flash / cuDNN) on the prompts' own K/V when every prompt row of the step belongs to fresh prompts
+        (from position 0, no window) of one length: one batched call. Anything else (chunks over a cached prefix,
+        windows, verification, fresh prompts of mixed lengths) goes through one paged Triton launch: a Python loop
+        of SDPA calls per prompt and layer would cost the host more than the GPU saves."""
+        if spec.window:
+            return False
+        qs, lens = a.query_start, a.seq_lens_host
+        n = qs[a.num_decodes + 1] - qs[a.num_decodes]
+        return all(qs[b + 1] - qs[b] == n == lens[b] for b in range(a.num_decodes, a.num_seqs))
 
     @staticmethod
     def _fresh(q, k, v, a, spec: AttentionLayerSpec, out, first: int, end: int) -> None:

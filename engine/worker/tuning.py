@@ -72,7 +72,7 @@ def install(model: Transformer, buckets: list[int], mode: str) -> tuple[object, 
             if mode == "triton":  # fixed configs, for tests
                 tuner.choice[(bs, n, k, act)] = gemv.FMA_CONFIGS[1] if bs == 1 else gemv.DOT_CONFIGS[0]
                 continue
-            r = tuner.tune(ws, bs, act=act, biases=biases)
+            r = tuner.tune(ws, bs, act=act, biases=biases, norm=role in ("qkv", "w13"))  # as apply() runs them
             report.append({"role": role, **r.__dict__})
     method = GemvLinearMethod(tuner)
     for mod in model.modules():

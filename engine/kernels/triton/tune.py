@@ -79,14 +79,28 @@ class GemvTuner:
         act: bool = False,
         biases: list[torch.Tensor | None] | None = None,
         reps: int = 5,
+        norm: bool = False,
     ) -> TuneResult:
-        """weights: every layer's [N, K] matrix of one role (all the same shape)."""
+        """weights: every layer's [N, K] matrix of one role (all the same shape). norm: the role takes the RMSNorm
+        as its prologue (qkv, w13), timed as the step runs it — fused into the batch-1 fma GEMV (every program
+        re-reads x for the rms, so configs with many programs pay more), else a norm kernel before the GEMV."""
+        from engine.kernels.triton.fused import rms_norm
+
         n, k = weights[0].shape
         key = (m, n, k, act)
         dev, dt = weights[0].device, weights[0].dtype
         biases = biases or [None] * len(weights)
         x = torch.randn(m, 2 * k if act else k, device=dev, dtype=dt)
-        ref = gemv.linear(x, weights[0], biases[0], act=act, cfg=gemv.CUBLAS).float()
+        nw = torch.rand(k, device=dev, dtype=dt) + 0.5 if norm and not act else None
+
+        def call(cfg, w, b):
+            if nw is None:
+                return gemv.linear(x, w, b, act=act, cfg=cfg)
+            if cfg.kind == "fma" and m == 1:
+                return gemv.linear_fused(x, w, cfg, bias=b, norm_weight=nw, eps=1e-5)
+            return gemv.linear(rms_norm(x, nw, 1e-5)[0], w, b, act=act, cfg=cfg)
+
+        ref = call(gemv.CUBLAS, weights[0], biases[0]).float()
         res = TuneResult(m, n, k, act, best="cublas")
         nbytes = sum(w.numel() * w.element_size() for w in weights)
         kmax = triton.next_power_of_2(k)
@@ -95,7 +109,7 @@ class GemvTuner:
             if cfg.kind != "cublas" and cfg.block_k > kmax:
                 continue
             try:
-                y = gemv.linear(x, weights[0], biases[0], act=act, cfg=cfg).float()
+                y = call(cfg, weights[0], biases[0]).float()
                 torch.cuda.synchronize()
             except Exception as e:  # a config that fails to compile on this GPU is skipped, not fatal
                 res.rejected[name] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -107,7 +121,7 @@ class GemvTuner:
 
             def run_all(cfg=cfg) -> None:
                 for w, b in zip(weights, biases, strict=True):
-                    gemv.linear(x, w, b, act=act, cfg=cfg)
+                    call(cfg, w, b)
 
             times = [t * 1e3 / len(weights) for t in _time_ms(run_all, reps)]
             us = statistics.median(times)
