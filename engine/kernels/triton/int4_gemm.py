@@ -31,6 +31,7 @@ class GemmConfig(NamedTuple):
     split_k: int = 1
     group_m: int = 8
     grouped: bool = True  # see GemvConfig
+    asm: bool = True  # see GemvConfig
 
 
 def gemm_config(m: int, n: int, k: int, group_size: int) -> GemmConfig:
@@ -73,7 +74,7 @@ def int4_gemm(
     c = as_gemm_config(config)
     return launch(x, qweight, scales, zeros, g_idx, bias, m, n, k, group_size, nf4=False, dot=True,
                   block_m=max(c.block_m, 16), block_n=c.block_n, block_k=c.block_k, split_k=c.split_k, warps=c.warps,
-                  stages=c.stages, group_m=c.group_m, grouped=c.grouped)  # fmt: skip
+                  stages=c.stages, group_m=c.group_m, grouped=c.grouped, asm=c.asm)  # fmt: skip
 
 
 def int4_matmul(

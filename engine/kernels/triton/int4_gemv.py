@@ -40,13 +40,14 @@ import triton.language as tl
 GEMV_MAX_M = 32  # int4_gemv takes M <= this many rows
 DECODE_M = 16  # int4_matmul's default switch to the GEMM above this M (the config table may say otherwise)
 CONFIG_FILE = Path(__file__).with_name("int4_configs.json")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX under the interpreter
 
 
 class GemvConfig(NamedTuple):
     """Launch config of the decode kernel. split_k: 0 = pick from the grid size, 1 = off, s = s K-splits.
     dot: tl.dot on x padded to block_m rows (any M <= block_m); False: FMA reduction (M == 1 only).
     grouped: [BLOCK_N, groups, G/8] word tiles with broadcast scales (else per-word scale gathers; g_idx and
-    non-power-of-two G always use the latter)."""
+    non-power-of-two G always use the latter). asm: the inline-PTX lop3 of the FMA path's nibble unpack (CUDA)."""
 
     block_n: int = 32
     block_k: int = 512
@@ -56,6 +57,7 @@ class GemvConfig(NamedTuple):
     dot: bool = False
     block_m: int = 16
     grouped: bool = True
+    asm: bool = True
 
 
 @triton.jit
@@ -70,9 +72,26 @@ def _nibbles(qw, j: tl.constexpr, NF4: tl.constexpr, code_ptr):
 
 
 @triton.jit
+def _unit_nibble(qw, j: tl.constexpr, ASM: tl.constexpr):
+    """Nibble j of every word as float32 1 + q/16: q shifted into mantissa bits 19..22 under 1.0's exponent (exact;
+    bf16 / fp16 hold it exactly too). ASM: the mask-and-or as one lop3 ((a & b) | c, LUT 0xEA), so a nibble costs
+    a shift and one logic op (the compiler otherwise emits two)."""
+    if 4 * j >= 19:
+        sh = qw >> (4 * j - 19)
+    else:
+        sh = qw << (19 - 4 * j)
+    if ASM:
+        u = tl.inline_asm_elementwise("lop3.b32 $0, $1, 7864320, 1065353216, 0xEA;", "=r,r", [sh], dtype=tl.int32,
+                                      is_pure=True, pack=1)  # fmt: skip
+    else:
+        u = (sh & 0x780000) | 0x3F800000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, K,
                  G: tl.constexpr, NF4: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     """One K tile as [BLOCK_N, groups, G/8] words: the [BLOCK_N, groups] scales / zeros broadcast over a group's
     words (no per-word gathers). Needs G a power of two <= BLOCK_K and no g_idx."""
     GW: tl.constexpr = G // 8
@@ -88,36 +107,43 @@ def _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, ma
     mask_g = mask_n[:, None] & (gi < NG)[None, :]
     s = tl.load(s_ptr + offs_n[:, None] * NG + gi[None, :], mask=mask_g, other=0.0).to(tl.float32)[:, :, None]
     if not NF4:
-        zf = tl.load(z_ptr + offs_n[:, None] * NG + gi[None, :], mask=mask_g, other=0.0).to(tl.float32) + 8388608.0
-        zf = zf[:, :, None]
+        z = tl.load(z_ptr + offs_n[:, None] * NG + gi[None, :], mask=mask_g, other=0.0).to(tl.float32)[:, :, None]
     if not USE_DOT:
         part = tl.zeros([BLOCK_N, NGT, GW], tl.float32)
+        xs = tl.zeros([NGT, GW], tl.float32)
     w = t * BKW + tl.arange(0, BKW)  # the same words, flat (x addresses of the dot path)
     for j in tl.static_range(8):
-        v = _nibbles(qw, j, NF4, z_ptr)
-        if not NF4:
-            v = v - zf  # q - zero, exact
         if NF4:
             jj = j + 1 - 2 * (j % 2)  # NF4: the high nibble of a byte is the even element (j ^ 1)
         else:
             jj = j
         if USE_DOT:
+            v = _nibbles(qw, j, NF4, z_ptr)
+            if not NF4:
+                v = v - (z + 8388608.0)  # q - zero, exact
             v = tl.reshape(v * s, [BLOCK_N, BKW])
             xj = tl.load(x_ptr + offs_m[:, None] * K + (w * 8 + jj)[None, :],
                          mask=mask_m[:, None] & (w < KW)[None, :], other=0.0)  # fmt: skip
             acc = tl.dot(xj, tl.trans(v.to(xj.dtype)), acc, input_precision=PREC)
         else:
             xj = tl.load(x_ptr + w3 * 8 + jj, mask=mask_w3, other=0.0).to(tl.float32)  # M == 1
-            part += v * xj[None, :, :]
+            if NF4:
+                part += _nibbles(qw, j, NF4, z_ptr) * xj[None, :, :]
+            else:  # sum_j (1 + q_j/16) x_j: one FMA per nibble, the zero folded in per word below
+                part += _unit_nibble(qw, j, ASM) * xj[None, :, :]
+                xs += xj
     if not USE_DOT:
-        acc += part * s  # the scale once per word
+        if NF4:
+            acc += part * s  # the scale once per word
+        else:  # sum_j (q_j - z) x_j = 16 * part - (16 + z) * sum_j x_j, then the scale, once per word
+            acc += (part * 16.0 - (z + 16.0) * xs[None, :, :]) * s
     return acc
 
 
 @triton.jit
 def _tile_words(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, offs_m, mask_m, offs_n, mask_n, K,
                 G: tl.constexpr, NF4: tl.constexpr, HAS_GIDX: tl.constexpr, USE_DOT: tl.constexpr,
-                PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     """One K tile as [BLOCK_N, BLOCK_K/8] words; scales / zeros gathered per word (any G), or per nibble from
     g_idx (act-order)."""
     BKW: tl.constexpr = BLOCK_K // 8
@@ -131,11 +157,16 @@ def _tile_words(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, offs_m, mask_m, off
         sz = offs_n[:, None] * NG + ((w * 8) // G)[None, :]  # one group per word (8 divides G)
         s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
         if not NF4:
-            zf = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32) + 8388608.0
+            z = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+    FOLD: tl.constexpr = not USE_DOT and not NF4 and not HAS_GIDX  # the folded-zero FMA form of _tile_groups
     if not USE_DOT:
         part = tl.zeros([BLOCK_N, BKW], tl.float32)
+        xs = tl.zeros([BKW], tl.float32)
     for j in tl.static_range(8):
-        v = _nibbles(qw, j, NF4, z_ptr)
+        if FOLD:
+            v = _unit_nibble(qw, j, ASM)
+        else:
+            v = _nibbles(qw, j, NF4, z_ptr)
         if NF4:
             jj = j + 1 - 2 * (j % 2)
         else:
@@ -150,8 +181,8 @@ def _tile_words(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, offs_m, mask_m, off
             else:
                 z_j = tl.load(z_ptr + sz_j, mask=mask, other=0.0).to(tl.float32) + 8388608.0
                 v = (v - z_j) * s_j
-        elif not NF4:
-            v = v - zf  # q - zero, exact
+        elif not NF4 and not FOLD:
+            v = v - (z + 8388608.0)  # q - zero, exact
         if USE_DOT:
             if not HAS_GIDX:
                 v = v * s
@@ -161,9 +192,13 @@ def _tile_words(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, offs_m, mask_m, off
         else:
             xj = tl.load(x_ptr + kj, mask=mask_w, other=0.0).to(tl.float32)  # M == 1
             part += v * xj[None, :]
+            if FOLD:
+                xs += xj
     if not USE_DOT:
         if HAS_GIDX:
             acc += part
+        elif FOLD:
+            acc += (part * 16.0 - (z + 16.0) * xs[None, :]) * s
         else:
             acc += part * s  # the scale once per word
     return acc
@@ -174,7 +209,7 @@ def _wq_mm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, b_ptr, y_ptr, p_ptr, M, N, K, SPLIT, TILES,
     G: tl.constexpr, NF4: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     GROUPED: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """y[M, N] (or fp32 partial p[SPLIT, M, N]) for int4 (z_ptr: zeros) or NF4 (z_ptr: the 16-entry code book,
     s_ptr: absmax, G = 64, nibble j of a little-endian word is element 8w + (j ^ 1))."""
@@ -202,10 +237,10 @@ def _wq_mm_kernel(
     for t in range(t0, t1):
         if GROUPED:
             acc = _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, K,
-                               G, NF4, USE_DOT, PREC, BLOCK_N, BLOCK_K)  # fmt: skip
+                               G, NF4, USE_DOT, PREC, BLOCK_N, BLOCK_K, ASM)  # fmt: skip
         else:
             acc = _tile_words(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, offs_m, mask_m, offs_n, mask_n, K,
-                              G, NF4, HAS_GIDX, USE_DOT, PREC, BLOCK_N, BLOCK_K)  # fmt: skip
+                              G, NF4, HAS_GIDX, USE_DOT, PREC, BLOCK_N, BLOCK_K, ASM)  # fmt: skip
     if not USE_DOT and GROUPED:
         acc = tl.sum(acc, axis=2)
     if USE_DOT:
@@ -256,7 +291,7 @@ def pick_split(split_k: int, programs: int, n_tiles: int, device: torch.device) 
 
 def launch(x, qweight, scales, zeros_or_code, g_idx, bias, m, n, k, group_size, *, nf4: bool, dot: bool,
            block_m: int, block_n: int, block_k: int, split_k: int, warps: int, stages: int,
-           group_m: int = 8, grouped: bool = True) -> torch.Tensor:  # fmt: skip
+           group_m: int = 8, grouped: bool = True, asm: bool = True) -> torch.Tensor:  # fmt: skip
     """Run `_wq_mm_kernel` (+ the split-K reduction); returns y [M, N] in x.dtype."""
     assert dot or m == 1, "the FMA (dot=False) config takes M == 1 only"
     assert block_k >= 128 and block_k & (block_k - 1) == 0, "block_k: a power of two >= 128"
@@ -276,7 +311,7 @@ def launch(x, qweight, scales, zeros_or_code, g_idx, bias, m, n, k, group_size, 
         m, n, k, split, tiles,
         G=group_size, NF4=nf4, HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None, USE_DOT=dot,
         GROUPED=grouped, PREC="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages,
+        BLOCK_K=block_k, GROUP_M=group_m, ASM=asm and x.is_cuda and not INTERPRET, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split > 1:
         block = 1024
@@ -387,4 +422,4 @@ def int4_gemv(
     dot = c.dot or m > 1
     return launch(x, qweight, scales, zeros, g_idx, bias, m, n, k, group_size, nf4=False, dot=dot,
                   block_m=max(c.block_m, triton.next_power_of_2(m), 16), block_n=c.block_n, block_k=c.block_k,
-                  split_k=c.split_k, warps=c.warps, stages=c.stages, grouped=c.grouped)  # fmt: skip
+                  split_k=c.split_k, warps=c.warps, stages=c.stages, grouped=c.grouped, asm=c.asm)  # fmt: skip

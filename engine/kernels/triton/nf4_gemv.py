@@ -45,4 +45,4 @@ def nf4_gemv(
     words = qweight.view(torch.int32)  # [N, K/8], little-endian bytes
     return launch(x, words, absmax, code, None, bias, m, n, k, NF4_BLOCK, nf4=True, dot=c.dot or m > 1,
                   block_m=max(c.block_m, triton.next_power_of_2(m), 16), block_n=c.block_n, block_k=c.block_k,
-                  split_k=c.split_k, warps=c.warps, stages=c.stages, grouped=c.grouped)  # fmt: skip
+                  split_k=c.split_k, warps=c.warps, stages=c.stages, grouped=c.grouped, asm=c.asm)  # fmt: skip
