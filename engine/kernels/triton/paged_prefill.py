@@ -154,7 +154,9 @@ def default_config(max_q_len: int, group: int, head_dim: int, dtype: torch.dtype
 
     num_stages: the K/V loads hang off the page-id load, which takes a pipeline stage of its own, so (Triton 3.8,
     read off the sm_90 TTGIR) stages 2-4 give two K/V buffers with the next tile's copy waited on at once (no
-    overlap), 5-6 three buffers with the tile after next in flight, 7 four."""
+    overlap), 5-6 three buffers with the tile after next in flight, 7 four. Optional maxnreg: the sm_90 build of
+    (128, 32, 8 warps) fits 128 registers without spilling, so two programs share an SM (one's softmax under the
+    other's wgmma); (128, 64) uses ~180."""
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
     if dtype == torch.float32 or cap[0] < 8:  # fp32 / the interpreter / older GPUs: small tiles
         cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
@@ -196,7 +198,8 @@ def paged_prefill_attention(
     """q [T, H, D] (rows of every sequence, in cu_seqlens_q order); k/v_cache [NB, Hkv, PAGE, D]; block_tables
     [B, max_blocks] int32; cu_seqlens_q [B+1] int32; seq_lens [B] int32. Attends sequences first_seq ..
     first_seq + num_seqs - 1 (max_q_len: their longest q_len) and writes their rows of out [T, H, D].
-    config: {BLOCK_M, BLOCK_N, num_warps, num_stages} to override default_config (BLOCK_M is still clamped)."""
+    config: {BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]} to override default_config (BLOCK_M is still
+    clamped; maxnreg caps the registers per thread, e.g. 128 for two 8-warp programs per SM)."""
     t, h, d = q.shape
     nb, hkv, page, dk = k_cache.shape
     assert dk == d and v_cache.shape == k_cache.shape and v_cache.stride() == k_cache.stride()
@@ -226,5 +229,6 @@ def paged_prefill_attention(
         GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), PAGE=page,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, PREC="ieee" if q.dtype == torch.float32 else "tf32",
         WINDOW=window > 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
     )  # fmt: skip
     return out
