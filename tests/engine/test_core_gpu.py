@@ -33,9 +33,9 @@ PREFILL_CASES = [
     (8, 2, 128, 16, [(200, 1500), (3, 64), (129, 129)], 100, torch.bfloat16),
     (16, 2, 96, 16, [(1, 700)] * 5 + [(6, 70)], 0, torch.float16),  # 8:1, d96, many one-query sequences
 ]
-# launch configs of benchmarks/bench_attention.py's sweep (BLOCK_M, BLOCK_N, num_warps, num_stages), on the 16-bit
+# launch configs of benchmarks/bench_attention.py's sweep (BLOCK_M, BLOCK_N, warps, stages[, maxnreg]), on the 16-bit
 # GQA cases (the others run the default config only)
-PREFILL_CONFIGS = [(128, 64, 8, 2), (128, 128, 8, 5), (128, 32, 8, 7), (64, 64, 4, 5), (256, 32, 16, 5)]
+PREFILL_CONFIGS = [(128, 64, 8, 2), (128, 128, 8, 5), (128, 32, 8, 7, 128), (64, 64, 4, 5), (256, 32, 16, 5)]
 PREFILL_PARAMS = [(*c, None) for c in PREFILL_CASES] + [(*PREFILL_CASES[i], cfg) for i in (0, 4, 5, 6)
                                                           for cfg in PREFILL_CONFIGS]  # fmt: skip
 
@@ -47,7 +47,7 @@ def test_paged_prefill_kernel_matches_reference(h, hkv, d, page, specs, window, 
     from engine.kernels.triton.paged_prefill import paged_prefill_attention
 
     if config is not None:
-        config = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), config, strict=True))
+        config = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg"), config, strict=False))
 
     g = torch.Generator(device="cuda").manual_seed(0)
     nb = sum(math.ceil(n / page) for _, n in specs) + 5
