@@ -50,6 +50,7 @@ PARAMS = {
     "slo_e2e_ms": Param(float, 0.0, min=0, help="per-request end-to-end SLO for goodput (0 = none)"),
     "slo_percentile": Param(float, 99.0, min=0, help="percentile of the aggregate (MLPerf-style) SLO check"),
     "max_duration_s": Param(float, 600.0, min=0.001, help="cap on the measured phase; later requests fail"),
+    "max_failed_frac": Param(float, 0.0, min=0, help="failed share a cell may have and be 'partial' (else 'failed')"),
     "request_timeout_s": Param(float, 300.0, min=0.001),
     "allow_remote": Param(bool, False, help="allow a non-loopback base_url"),
     "model_name": Param(str, "", help='sent as "model" (servers with one model ignore it)'),
@@ -91,6 +92,8 @@ def plan(
     if unknown:
         raise LoadgenError(f"serving: unknown params {sorted(unknown)}; known: {', '.join(sorted(PARAMS))}")
     p = {k: v.default for k, v in PARAMS.items()} | dict(params)
+    if not 0.0 <= float(p["max_failed_frac"]) <= 1.0:
+        raise LoadgenError(f"serving: max_failed_frac must be in [0, 1], got {p['max_failed_frac']}")
     url = base_url or p["base_url"]
     if not url:
         raise LoadgenError("serving: no server: give base_url, use the openai_http engine, or launch = '...'")

@@ -148,6 +148,9 @@ def test_unknown_params_and_bad_values_name_the_key():
         plan({"base_url": "http://127.0.0.1:1", "concurency": 4})
     with pytest.raises(LoadgenError, match="range_ratio"):
         plan({"base_url": "http://127.0.0.1:1", "range_ratio": 1.5})
+    plan({"base_url": "http://127.0.0.1:1", "max_failed_frac": 0.05})  # read by results.status: a known param
+    with pytest.raises(LoadgenError, match="max_failed_frac"):
+        plan({"base_url": "http://127.0.0.1:1", "max_failed_frac": -0.1})
     with pytest.raises(LoadgenError, match="lengths"):
         LengthDist.parse([10, 2], "lengths")
     with pytest.raises(LoadgenError, match="unknown SLO"):
