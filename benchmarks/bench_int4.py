@@ -60,7 +60,7 @@ SWEEP_MS = (1, 2, 4, 8, 16, 32)
 G = 128
 TOL = 2e-2  # max |err| / max |ref| above which a config counts as wrong (correct ones show ~3e-3 in bf16)
 F_, T_ = False, True
-# decode-kernel candidates, GemvConfig(block_n, block_k, split_k, warps, stages, dot, block_m, grouped); split_k is
+# decode-kernel candidates, GemvConfig(block_n, block_k, split_k, warps, stages, dot, block_m, grouped, asm); split_k is
 # replaced by 1 / the heuristic split / twice it. FMA configs (dot=False) run at M == 1 only; dot configs at
 # M <= block_m.
 SWEEP_GEMV = [
@@ -79,12 +79,15 @@ SWEEP_GEMV = [
     GemvConfig(16, 1024, 0, 4, 1, T_, 16),
     GemvConfig(64, 256, 0, 4, 3, T_, 16),
     GemvConfig(64, 256, 0, 4, 1, T_, 16, F_),
+    GemvConfig(64, 256, 0, 4, 1, T_, 16, T_, F_),
+    GemvConfig(32, 512, 0, 4, 1, F_, 16, T_, F_),
     GemvConfig(64, 256, 0, 4, 1, T_, 32),
     GemvConfig(32, 512, 0, 4, 1, T_, 32),
     GemvConfig(128, 256, 0, 8, 1, T_, 32),
 ]
 # GEMM candidates for M >= 16, GemmConfig(block_m, block_n, block_k, warps, stages)
-SWEEP_GEMM = [GemmConfig(16, 64, 256, 4, 3), GemmConfig(32, 64, 256, 4, 3), GemmConfig(32, 128, 128, 4, 3)]
+SWEEP_GEMM = [GemmConfig(16, 64, 256, 4, 3), GemmConfig(32, 64, 256, 4, 3), GemmConfig(32, 128, 128, 4, 3),
+              GemmConfig(32, 64, 256, 4, 3, grouped=False)]  # fmt: skip
 SWEEP_NF4 = [GemvConfig(32, 512, 0, 4, 1, F_), GemvConfig(64, 256, 0, 4, 1, F_), GemvConfig(64, 256, 0, 4, 1, T_, 16),
              GemvConfig(32, 512, 0, 4, 1, T_, 32)]  # fmt: skip
 
@@ -148,12 +151,11 @@ def copies_for(nbytes: int, cuda: bool) -> int:
 def cfg_str(kernel: str, c) -> str:
     if c is None:
         return "default"
+    flags = ("" if c.grouped else " ng") + ("" if c.asm else " noasm")
     if isinstance(c, GemmConfig):
-        return f"m{c.block_m} n{c.block_n} k{c.block_k} w{c.warps} st{c.stages} s{c.split_k}" + (
-            "" if c.grouped else " ng"
-        )
+        return f"m{c.block_m} n{c.block_n} k{c.block_k} w{c.warps} st{c.stages} s{c.split_k}" + flags
     mode = f"dot{c.block_m}" if c.dot else "fma"
-    return f"{mode} n{c.block_n} k{c.block_k} w{c.warps} st{c.stages} s{c.split_k}" + ("" if c.grouped else " ng")
+    return f"{mode} n{c.block_n} k{c.block_k} w{c.warps} st{c.stages} s{c.split_k}" + flags
 
 
 def split_variants(c, m: int, n: int, k: int, device) -> list:

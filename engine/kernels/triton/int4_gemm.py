@@ -3,9 +3,10 @@
 
 It runs the kernel body of int4_gemv.py (`_wq_mm_kernel`) in its tl.dot mode with larger BLOCK_M tiles, the
 grouped launch order (programs that run together share W tiles in L2) and software pipelining (num_stages):
-each [BLOCK_N, BLOCK_K/8] word tile is loaded once, split into 8 nibble slices (magic-number dequant: no
-int->float conversion), scaled, rounded to x.dtype and multiplied on the tensor cores against the strided x
-columns, float32 accumulation. The weights are never expanded in memory.
+each group's [BLOCK_N, G/8] words are loaded once and split into nibble slices that go to the tensor cores as
+1 + q/16 (bit tricks, no int->float conversion) against the strided x columns, the group's scale / zero applied
+once per output (see int4_gemv.py); with grouped=False, per-word scaled slices instead. float32 accumulation; the
+weights are never expanded in memory.
 
 `int4_matmul` is the dispatcher the engine calls: the per-device table (int4_gemv.table_entry) when it has the
 shape, else the decode kernel for M <= DECODE_M and this GEMM above.
@@ -40,8 +41,8 @@ def gemm_config(m: int, n: int, k: int, group_size: int) -> GemmConfig:
     if m <= 32:
         return GemmConfig(32, 64, 256, 4, 3)
     if m <= 64:
-        return GemmConfig(64, 64, 128, 4, 3)
-    return GemmConfig(128, 128, 128, 8, 3)
+        return GemmConfig(64, 64, 128, 8, 3)
+    return GemmConfig(128, 128, 128, 8, 3, grouped=False)  # the per-group accumulator would spill at this tile
 
 
 def as_gemm_config(c) -> GemmConfig:

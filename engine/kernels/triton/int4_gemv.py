@@ -89,14 +89,84 @@ def _unit_nibble(qw, j: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, K,
-                 G: tl.constexpr, NF4: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
-    """One K tile as [BLOCK_N, groups, G/8] words: the [BLOCK_N, groups] scales / zeros broadcast over a group's
-    words (no per-word gathers). Needs G a power of two <= BLOCK_K and no g_idx."""
+def _unit_pair(qw, j: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
+    """Nibbles j and j + 4 (j < 4) of every word as DT values 1 + q/16 (exact in bf16 / fp16 / fp32). ASM (bf16 /
+    fp16): one shift and one lop3 build both 16-bit values in one register (nibble j in the low half, j + 4 in
+    the high half, each under the exponent of 1.0), split by a mov."""
+    if ASM and DT == tl.bfloat16:  # q to bits 3..6 of each half (bf16 mantissa: 7 bits)
+        if 4 * j >= 3:
+            sh = qw >> (4 * j - 3)
+        else:
+            sh = qw << 3
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $2, 7864440, 1065369472, 0xEA; mov.b32 {$0, $1}, t; }", "=h,=h,r", [sh],
+            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)  # fmt: skip
+    elif ASM and DT == tl.float16:  # q to bits 6..9 of each half (fp16 mantissa: 10 bits)
+        if 4 * j >= 6:
+            sh = qw >> (4 * j - 6)
+        else:
+            sh = qw << (6 - 4 * j)
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $2, 62915520, 1006648320, 0xEA; mov.b32 {$0, $1}, t; }", "=h,=h,r", [sh],
+            dtype=(tl.float16, tl.float16), is_pure=True, pack=1)  # fmt: skip
+    else:
+        lo = _unit_nibble(qw, j, ASM).to(DT)
+        hi = _unit_nibble(qw, j + 4, ASM).to(DT)
+    return lo, hi
+
+
+@triton.jit
+def _tile_groups_dot(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, K,
+                     G: tl.constexpr, NF4: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """One K tile, one group at a time (G >= 128: a group's G/8 words are the dots' K): int4 nibbles go to the
+    tensor cores as unscaled 1 + q/16 (no per-element scale / zero math), and the group's result is fixed once:
+    acc += s * (16 * dot - (16 + z) * sum_k x). NF4: code values, scaled by the absmax after the dot."""
     GW: tl.constexpr = G // 8
     NGT: tl.constexpr = BLOCK_K // G
-    BKW: tl.constexpr = BLOCK_K // 8
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    KW = K // 8
+    NG = K // G
+    offs_gw = tl.arange(0, GW)
+    for g in tl.static_range(NGT):
+        gi = t * NGT + g
+        w = gi * GW + offs_gw  # word index [GW]
+        mask_w = w < KW
+        qw = tl.load(qw_ptr + offs_n[:, None] * KW + w[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0,
+                     eviction_policy="evict_first")  # fmt: skip
+        mask_sg = mask_n & (gi < NG)
+        sg = tl.load(s_ptr + offs_n * NG + gi, mask=mask_sg, other=0.0).to(tl.float32)
+        mask_x = mask_m[:, None] & mask_w[None, :]
+        x_rows = x_ptr + offs_m[:, None] * K + (w * 8)[None, :]
+        d = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if NF4:
+            for j in tl.static_range(8):
+                v = _nibbles(qw, j, NF4, z_ptr).to(DT)
+                xj = tl.load(x_rows + (j + 1 - 2 * (j % 2)), mask=mask_x, other=0.0)
+                d = tl.dot(xj, tl.trans(v), d, input_precision=PREC)
+            acc += d * sg[None, :]
+        else:
+            zg = tl.load(z_ptr + offs_n * NG + gi, mask=mask_sg, other=0.0).to(tl.float32)
+            kx = gi * G + tl.arange(0, G)
+            xg = tl.load(x_ptr + offs_m[:, None] * K + kx[None, :], mask=mask_m[:, None] & (kx < K)[None, :], other=0.0)
+            xs = tl.sum(xg.to(tl.float32), axis=1)  # [BM]: sum_k x over the group
+            for j in tl.static_range(4):
+                lo, hi = _unit_pair(qw, j, ASM, DT)
+                x_lo = tl.load(x_rows + j, mask=mask_x, other=0.0)
+                x_hi = tl.load(x_rows + (j + 4), mask=mask_x, other=0.0)
+                d = tl.dot(x_lo, tl.trans(lo), d, input_precision=PREC)
+                d = tl.dot(x_hi, tl.trans(hi), d, input_precision=PREC)
+            acc += (d * 16.0 - xs[:, None] * (zg + 16.0)[None, :]) * sg[None, :]
+    return acc
+
+
+@triton.jit
+def _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, K, G: tl.constexpr, NF4: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """FMA path (M == 1), one K tile as [BLOCK_N, groups, G/8] words: the [BLOCK_N, groups] scales / zeros
+    broadcast over a group's words (no per-word gathers). Needs G a power of two <= BLOCK_K and no g_idx."""
+    GW: tl.constexpr = G // 8
+    NGT: tl.constexpr = BLOCK_K // G
     KW = K // 8
     NG = K // G
     gi = t * NGT + tl.arange(0, NGT)  # group index [NGT]
@@ -108,35 +178,20 @@ def _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, ma
     s = tl.load(s_ptr + offs_n[:, None] * NG + gi[None, :], mask=mask_g, other=0.0).to(tl.float32)[:, :, None]
     if not NF4:
         z = tl.load(z_ptr + offs_n[:, None] * NG + gi[None, :], mask=mask_g, other=0.0).to(tl.float32)[:, :, None]
-    if not USE_DOT:
-        part = tl.zeros([BLOCK_N, NGT, GW], tl.float32)
-        xs = tl.zeros([NGT, GW], tl.float32)
-    w = t * BKW + tl.arange(0, BKW)  # the same words, flat (x addresses of the dot path)
+    part = tl.zeros([BLOCK_N, NGT, GW], tl.float32)
+    xs = tl.zeros([NGT, GW], tl.float32)
     for j in tl.static_range(8):
-        if NF4:
-            jj = j + 1 - 2 * (j % 2)  # NF4: the high nibble of a byte is the even element (j ^ 1)
-        else:
-            jj = j
-        if USE_DOT:
-            v = _nibbles(qw, j, NF4, z_ptr)
-            if not NF4:
-                v = v - (z + 8388608.0)  # q - zero, exact
-            v = tl.reshape(v * s, [BLOCK_N, BKW])
-            xj = tl.load(x_ptr + offs_m[:, None] * K + (w * 8 + jj)[None, :],
-                         mask=mask_m[:, None] & (w < KW)[None, :], other=0.0)  # fmt: skip
-            acc = tl.dot(xj, tl.trans(v.to(xj.dtype)), acc, input_precision=PREC)
-        else:
-            xj = tl.load(x_ptr + w3 * 8 + jj, mask=mask_w3, other=0.0).to(tl.float32)  # M == 1
-            if NF4:
-                part += _nibbles(qw, j, NF4, z_ptr) * xj[None, :, :]
-            else:  # sum_j (1 + q_j/16) x_j: one FMA per nibble, the zero folded in per word below
-                part += _unit_nibble(qw, j, ASM) * xj[None, :, :]
-                xs += xj
-    if not USE_DOT:
-        if NF4:
-            acc += part * s  # the scale once per word
-        else:  # sum_j (q_j - z) x_j = 16 * part - (16 + z) * sum_j x_j, then the scale, once per word
-            acc += (part * 16.0 - (z + 16.0) * xs[None, :, :]) * s
+        if NF4:  # the high nibble of a byte is the even element (j ^ 1)
+            xj = tl.load(x_ptr + w3 * 8 + (j + 1 - 2 * (j % 2)), mask=mask_w3, other=0.0).to(tl.float32)
+            part += _nibbles(qw, j, NF4, z_ptr) * xj[None, :, :]
+        else:  # sum_j (1 + q_j/16) x_j: one FMA per nibble, the zero folded in per word below
+            xj = tl.load(x_ptr + w3 * 8 + j, mask=mask_w3, other=0.0).to(tl.float32)
+            part += _unit_nibble(qw, j, ASM) * xj[None, :, :]
+            xs += xj
+    if NF4:
+        acc += part * s  # the scale once per word
+    else:  # sum_j (q_j - z) x_j = 16 * part - (16 + z) * sum_j x_j, then the scale, once per word
+        acc += (part * 16.0 - (z + 16.0) * xs[None, :, :]) * s
     return acc
 
 
@@ -235,9 +290,11 @@ def _wq_mm_kernel(
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
     for t in range(t0, t1):
-        if GROUPED:
-            acc = _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, K,
-                               G, NF4, USE_DOT, PREC, BLOCK_N, BLOCK_K, ASM)  # fmt: skip
+        if GROUPED and USE_DOT:
+            acc = _tile_groups_dot(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, K,
+                                   G, NF4, PREC, BLOCK_M, BLOCK_N, BLOCK_K, ASM)  # fmt: skip
+        elif GROUPED:
+            acc = _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, K, G, NF4, BLOCK_N, BLOCK_K, ASM)
         else:
             acc = _tile_words(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, offs_m, mask_m, offs_n, mask_n, K,
                               G, NF4, HAS_GIDX, USE_DOT, PREC, BLOCK_N, BLOCK_K, ASM)  # fmt: skip
@@ -296,6 +353,7 @@ def launch(x, qweight, scales, zeros_or_code, g_idx, bias, m, n, k, group_size, 
     assert dot or m == 1, "the FMA (dot=False) config takes M == 1 only"
     assert block_k >= 128 and block_k & (block_k - 1) == 0, "block_k: a power of two >= 128"
     grouped = grouped and g_idx is None and group_size & (group_size - 1) == 0 and group_size <= block_k
+    grouped = grouped and (not dot or group_size >= 128)  # a group's words are the dots' K (>= 16)
     bm = max(block_m, 16)  # the FMA path ignores it (M == 1: one M tile either way)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     n_tiles = triton.cdiv(k, block_k)
