@@ -2,7 +2,7 @@
 on Llama-3-8B linear shapes, against bf16 cuBLAS F.linear on the same shape.
 
     python benchmarks/bench_int4.py --out OUT.json [--iters 200] [--dtype bfloat16] [--shapes qkv,wo,w13,w2]
-    python benchmarks/bench_int4.py --sweep --out OUT.json --iters 30 [--budget-s 75] [--configs-out T.json]
+    python benchmarks/bench_int4.py --sweep --out OUT.json --iters 30 [--budget-s 60] [--configs-out T.json]
 
 Timing: each measured call is captured (with the rotating weight copies below) in a CUDA graph, so Python launch
 overhead does not count; the median over `--iters` graph replays (CUDA events) of the time per call. Weights
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help="names of SHAPES or NxK, comma-separated")
     ap.add_argument("--sweep", action="store_true", help="time every candidate config (SWEEP_*) per (shape, M)")
     ap.add_argument("--ms", default=None, help="comma-separated M values (default 1,8,32,128; --sweep 1..32)")
-    ap.add_argument("--budget-s", type=float, default=75.0, help="--sweep: stop trying candidates after this")
+    ap.add_argument("--budget-s", type=float, default=60.0, help="--sweep: stop trying candidates after this")
     ap.add_argument("--no-nf4", action="store_true", help="skip the NF4 kernel")
     ap.add_argument("--configs-out", default=None, help="--sweep: also write the int4_configs.json table here")
     ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU under the Triton interpreter (test)")

@@ -5,20 +5,27 @@ serves the prefill GEMM (int4_gemm.py, larger BLOCK_M) and the NF4 GEMV (nf4_gem
 
 Design (decode is memory bound: the goal is many weight bytes in flight and few instructions per nibble):
 - Program (pid_mn, pid_s) owns BLOCK_N output rows (and BLOCK_M rows of x) and the K tiles
-  [pid_s * TILES, (pid_s + 1) * TILES) of BLOCK_K columns each. Per tile it issues ONE [BLOCK_N, BLOCK_K/8] int32
-  load (BLOCK_K up to 1024: several groups per tile) plus the matching [BLOCK_N, BLOCK_K/8] scale / zero gathers
-  (one per word, L1-resident: a word's 8 nibbles share a group because 8 divides G).
+  [pid_s * TILES, (pid_s + 1) * TILES) of BLOCK_K columns each (BLOCK_K up to 1024: several groups per tile).
 - Split-K (SPLIT > 1, a runtime argument): small-N shapes get SPLIT programs along K; each writes an fp32
   partial [SPLIT, M, N] and `_splitk_reduce` sums them (+ bias, cast). Deterministic; no atomics, no memset.
-- Dequant without int->float conversions: nibble q of word w is `((w >> 4j) & 0xF) | 0x4B000000`, whose float32
-  bit pattern is exactly 2^23 + q; subtracting (2^23 + zero) is exact and gives q - zero.
-- No [BN, BK/8, 8] -> [BN, BK] reshape: nibble j of all words is processed as its own [BLOCK_N, BLOCK_K/8] slice
-  against the strided x columns x[m, 8w + j] (x is tiny and stays in L1 / L2).
-- USE_DOT=False (M == 1 only): an FMA reduction; the scale is applied once per word after summing the word's 8
-  nibbles ((q_j - z) * x_j summed over j, then * s). USE_DOT=True: each slice is scaled, rounded to x.dtype and
-  fed to tl.dot with x padded to BLOCK_M >= 16 rows (tensor cores; fp32 accumulation), so M = 1..BLOCK_M cost
-  about the same.
-- g_idx (act-order): the group differs per column, so scales / zeros are gathered per nibble (slower path).
+- No int->float conversions and no [BN, BK/8, 8] -> [BN, BK] reshape: nibble j of all words of a tile is its own
+  slice, matched with the strided x columns x[m, 8w + j] (x is tiny and stays in L1 / L2). A nibble becomes a
+  float by bit tricks: (q << 19) | 0x3F800000 is the float32 1 + q/16 (`_unit_nibble`: a shift and one lop3),
+  and one lop3 builds the bf16 / fp16 pair (1 + q_j/16, 1 + q_j+4/16) in one register (`_unit_pair`). With
+  u = 1 + q/16, sum_k (q_k - z) x_k = 16 * sum_k u_k x_k - (16 + z) * sum_k x_k, so the zero and the scale are
+  applied once per word (FMA path) or once per group and output (dot path), never per weight.
+- grouped=True (default; G a power of two <= BLOCK_K, no g_idx):
+  FMA path (M == 1, `_tile_groups`): ONE [BLOCK_N, BLOCK_K/G, G/8] int32 load per tile, the [BLOCK_N, groups]
+  scales / zeros broadcast over a group's words; per nibble: shift, lop3, FMA.
+  Dot path (`_tile_groups_dot`, G >= 128): per group a [BLOCK_N, G/8] load, 8 tl.dot's of x (padded to
+  BLOCK_M >= 16 rows: tensor cores, so M = 1..BLOCK_M cost about the same) against the unscaled u slices,
+  fp32 accumulation, then acc += s * (16 * dot - (16 + z) * sum_k x).
+- grouped=False (`_tile_words`, also the g_idx and odd-G path): [BLOCK_N, BLOCK_K/8] word tiles with per-word
+  scale / zero gathers (L1-resident), or per-nibble gathers through g_idx (act-order, slower); the dot path
+  scales each slice and rounds it to x.dtype.
+- NF4 (NF4=True): the nibble indexes the 16-entry code book (L1) and the absmax is applied per word / group.
+- asm=True: the lop3's are inline PTX (the compiler otherwise emits an and plus an or); off under the
+  interpreter, where the same values come from plain integer ops.
 
 Launch configs (GemvConfig) come from an optional per-device table (int4_configs.json next to this file, written
 from `benchmarks/bench_int4.py --sweep`; env ANVIL_INT4_CONFIGS names another file), else from `gemv_config`'s

@@ -214,3 +214,22 @@ def test_int4_gemm_small_m_and_awkward_gpu(n, k, m):
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_nf4_gemv_gpu(n, k, m, dtype):
     gpu_case(kind="nf4_gemv", n=n, k=k, m=m, dtype=dtype, seed=m)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_sweep_configs_gpu(dtype):
+    """Every candidate config of bench_int4.py --sweep (inline-PTX bit tricks included, which the interpreter
+    cannot run) at an awkward N, with and without split-K."""
+    bench = _bench_module()
+    for c in bench.SWEEP_GEMV:
+        for m in (1, 3, c.block_m) if c.dot else (1,):
+            for split in (1, 0):
+                cfg = list(c._replace(split_k=split))
+                gpu_case(kind="int4_gemv", n=1000, k=4096, m=m, dtype=dtype, config=cfg, seed=m)
+    for c in bench.SWEEP_GEMM:
+        gpu_case(kind="int4_gemm", n=1000, k=4096, m=40, dtype=dtype, config=list(c), bias=True)
+    for c in bench.SWEEP_NF4:
+        for m in (1, 3) if c.dot else (1,):
+            gpu_case(kind="nf4_gemv", n=1000, k=4096, m=m, dtype=dtype, config=list(c), bias=True)
