@@ -123,7 +123,7 @@ def _unit_pair(qw, j: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _tile_groups_dot(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, K,
+def _tile_groups_dot(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, K, KW, NG,
                      G: tl.constexpr, NF4: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     """One K tile, one group at a time (G >= 128: a group's G/8 words are the dots' K): int4 nibbles go to the
@@ -132,8 +132,6 @@ def _tile_groups_dot(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n
     GW: tl.constexpr = G // 8
     NGT: tl.constexpr = BLOCK_K // G
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    KW = K // 8
-    NG = K // G
     offs_gw = tl.arange(0, GW)
     for g in tl.static_range(NGT):
         gi = t * NGT + g
@@ -168,14 +166,12 @@ def _tile_groups_dot(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n
 
 
 @triton.jit
-def _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, K, G: tl.constexpr, NF4: tl.constexpr,
+def _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, K, KW, NG, G: tl.constexpr, NF4: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     """FMA path (M == 1), one K tile as [BLOCK_N, groups, G/8] words: the [BLOCK_N, groups] scales / zeros
     broadcast over a group's words (no per-word gathers). Needs G a power of two <= BLOCK_K and no g_idx."""
     GW: tl.constexpr = G // 8
     NGT: tl.constexpr = BLOCK_K // G
-    KW = K // 8
-    NG = K // G
     gi = t * NGT + tl.arange(0, NGT)  # group index [NGT]
     w3 = gi[:, None] * GW + tl.arange(0, GW)[None, :]  # word index [NGT, GW]
     mask_w3 = w3 < KW
@@ -203,14 +199,12 @@ def _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, K, G: tl.c
 
 
 @triton.jit
-def _tile_words(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, offs_m, mask_m, offs_n, mask_n, K,
+def _tile_words(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, offs_m, mask_m, offs_n, mask_n, K, KW, NG,
                 G: tl.constexpr, NF4: tl.constexpr, HAS_GIDX: tl.constexpr, USE_DOT: tl.constexpr,
                 PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     """One K tile as [BLOCK_N, BLOCK_K/8] words; scales / zeros gathered per word (any G), or per nibble from
     g_idx (act-order)."""
     BKW: tl.constexpr = BLOCK_K // 8
-    KW = K // 8
-    NG = K // G
     w = t * BKW + tl.arange(0, BKW)  # word index [BKW]
     mask_w = w < KW
     mask = mask_n[:, None] & mask_w[None, :]
@@ -266,9 +260,9 @@ def _tile_words(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, offs_m, mask_m, off
     return acc
 
 
-@triton.jit(do_not_specialize=["M", "SPLIT", "TILES"])
+@triton.jit(do_not_specialize=["M", "SPLIT", "TILES"])  # KW / NG specialize: K % 128 == 0 -> 16 | KW
 def _wq_mm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, b_ptr, y_ptr, p_ptr, M, N, K, SPLIT, TILES,
+    x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, b_ptr, y_ptr, p_ptr, M, N, K, KW, NG, SPLIT, TILES,
     G: tl.constexpr, NF4: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     GROUPED: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, ASM: tl.constexpr,
@@ -298,12 +292,13 @@ def _wq_mm_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
     for t in range(t0, t1):
         if GROUPED and USE_DOT:
-            acc = _tile_groups_dot(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, K,
+            acc = _tile_groups_dot(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, mask_m, offs_n, mask_n, K, KW, NG,
                                    G, NF4, PREC, BLOCK_M, BLOCK_N, BLOCK_K, ASM)  # fmt: skip
         elif GROUPED:
-            acc = _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, K, G, NF4, BLOCK_N, BLOCK_K, ASM)
+            acc = _tile_groups(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, K, KW, NG, G, NF4, BLOCK_N, BLOCK_K,
+                               ASM)  # fmt: skip
         else:
-            acc = _tile_words(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, offs_m, mask_m, offs_n, mask_n, K,
+            acc = _tile_words(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, offs_m, mask_m, offs_n, mask_n, K, KW, NG,
                               G, NF4, HAS_GIDX, USE_DOT, PREC, BLOCK_N, BLOCK_K, ASM)  # fmt: skip
     if not USE_DOT and GROUPED:
         acc = tl.sum(acc, axis=2)
@@ -373,7 +368,7 @@ def launch(x, qweight, scales, zeros_or_code, g_idx, bias, m, n, k, group_size, 
     )  # fp32 either way: one compiled kernel for split and no split
     _wq_mm_kernel[(programs, split)](
         x, qweight, scales, zeros_or_code, qweight if g_idx is None else g_idx, y if bias is None else bias, y, part,
-        m, n, k, split, tiles,
+        m, n, k, k // 8, k // group_size, split, tiles,  # KW, NG as arguments: their divisibility is known
         G=group_size, NF4=nf4, HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None, USE_DOT=dot,
         GROUPED=grouped, PREC="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=block_n,
         BLOCK_K=block_k, GROUP_M=group_m, ASM=asm and x.is_cuda and not INTERPRET, num_warps=warps, num_stages=stages,
