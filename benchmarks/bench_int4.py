@@ -369,9 +369,15 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{'shape':5s} {'M':>4s} {'kernel':11s} {'config':30s} {'ms':>9s} {'GB/s':>8s} {'x dense':>8s} {'rel err':>9s}"
     )
+    fatal = None
     for name in args.shapes.split(","):
         n, k = SHAPES[name] if name in SHAPES else (int(v) for v in name.split("x"))
-        bench.shape(name, n, k, ms, nf4=not args.no_nf4)
+        try:
+            bench.shape(name, n, k, ms, nf4=not args.no_nf4)
+        except Exception as e:  # e.g. a sticky CUDA error: keep what was measured, say why it stopped
+            fatal = f"{name}: {type(e).__name__}: {e}"
+            print(f"stopped: {fatal}", flush=True)
+            break
     rows = bench.rows
     best = best_configs(rows)
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu-interpreter"
@@ -384,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     table = configs_table(best, gpu, old)
     print_summary(rows, best)
     out = {"schema": "anvil-bench-int4/2", "dtype": str(dtype).removeprefix("torch."), "group_size": G,
-           "iters": args.iters, "sweep": args.sweep, "elapsed_s": round(time.monotonic() - bench.t0, 1),
+           "iters": args.iters, "sweep": args.sweep, "elapsed_s": round(time.monotonic() - bench.t0, 1), "fatal": fatal,
            "rows": rows, "best": best, "configs_table": table,
            "env": {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
                    "cuda": torch.version.cuda, "python": platform.python_version(),
