@@ -3,8 +3,8 @@ format of engine/quant/int4.py) and `NF4LinearMethod` (engine/quant/nf4.py). A L
 buffers instead of a `weight` parameter; their names are the checkpoint names below the layer's prefix
 (`layers.0.attention.wqkv.qweight`, ...).
 
-matmul: on CUDA the Triton kernels (int4: GEMV for M <= 8, GEMM above; NF4: GEMV for M <= 8, else dequantize +
-F.linear); elsewhere the torch reference (dequantize into x.dtype, then F.linear).
+matmul: on CUDA the Triton kernels (int4: the decode kernel for M <= 16, GEMM above, or what the config table
+names; NF4: fused for M <= 32, else dequantize + F.linear); elsewhere the torch reference (dequantize into x.dtype, then F.linear).
 """
 
 from __future__ import annotations
