@@ -25,20 +25,7 @@ serve)
     --dtype bfloat16 --host 127.0.0.1 --port 8000 --max-model-len 4096 --seed 0 \
     --served-model-name synthetic:llama-3-8b > "$out/vllm-server.log" 2>&1 &
   pid=$!
-  python3 - "$pid" <<'PY'
-import os, sys, time, urllib.request
-for _ in range(600):
-    try:
-        if urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2).status == 200:
-            break
-    except OSError:
-        pass
-    try:
-        os.kill(int(sys.argv[1]), 0)
-    except OSError:
-        sys.exit("vllm server died: see vllm-server.log")
-    time.sleep(0.5)
-PY
+  python3 scripts/wait_http.py http://127.0.0.1:8000/health "$pid" 600
   echo "vllm ready after $(( $(date +%s) - t0 )) s" | tee "$out/vllm-startup.txt"
   timeout 300 python3 -m harness run suites/serving-gpu.toml --out "$out/vllm-run" > "$out/vllm.log" 2>&1
   kill -TERM $pid; wait $pid 2>/dev/null

@@ -27,23 +27,7 @@ python3 -m harness serve synthetic:llama-3-8b --dtype bfloat16 --device cuda --p
   --option max_model_len=4096 > "$OUT_DIR/server.log" 2>&1 &
 PID=$!
 trap 'kill -TERM $PID 2>/dev/null || true; wait $PID 2>/dev/null || true' EXIT
-python3 - "$PID" <<'PY'
-import sys, time, os, urllib.request
-pid = int(sys.argv[1])
-for _ in range(1200):
-    try:
-        if urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2).status == 200:
-            break
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        sys.exit("server died: see server.log")
-    time.sleep(0.5)
-else:
-    sys.exit("server not ready after 600 s")
-PY
+python3 scripts/wait_http.py http://127.0.0.1:8000/health "$PID" 600 || exit 1
 echo "server ready after $(( $(date +%s) - t0 )) s" | tee "$OUT_DIR/startup.txt"
 
 python3 -m harness run suites/serving-gpu.toml --out "$OUT_DIR/run" || echo "bench run exit $?"

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend, AttentionLayerSpec
 from engine.attention.metadata import ForwardBatch
+from engine.kernels.triton.paged_attention import MAX_SPLITS
 
 
 class TritonBackend(AttentionBackend):
@@ -37,7 +38,7 @@ class TritonBackend(AttentionBackend):
         bt = torch.zeros(4, 32, dtype=torch.int32, device=dev)
         lens = torch.ones(4, dtype=torch.int32, device=dev)
         q = torch.zeros(4, h, d, dtype=dt, device=dev)
-        for s in (1, 2, 4, 8, 16, 32):
+        for s in (1 << i for i in range(MAX_SPLITS.bit_length())):  # every power of two up to MAX_SPLITS
             self._decode(q[:1], k_cache, v_cache, bt[:1], lens[:1], spec.scale, spec.window, num_splits=s)
         for q_len in (1, 3, 8, 12, 24, 100, 300):  # every BLOCK_M the launcher picks (16..128 rows at GQA 4:1)
             qq = torch.zeros(3 * q_len, h, d, dtype=dt, device=dev)
@@ -82,19 +83,13 @@ class TritonBackend(AttentionBackend):
 
     @staticmethod
     def _fresh(q, k, v, a, spec: AttentionLayerSpec, out, first: int, end: int) -> None:
-        """Causal SDPA per run of equal-length fresh prompts (q [T, H, D], k/v [T, Hkv, D]), sequences first..end-1."""
+        """One causal SDPA call over sequences first..end-1, fresh prompts of one length (what _sdpa admits);
+        q [T, H, D], k/v [T, Hkv, D]."""
         rep = spec.n_heads // spec.n_kv_heads
-        qs = a.query_start
-        b = first
-        while b < end:
-            n = qs[b + 1] - qs[b]
-            e = b
-            while e < end and qs[e + 1] - qs[e] == n:
-                e += 1
-            s0, s1, m = qs[b], qs[e], e - b
-            x = q[s0:s1].view(m, n, spec.n_heads, spec.head_dim).transpose(1, 2)  # [m, H, n, D]
-            kk = k[s0:s1].view(m, n, spec.n_kv_heads, spec.head_dim).transpose(1, 2).repeat_interleave(rep, dim=1)
-            vv = v[s0:s1].view(m, n, spec.n_kv_heads, spec.head_dim).transpose(1, 2).repeat_interleave(rep, dim=1)
-            o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale)  # [m, H, n, D]
-            out[s0:s1] = o.transpose(1, 2).reshape(m * n, spec.n_heads, spec.head_dim)
-            b = e
+        s0, s1, m = a.query_start[first], a.query_start[end], end - first
+        n = (s1 - s0) // m
+        x = q[s0:s1].view(m, n, spec.n_heads, spec.head_dim).transpose(1, 2)  # [m, H, n, D]
+        kk = k[s0:s1].view(m, n, spec.n_kv_heads, spec.head_dim).transpose(1, 2).repeat_interleave(rep, dim=1)
+        vv = v[s0:s1].view(m, n, spec.n_kv_heads, spec.head_dim).transpose(1, 2).repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale)  # [m, H, n, D]
+        out[s0:s1] = o.transpose(1, 2).reshape(m * n, spec.n_heads, spec.head_dim)

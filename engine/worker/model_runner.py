@@ -94,16 +94,7 @@ class ModelRunner:
         self.report["kv"].update(block_size=bs, max_tokens=(num_blocks - 1) * bs, kv_gb=round(self.pool.nbytes() / 1e9, 3))
         model.bind(self.backend, self.pool.k, self.pool.v)
         if cuda:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                seen = set()
-                for blk in model.layers:
-                    a = blk.attention
-                    if a.spec not in seen:
-                        seen.add(a.spec)
-                        self.backend.warmup(a.spec, a.k_cache, a.v_cache)
-            torch.cuda.synchronize(self.device)
-            self.report["kernel_warmup_s"] = round(time.perf_counter() - t0, 2)
+            self._compile_kernels()
 
         # ---- GEMV choice per decode bucket, then graph capture (CUDA)
         self.buckets = self._buckets()
@@ -123,13 +114,24 @@ class ModelRunner:
         else:
             self.report["graph_fallback"] = "disabled" if cuda else "not a CUDA device"
         self.default_gen = make_generator(config.seed, self.device)
-
-    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.cuda and self.backend.name == "triton":  # two small Triton launches instead of torch's reduction
+        self._argmax = lambda logits: logits.argmax(dim=-1)
+        if cuda and self.backend.name == "triton":  # two small Triton launches instead of torch's reduction
             from engine.kernels.triton.fused import argmax
 
-            return argmax(logits)
-        return logits.argmax(dim=-1)
+            self._argmax = argmax
+
+    @torch.inference_mode()
+    def _compile_kernels(self) -> None:
+        """Let the backend compile the kernel variants steps may need, once per distinct layer spec."""
+        t0 = time.perf_counter()
+        seen = set()
+        for blk in self.model.layers:
+            a = blk.attention
+            if a.spec not in seen:
+                seen.add(a.spec)
+                self.backend.warmup(a.spec, a.k_cache, a.v_cache)
+        torch.cuda.synchronize(self.device)
+        self.report["kernel_warmup_s"] = round(time.perf_counter() - t0, 2)
 
     # ---------------------------------------------------------------- setup
     def _buckets(self) -> list[int]:

@@ -155,7 +155,12 @@ def _paged_decode_merge_kernel(
 BLOCK_N = 64
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132, cap: int = 32) -> int:
+MAX_SPLITS = 32  # a power of two
+
+
+def choose_num_splits(
+    batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132, cap: int = MAX_SPLITS
+) -> int:
     """Enough (sequence, KV head, split) programs for ~4 per SM, never more splits than BLOCK_N-token chunks,
     rounded down to a power of two (each value is its own compiled kernel: 6 at most, compiled at warm-up)."""
     want = math.ceil(4 * num_sms / max(1, batch * num_kv_heads))
