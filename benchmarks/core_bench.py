@@ -46,7 +46,8 @@ def timed_generate(llm: LLM, prompts, max_tokens) -> tuple[list, float, dict]:
     host seconds per phase (schedule, build inputs, launch the forward or graph, sample + token copy, process the
     previous step's tokens), measured by wrapping the core's own methods."""
     core = llm.core
-    phases = {"wait": 0.0, "schedule": 0.0, "inputs": 0.0, "launch": 0.0, "sample": 0.0, "process": 0.0}
+    phases = {"wait": 0.0, "schedule": 0.0, "inputs": 0.0, "graph": 0.0, "eager": 0.0, "sample": 0.0, "process": 0.0}
+    calls = dict.fromkeys(phases, 0)
     steps = [0]
     wrapped = []
 
@@ -59,6 +60,7 @@ def timed_generate(llm: LLM, prompts, max_tokens) -> tuple[list, float, dict]:
                 return real(*a, **k)
             finally:
                 phases[key] += time.perf_counter() - t
+                calls[key] += 1
                 if count:
                     steps[0] += 1
 
@@ -79,9 +81,9 @@ def timed_generate(llm: LLM, prompts, max_tokens) -> tuple[list, float, dict]:
     wrap(core.scheduler, "schedule", "schedule", count=True)
     wrap(r, "_inputs", "inputs")
     wrap(r, "sample", "sample")
-    wrap(r.model, "forward", "launch")
+    wrap(r.model, "forward", "eager")  # an eager forward (mixed steps, decode batches without a graph)
     if r.graphs is not None:
-        wrap(r.graphs, "run", "launch")
+        wrap(r.graphs, "run", "graph")  # copy-in + replay of a captured decode step
     wrap(core, "_process", "process")
     mr.StepHandle.wait = w
     _sync()
@@ -95,8 +97,11 @@ def timed_generate(llm: LLM, prompts, max_tokens) -> tuple[list, float, dict]:
     _sync()
     wall = time.perf_counter() - t0
     phases["process"] -= phases["wait"]  # _process includes the wait
+    calls.pop("wait")
     return outs, wall, {"wait_s": phases.pop("wait"), "steps": steps[0],
-                        "host_ms_per_step": {k: 1e3 * v / max(1, steps[0]) for k, v in phases.items()}}  # fmt: skip
+                        "host_ms_per_step": {k: 1e3 * v / max(1, steps[0]) for k, v in phases.items()},
+                        "host_ms_per_call": {k: 1e3 * v / calls[k] for k, v in phases.items() if calls[k]},
+                        "calls": calls}  # fmt: skip
 
 
 def decode_part(lm, copy_gbs: float) -> dict:
@@ -176,9 +181,12 @@ def cb_part(lm, n: int = 512, prompt: tuple[int, int] = (32, 2048), output: tupl
     assert sum(len(o.tokens) for o in outs) == total_out
     res["continuous"] = {"wall_s": wall, "output_tok_s": total_out / wall, "preemptions": llm.core.scheduler.num_preemptions,
                          "steps": st["steps"], "gpu_wait_s": st["wait_s"], "host_ms_per_step": st["host_ms_per_step"],
+                         "host_ms_per_call": st["host_ms_per_call"], "calls": st["calls"],
+                         "graphs": llm.info().get("graphs"), "graph_fallback": llm.info().get("graph_fallback"),
                          "kv": llm.info()["kv"], "max_num_seqs": max_seqs}  # fmt: skip
     print(f"continuous: {total_out / wall:.0f} output tok/s ({wall:.1f} s, {st['steps']} steps, "
-          f"{st['wait_s']:.1f} s waiting on the GPU)", flush=True)
+          f"{st['wait_s']:.1f} s waiting on the GPU); host ms per call {st['host_ms_per_call']}, calls {st['calls']}",
+          flush=True)
     _release(llm)
     sb = static_batch
     llm = LLM(lm, EngineConfig(max_num_seqs=sb, max_model_len=mlen, max_num_batched_tokens=8192))

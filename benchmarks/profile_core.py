@@ -42,6 +42,14 @@ def kernel_table(prof, steps: int, top: int = 30) -> dict:
                      "pct": 100 * t / max(total, 1e-9)} for n, (t, c) in rows[:top]]}  # fmt: skip
 
 
+def cpu_table(prof, steps: int, top: int = 30) -> list[dict]:
+    """Host time by op / CUDA runtime call (self CPU us per step): where a host-bound step spends its time, and
+    any call that blocks on the device (cudaStreamSynchronize, cudaHostAlloc, pageable cudaMemcpy...)."""
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [{"name": e.key[:120], "self_us_per_step": e.self_cpu_time_total / max(1, steps),
+             "calls_per_step": e.count / max(1, steps)} for e in rows]  # fmt: skip
+
+
 def b1(lm, graphs: bool, n_tok: int = 64) -> dict:
     llm = LLM(lm, EngineConfig(max_num_seqs=8, max_model_len=1024, cuda_graphs=graphs))
     p = torch.randint(0, lm.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0)).tolist()
@@ -93,7 +101,8 @@ def cb(lm, n: int, max_seqs: int = 256, budget: int = 8192) -> dict:
     res = {"requests": n, "wall_s": wall, "output_tok_s": out_tok / wall, "steps": steps,
            "kinds": {k: {"steps": v[0], "tokens": v[1], "schedule_ms_per_step": 1e3 * v[2] / max(1, v[0])}
                      for k, v in kinds.items()},
-           **kernel_table(prof, steps, top=40)}  # fmt: skip
+           **kernel_table(prof, steps, top=40), "cpu_top": cpu_table(prof, steps),
+           "graphs": llm.info().get("graphs"), "graph_fallback": llm.info().get("graph_fallback")}  # fmt: skip
     res["gpu_busy_pct_of_wall"] = 100 * res["busy_us"] / 1e6 / wall
     del llm
     torch.cuda.empty_cache()
@@ -129,6 +138,8 @@ def main() -> None:
                   f"wall {v['wall_s'] * 1e3:.0f} ms", {kk: vv for kk, vv in v.items() if kk in ("median_step_ms", "kinds", "output_tok_s")})
             for r in v["top"][:25]:
                 print(f"  {r['us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x {r['pct']:5.1f}%  {r['name'][:90]}")
+            for r in v.get("cpu_top", [])[:20]:
+                print(f"  host {r['self_us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x  {r['name'][:90]}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh core|int4|spec OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -9,6 +9,17 @@ mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/nvidia-smi.csv"
 case "$part" in
+kernels)  # the kernels' GPU tests, the prefill-attention and int4 sweeps, a profile of continuous batching
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine/quant 2>&1 | tail -15 > "$out/int4-gpu-tests.log"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/engine/test_core_gpu.py tests/engine/test_triton_kernels.py \
+    2>&1 | tail -15 > "$out/gpu-tests.log"
+  timeout 110 python3 benchmarks/profile_core.py --parts cb --cb-requests 64 --out "$out/profile-cb.json" 2>&1 \
+    | tail -50 > "$out/profile-cb.log"
+  timeout 100 python3 benchmarks/bench_attention.py --sweep --budget 50 --out "$out/attention.json" 2>&1 | tail -40 \
+    > "$out/attention.log"
+  timeout 120 python3 benchmarks/bench_int4.py --sweep --budget-s 90 --iters 30 --out "$out/int4-sweep.json" \
+    --configs-out "$out/int4_configs.json" 2>&1 | tail -40 > "$out/int4-sweep.log"
+  ;;
 core)
   timeout 170 python3 -m pytest -q tests/engine/test_core_gpu.py tests/engine/test_triton_kernels.py 2>&1 \
     | tail -20 > "$out/gpu-tests.log"
