@@ -40,7 +40,7 @@ class TritonBackend(AttentionBackend):
         q = torch.zeros(4, h, d, dtype=dt, device=dev)
         for s in (1 << i for i in range(MAX_SPLITS.bit_length())):  # every power of two up to MAX_SPLITS
             self._decode(q[:1], k_cache, v_cache, bt[:1], lens[:1], spec.scale, spec.window, num_splits=s)
-        for q_len in (1, 3, 8, 12, 24, 100, 300):  # every BLOCK_M the launcher picks (16..128 rows at GQA 4:1)
+        for q_len in (1, 3, 8, 12, 24, 100, 300):  # every BLOCK_M the launcher picks (16..256 rows at GQA 4:1)
             qq = torch.zeros(3 * q_len, h, d, dtype=dt, device=dev)
             cu = torch.arange(0, 4 * q_len, q_len, dtype=torch.int32, device=dev)
             ln = torch.full((3,), q_len + 3, dtype=torch.int32, device=dev)

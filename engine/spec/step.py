@@ -6,6 +6,11 @@ drafts' K/V stay in the request's blocks past num_computed_tokens, which is set 
 those slots. Requests without drafts (prompt chunks, `speculate = False`, nothing proposed) share the same forward
 and sample their one token by the same rule with zero drafts (greedy: argmax; else one draw from the warped
 distribution with the request's generator, exactly as the plain sampler draws).
+
+On CUDA with graphs (the Triton backend), a step whose requests each verify at most k drafts after their last
+token replays a verify graph (engine/worker/verify_graphs.py: every request padded to k+1 rows, batch sizes up to
+32); steps with prompt chunks, larger batches, proposers that need hidden states (Medusa) and steps without any
+draft take ModelRunner.execute_verify (eager, or its decode graph for a step of decodes only).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from engine.request import Request, RequestOutput
 from engine.sampling import make_generator
 from engine.spec import make_proposer
 from engine.spec.verify import greedy_accept, rejection_accept
+from engine.worker.verify_graphs import VerifyGraphs
+
+MAX_VERIFY_BUCKET = 32  # verify graphs for the decode buckets up to this batch size
 
 
 class SpecDecoder:
@@ -26,6 +34,16 @@ class SpecDecoder:
         self.proposer = make_proposer(config, model, runner)
         self.totals = {"verify_steps": 0, "proposed": 0, "accepted": 0, "propose_s": 0.0}
         self.done: deque[dict] = deque(maxlen=256)  # per-request stats of the latest finished requests
+        # forwards by path: verify graph replays, eager verify forwards, steps without drafts (runner's own path)
+        self.paths = {"graphed_verify_steps": 0, "eager_verify_steps": 0, "draftless_steps": 0}
+        self.verify_graphs: VerifyGraphs | None = None
+        buckets = [b for b in runner.buckets if b <= min(MAX_VERIFY_BUCKET, config.max_num_seqs)]
+        self.no_graphs = _no_graphs(runner, self.proposer, buckets)  # why there are no verify graphs, or None
+        if self.no_graphs is None:
+            self.verify_graphs = VerifyGraphs(runner, self.k, buckets)
+            if self.verify_graphs.fallback and not config.allow_fallback:
+                raise RuntimeError(f"verify graph capture failed: {self.verify_graphs.fallback} "
+                                   "(allow_fallback = true verifies eagerly)")  # fmt: skip
 
     # ---------------------------------------------------------------- one step
     def step(self, core) -> list[RequestOutput]:
@@ -37,7 +55,7 @@ class SpecDecoder:
             r.spec_tokens, r.spec_probs = [], None
         if not sched.requests:
             return []
-        logits, sampled, hidden = core.runner.execute_verify(sched, self.proposer.needs_hidden)
+        logits, sampled, hidden = self._verify(core.runner, sched)
         for req, n in zip(sched.requests, sched.num_new, strict=True):
             req.num_computed_tokens += n
         core.stats["steps"] += 1
@@ -76,6 +94,18 @@ class SpecDecoder:
                 self.proposer.on_verified(req, d, a, am, h)
             outs.append(out)
         return outs
+
+    def _verify(self, runner, sched):
+        """(logits [R, V], sampled requests, hidden or None) of the step, from a verify graph when the step fits."""
+        vg = self.verify_graphs
+        if not any(r.spec_tokens for r in sched.requests):
+            self.paths["draftless_steps"] += 1
+        elif vg is not None and not self.proposer.needs_hidden and vg.fits(sched):
+            self.paths["graphed_verify_steps"] += 1
+            return vg.run(sched)
+        else:
+            self.paths["eager_verify_steps"] += 1
+        return runner.execute_verify(sched, self.proposer.needs_hidden)
 
     def _propose(self, core) -> None:
         """Drafts for every running request whose only uncomputed token is its last, at most k and never past
@@ -123,8 +153,22 @@ class SpecDecoder:
 
     def info(self) -> dict:
         t = self.totals
+        vg = self.verify_graphs
         return {"method": self.method, "num_spec_tokens": self.k, **_rates(t["proposed"], t["accepted"],
-                t["verify_steps"]), "propose_s": round(t["propose_s"], 4), "requests": list(self.done)}  # fmt: skip
+                t["verify_steps"]), "propose_s": round(t["propose_s"], 4), "requests": list(self.done),
+                "verify_graphs": list(vg.buckets) if vg is not None and vg.buckets else None,
+                "verify_graph_fallback": self.no_graphs if vg is None else vg.fallback, **self.paths}  # fmt: skip
+
+
+def _no_graphs(runner, proposer, buckets: list[int]) -> str | None:
+    """Why verify graphs are not built for this runner and proposer; None = build them."""
+    if proposer.needs_hidden:
+        return "the proposer needs hidden states"
+    if runner.graphs is None:
+        return "no decode graphs (not CUDA, or cuda_graphs off)"
+    if runner.backend.name != "triton":  # the torch backend reads host seq lengths: nothing to capture it with
+        return f"attention backend {runner.backend.name}"
+    return None if buckets else f"no decode bucket <= {MAX_VERIFY_BUCKET}"
 
 
 def _rates(proposed: int, accepted: int, steps: int) -> dict:

@@ -1,7 +1,10 @@
 """CUDA graphs of the ordinary forward for decode-only steps, one per batch-size bucket (nano-vllm's
 capture_cudagraph): static input buffers, largest bucket first, one memory pool; a replay is copy-in, replay,
 slice. Padding rows of a bucket have seq_len 0 and a zero block-table row, so they write the scratch block and
-attend nothing."""
+attend nothing.
+
+StaticGraphs holds what decode graphs and the speculative verify graphs (engine/worker/verify_graphs.py) share:
+the static buffers of up to max(buckets) sequences of q rows each, the capture, the copy-in of a step."""
 
 from __future__ import annotations
 
@@ -11,32 +14,38 @@ from engine.attention.metadata import AttentionMetadata, ForwardBatch
 from engine.worker.graph_capture import GraphRunner
 
 
-class DecodeGraphs:
-    def __init__(self, runner, buckets: list[int]) -> None:
-        self.runner = runner
+class StaticGraphs:
+    """Static inputs for sequences of q query rows each (decode: q = 1): input_ids / positions / seq_idx
+    [max_bs * q], seq_lens [max_bs], cu_seqlens_q [max_bs + 1] (multiples of q), block_tables [max_bs, max_blocks].
+    One static ForwardBatch per bucket (`_static`, per subclass) over the leading slices. capture=False keeps no
+    graph: GraphRunner.run then runs the step eagerly over the same buffers (the CPU tests' path)."""
+
+    def __init__(self, runner, buckets: list[int], q: int, max_blocks: int, capture: bool = True) -> None:
+        self.runner, self.q, self.max_blocks = runner, q, max_blocks
         dev = runner.device
         mb = max(buckets)
-        self.max_blocks = runner.max_blocks_per_seq
-        self.input_ids = torch.zeros(mb, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(mb, dtype=torch.int64, device=dev)
-        self.seq_idx = torch.arange(mb, dtype=torch.int32, device=dev)
+        self.input_ids = torch.zeros(mb * q, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(mb * q, dtype=torch.int64, device=dev)
+        self.seq_idx = torch.arange(mb, dtype=torch.int32, device=dev).repeat_interleave(q)
         self.seq_lens = torch.zeros(mb, dtype=torch.int32, device=dev)
-        self.cu = torch.arange(mb + 1, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(mb, self.max_blocks, dtype=torch.int32, device=dev)
+        self.cu = torch.arange(mb + 1, dtype=torch.int32, device=dev) * q
+        self.block_tables = torch.zeros(mb, max_blocks, dtype=torch.int32, device=dev)
         self.batches = {bs: self._static(bs) for bs in buckets}
         self.graphs = GraphRunner(dev)
-        with torch.inference_mode():
-            self.graphs.capture(lambda bs: runner.model(self.batches[bs]), buckets, self._reset)
-        self.buckets = tuple(sorted(self.graphs.graphs))
-        self.fallback = self.graphs.fallback
+        if capture:
+            with torch.inference_mode():
+                self.graphs.capture(self._step, buckets, self._reset)
+            self.buckets = tuple(sorted(self.graphs.graphs))
+            self.fallback = self.graphs.fallback
+        else:
+            self.buckets = tuple(sorted(buckets))
+            self.fallback = "capture disabled: eager over the static buffers"
 
     def _static(self, bs: int) -> ForwardBatch:
-        meta = AttentionMetadata(
-            num_seqs=bs, num_decodes=bs, query_start=list(range(bs + 1)), seq_lens_host=[1] * bs,
-            cu_seqlens_q=self.cu[: bs + 1], seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs],
-            max_q_len=1, max_seq_len=self.runner.max_model_len, num_splits=self.runner.num_splits(bs),
-        )
-        return ForwardBatch(self.input_ids[:bs], self.positions[:bs], self.seq_idx[:bs], meta, None)
+        raise NotImplementedError
+
+    def _step(self, bs: int) -> torch.Tensor:
+        return self.runner.model(self.batches[bs])
 
     def _reset(self) -> None:
         self.input_ids.zero_()
@@ -47,19 +56,37 @@ class DecodeGraphs:
     def bucket(self, b: int) -> int | None:
         return next((x for x in self.buckets if x >= b), None)
 
+    def _load(self, bs: int, ids: list[int], pos: list[int], lens: list[int], tables: list[list[int]],
+              ncols: int) -> None:  # fmt: skip
+        """Copy a step's host lists into bucket bs: ids / pos of the real sequences (q rows each), their seq_lens
+        and block tables (zero-padded to ncols columns); the bucket's padding sequences get zero ids, positions,
+        seq_lens and block-table rows. Columns >= ncols keep older values: the step must never index them."""
+        r = self.runner
+        rows, pad = bs * self.q, bs - len(lens)
+        self.input_ids[:rows].copy_(r._tensor(ids + [0] * (rows - len(ids)), torch.int64), non_blocking=True)
+        self.positions[:rows].copy_(r._tensor(pos + [0] * (rows - len(pos)), torch.int64), non_blocking=True)
+        self.seq_lens[:bs].copy_(r._tensor(lens + [0] * pad, torch.int32), non_blocking=True)
+        tab = [t + [0] * (ncols - len(t)) for t in tables] + [[0] * ncols] * pad
+        self.block_tables[:bs, :ncols].copy_(r._tensor(tab, torch.int32), non_blocking=True)
+
+
+class DecodeGraphs(StaticGraphs):
+    def __init__(self, runner, buckets: list[int]) -> None:
+        super().__init__(runner, buckets, 1, runner.max_blocks_per_seq)
+
+    def _static(self, bs: int) -> ForwardBatch:
+        meta = AttentionMetadata(
+            num_seqs=bs, num_decodes=bs, query_start=list(range(bs + 1)), seq_lens_host=[1] * bs,
+            cu_seqlens_q=self.cu[: bs + 1], seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs],
+            max_q_len=1, max_seq_len=self.runner.max_model_len, num_splits=self.runner.num_splits(bs),
+        )
+        return ForwardBatch(self.input_ids[:bs], self.positions[:bs], self.seq_idx[:bs], meta, None)
+
     def run(self, ids, pos, lens, tables, patch, prev) -> torch.Tensor:
         """Logits [b, V] of a decode-only step of b sequences (host lists), replayed in the smallest bucket >= b."""
         b = len(ids)
         bs = self.bucket(b)
-        r = self.runner
-        pad = bs - b
-        ncols = max(len(t) for t in tables)
-        self.input_ids[:bs].copy_(r._tensor(ids + [0] * pad, torch.int64), non_blocking=True)
-        self.positions[:bs].copy_(r._tensor(pos + [0] * pad, torch.int64), non_blocking=True)
-        self.seq_lens[:bs].copy_(r._tensor(lens + [0] * pad, torch.int32), non_blocking=True)
-        rows = [t + [0] * (ncols - len(t)) for t in tables] + [[0] * ncols] * pad
-        self.block_tables[:bs, :ncols].copy_(r._tensor(rows, torch.int32), non_blocking=True)
+        self._load(bs, ids, pos, lens, tables, max(len(t) for t in tables))
         if patch:
-            r._patch(self.input_ids, patch, prev)
-        return self.graphs.run(bs, lambda _: r.model(self.batches[bs]))[:b]
-
+            self.runner._patch(self.input_ids, patch, prev)
+        return self.graphs.run(bs, self._step)[:b]
