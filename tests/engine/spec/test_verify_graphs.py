@@ -64,12 +64,15 @@ def _verify_batch(llm: LLM, k: int, specs: list[tuple[int, int]]) -> SchedulerOu
     return SchedulerOutput(reqs, num_new)
 
 
-@pytest.mark.parametrize(("k", "max_len"), [(3, MAX_LEN), (5, 2048)])
-def test_padded_verify_logits_equal_eager(tiny, k, max_len):
+@pytest.mark.parametrize(("k", "max_len", "tol"), [(3, MAX_LEN, 1e-5), (5, MAX_LEN, 1e-5), (5, 2048, 2e-5)])
+def test_padded_verify_logits_equal_eager(tiny, k, max_len, tol):
     """Decodes first (execute_verify's order): a mid-block decode, a decode at position max_model_len - 1 (pad
     rows at max_model_len .. + k - 1), then 1 draft with pad rows past the request's last block (scratch), k
     drafts, 2 drafts near the end, a 1-token prompt with drafts; 6 requests in the bucket of 8. max_len 2048 is
-    tiny's max_position_embeddings: the pad rows need rope positions past the table the model was loaded with."""
+    tiny's max_position_embeddings: the pad rows need rope positions past the table the model was loaded with.
+    tol: float32 rounding of different matmul shapes only (|logits| ~ 20, an ulp 2e-6; the eager forward of one of
+    these requests alone differs from it in this batch by up to 9.5e-6; over 2048 keys padded vs eager reaches
+    1.2e-5). The eager forward after the padded steps must repeat the first one exactly."""
     llm = LLM(tiny, EngineConfig(max_num_seqs=8, max_model_len=max_len, max_num_batched_tokens=max_len))
     runner = llm.core.runner
     specs = [(21, 0), (max_len, 0), (46, 1), (60, k), (max_len - 6, 2), (1, k - 1)]
@@ -81,16 +84,16 @@ def test_padded_verify_logits_equal_eager(tiny, k, max_len):
     padded, p_sampled, p_hidden = vg.run(sched)
     assert p_sampled == sampled and p_hidden is None
     assert padded.shape == eager.shape
-    assert (padded - eager).abs().max().item() <= 1e-5
+    assert (padded - eager).abs().max().item() <= tol
 
     # a later step of requests 0 and 2 only: row 1 held request 1's 6-column table, and request 2's pad rows now
     # reach column 3, past its own blocks and past every table of the step: it must be zeroed (scratch), not
     # left pointing at request 1's block 3
     out, got, _ = vg.run(SchedulerOutput([sched.requests[0], sched.requests[2]], [1, 2]))
     assert got == [sched.requests[0], sched.requests[2]]
-    assert (out - eager[[0, 2, 3]]).abs().max().item() <= 1e-5
+    assert (out - eager[[0, 2, 3]]).abs().max().item() <= tol
     again, _, _ = runner.execute_verify(sched)  # every request's cached prefix is intact
-    assert (again - eager).abs().max().item() <= 1e-5
+    assert torch.equal(again, eager)
 
 
 def test_fits_only_draft_verification(tiny):
