@@ -2,7 +2,9 @@
 for batch-1 decode (CUDA graphs on and off) and for a continuous-batching run, with GPU-busy time against wall
 time (a host-bound run shows GPU idle). Public APIs only. Writes one JSON.
 
-  python benchmarks/profile_core.py --out results/gpu/core-h200/profile.json [--parts b1,cb] [--cb-requests 128]
+  python benchmarks/profile_core.py --out results/gpu/core-h200/profile.json [--parts b1,cb,host] [--cb-requests 128]
+
+host: a cProfile of the host side of the continuous-batching run (where a host-bound step spends its time).
 """
 
 from __future__ import annotations
@@ -109,6 +111,44 @@ def cb(lm, n: int, max_seqs: int = 256, budget: int = 8192) -> dict:
     return res
 
 
+def host(lm, n: int, max_seqs: int = 256, budget: int = 8192, top: int = 45) -> dict:
+    """cProfile of the host side of a continuous-batching run (the same workload as cb): Python functions and the C
+    calls they block in (a sync inside a launch shows up as time in torch's copy / tensor / replay calls)."""
+    import cProfile
+    import io
+    import pstats
+
+    c = lm.config
+    rnd = random.Random(0)
+    lens = [(rnd.randint(32, 2048), rnd.randint(16, 512)) for _ in range(n)]
+    prompts = [torch.randint(0, c.vocab_size, (pl,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i, (pl, _) in enumerate(lens)]  # fmt: skip
+    llm = LLM(lm, EngineConfig(max_num_seqs=max_seqs, max_model_len=2560, max_num_batched_tokens=budget))
+    llm.generate(prompts[:4], max_tokens=[4] * 4)
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    outs = llm.generate(prompts, max_tokens=[ol for _, ol in lens])
+    torch.cuda.synchronize()
+    pr.disable()
+    wall = time.perf_counter() - t0
+    buf = io.StringIO()
+    st = pstats.Stats(pr, stream=buf).sort_stats("tottime")
+    st.print_stats(top)
+    rows = [{"func": f"{f[0].split('/')[-1]}:{f[1]}:{f[2]}", "calls": v[1], "tottime_s": round(v[2], 4),
+             "cumtime_s": round(v[3], 4)} for f, v in sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]]  # fmt: skip
+    out_tok = sum(len(o.tokens) for o in outs)
+    info = llm.info()
+    res = {"requests": n, "wall_s": wall, "output_tok_s": out_tok / wall, "steps": llm.core.stats["steps"],
+           "graphs": info.get("graphs"), "graph_fallback": info.get("graph_fallback"), "top_tottime": rows,
+           "note": "cProfile slows Python code (not the GPU): wall is longer than an unprofiled run"}  # fmt: skip
+    print(buf.getvalue()[:6000])
+    del llm
+    torch.cuda.empty_cache()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -125,6 +165,8 @@ def main() -> None:
                 res["b1_eager"] = b1(lm, False)
             elif part == "cb":
                 res["cb"] = cb(lm, args.cb_requests)
+            elif part == "host":
+                res["host"] = host(lm, args.cb_requests)
         except Exception as e:  # keep the other parts
             import traceback
 
