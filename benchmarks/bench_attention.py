@@ -191,7 +191,9 @@ def main() -> None:
             cases.append((c, ref))
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if not k.endswith("_why")},
               flush=True)  # fmt: skip
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    from harness.envinfo import gpu_record
+
+    env = gpu_record()
     result = {"env": env, "rows": rows}
     if args.sweep:
         result["sweep"] = sweep(cases, args.budget)

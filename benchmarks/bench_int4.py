@@ -347,6 +347,14 @@ def print_summary(rows: list[dict], best: list[dict]) -> None:
         print(f"  {r['shape']} M={r['M']} {r['kernel']} {r['label']}: {r['status']}")
 
 
+def _gpu_record() -> dict:
+    if not torch.cuda.is_available():  # --cpu-smoke
+        return {"torch": torch.__version__, "cuda": torch.version.cuda}
+    from harness.envinfo import gpu_record
+
+    return gpu_record()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON output path")
@@ -392,8 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     out = {"schema": "anvil-bench-int4/2", "dtype": str(dtype).removeprefix("torch."), "group_size": G,
            "iters": args.iters, "sweep": args.sweep, "elapsed_s": round(time.monotonic() - bench.t0, 1), "fatal": fatal,
            "rows": rows, "best": best, "configs_table": table,
-           "env": {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-                   "cuda": torch.version.cuda, "python": platform.python_version(),
+           "env": {**_gpu_record(), "gpu": gpu, "triton": triton.__version__, "python": platform.python_version(),
                    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -135,7 +135,8 @@ def tiny_mode(args) -> None:
                   "lossless = every output equals plain greedy token for token"],
         "env": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
                 platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},  # fmt: skip
+                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                **(_gpu_record() if args.device == "cuda" else {})},  # fmt: skip
         "best": None if best is None else {x: best[x] for x in ("spec", "k", "batch", "speedup")},
         "rows": rows,
     }
@@ -161,6 +162,12 @@ def _random_model(config, dtype, device):
         if n.endswith("norm.weight"):
             state[n].fill_(1.0)
     return LoadedModel(Transformer.from_state_dict(config, state), config)
+
+
+def _gpu_record() -> dict:
+    from harness.envinfo import gpu_record
+
+    return gpu_record()
 
 
 def time_forward(llm: LLM, batch: int, q_len: int, ctx: int, reps: int, graph: bool = False) -> float:
@@ -249,7 +256,7 @@ def verify_cost_mode(args) -> None:
     out = {"what": "PROJECTION: verify-forward cost on the Llama-3-8B shape (random weights, bf16) and the implied "
                    "speculative speed-up at the tiny pair's measured acceptance rates",
            "formula": "E = (1 - a^(k+1)) / (1 - a); speedup = E * t(1) / (t(k+1) + t_draft)",
-           "ctx": ctx, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "ctx": ctx, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "env": _gpu_record(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "forward_ms": {str(b): {str(q): round(v, 3) for q, v in t[b].items()} for b in batches},
            "draft_1b_decode_ms": {str(b): round(v, 3) for b, v in t_d.items()},

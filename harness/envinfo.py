@@ -69,6 +69,23 @@ def snapshot() -> dict[str, Any]:
     return {**_static(), "commit": commit(), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
 
 
+def gpu_record() -> dict[str, Any]:
+    """What a committed GPU result names: gpu, driver, torch, cuda, commit (nvidia-smi gives the driver where NVML
+    is not installed). Never raises."""
+    import torch
+
+    drv = _nvml().get("driver")
+    if drv is None:
+        try:
+            drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0] or None
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            drv = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"gpu": gpu, "driver": drv, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "commit": commit(short=True)}  # fmt: skip
+
+
 def commit(short: bool = False) -> str | None:
     """The checkout's commit: ANVIL_COMMIT when set, else git's HEAD (None outside a git checkout)."""
     return os.environ.get("ANVIL_COMMIT") or _git("rev-parse", *(["--short"] if short else []), "HEAD")
