@@ -1,5 +1,6 @@
 """A draft model as the proposer: a smaller model sharing the target's tokenizer (tiny-draft for tiny), run over
-its own paged KV cache by its own ModelRunner and BlockManager.
+its own paged KV cache by its own ModelRunner and BlockManager (with CUDA graphs of its one-token steps when the
+target runs graphs).
 
 Per request the draft remembers which tokens its cache holds (`fed`). Each step it first catches up: it computes
 the request's tokens from the first one that differs from `fed` (rejected drafts are simply recomputed over, so
@@ -40,13 +41,15 @@ class DraftModelProposer(Proposer):
     def __init__(self, draft: Transformer, config: EngineConfig, target: ModelRunner) -> None:
         if draft.config.vocab_size != target.mc.vocab_size:
             raise ValueError(f"draft_model: vocabulary {draft.config.vocab_size} != the target's {target.mc.vocab_size}")
-        # a KV pool of as many blocks as the target's (a smaller model: fewer bytes), eager, no tuning
-        cfg = replace(config, spec="none", draft_model=None, num_kv_blocks=target.pool.num_blocks, cuda_graphs=False,
-                      gemv="cublas", allow_fallback=True)  # fmt: skip
+        # a KV pool of as many blocks as the target's (a smaller model: fewer bytes), no GEMV tuning; its one-token
+        # steps replay the draft runner's decode graphs when the target uses graphs (the catch-up forward is eager)
+        cfg = replace(config, spec="none", draft_model=None, num_kv_blocks=target.pool.num_blocks,
+                      cuda_graphs=target.graphs is not None, gemv="cublas", allow_fallback=True)  # fmt: skip
         self.runner = ModelRunner(draft, cfg, target.max_model_len)
         self.blocks = BlockManager(self.runner.pool.num_blocks, cfg.block_size)
         self.device = self.runner.device
         self.state: dict[str, _State] = {}
+        self.graph_steps = self.eager_steps = 0  # draft forwards replayed from a graph / run eagerly
 
     def _forward(self, feeds: list[tuple[_State, list[int], int]]) -> torch.Tensor:
         """feeds: (state, tokens, first position), one-token feeds first. Logits [len(feeds), V] at each last row."""
@@ -61,6 +64,11 @@ class DraftModelProposer(Proposer):
             rows.append(len(ids) - 1)
             st.fed[p0:] = toks
         nd = sum(1 for f in feeds if len(f[1]) == 1)
+        g = self.runner.graphs
+        if g is not None and nd == len(feeds) and g.bucket(nd) is not None:  # every feed one token: a graph replay
+            self.graph_steps += 1
+            return g.run(ids, pos, lens, tables, [], None)
+        self.eager_steps += 1
         return self.runner.model(self.runner._batch(ids, pos, seq, qs, lens, tables, nd, rows))
 
     def _pick(self, logits: torch.Tensor, reqs: list[Request], states: list[_State]):

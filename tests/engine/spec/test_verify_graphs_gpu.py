@@ -1,7 +1,7 @@
 """Verify graphs on CUDA (float32, Triton backend): the replayed padded verify forward equals the eager verify
 forward (logits within 1e-4, identical argmax; 5.8e-6 / 6.7e-6 seen on the H200), stale block-table columns of an
 earlier step do not leak, the eager path is unchanged after replays, and greedy speculation through the graphs
-equals plain greedy token for token (ngram and draft)."""
+equals plain greedy token for token (ngram and draft, the draft's proposal steps replayed from its own graphs)."""
 
 from __future__ import annotations
 
@@ -63,4 +63,7 @@ def test_greedy_speculation_with_verify_graphs(tiny_cuda, spec):
     llm = LLM(tiny_cuda, EngineConfig(**base, spec=spec, num_spec_tokens=4, **extra))
     got, _ = run(llm, prompts, 48)
     assert llm.info()["spec"]["graphed_verify_steps"] > 0
+    if spec == "draft":  # the draft's one-token proposal steps replay its own decode graphs
+        p = llm.core.spec.proposer
+        assert p.runner.graphs is not None and p.graph_steps > 0
     assert got == ref
