@@ -288,6 +288,7 @@ def _parse_window(d: dict[str, Any], model_type: str, n_layers: int) -> tuple[in
 _BACKENDS = ("auto", "torch", "triton")
 _GEMV = ("tune", "cublas", "triton")
 _SPEC = ("none", "draft", "ngram", "lookahead", "medusa")
+_ACCEPTANCE = ("rejection", "typical")
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,12 @@ class EngineConfig:
     num_spec_tokens: int = 4  # k: drafts per request per step, verified in one forward of k+1 tokens
     draft_model: str | None = None  # spec=draft: the draft's folder or name; spec=medusa: the heads' folder (or the
     #                                 model whose medusa/ subfolder holds them)
+    # How sampling requests verify drafts (greedy ones always match the argmax): rejection = the lossless rule;
+    # typical = Medusa's typical acceptance, p(x) > min(typical_epsilon, typical_delta * exp(-H(p))), with any
+    # proposer. LOSSY: outputs no longer follow the target's distribution exactly (engine/spec/verify.py).
+    spec_acceptance: str = "rejection"
+    typical_epsilon: float = 0.09  # the threshold's ceiling, in (0, 1] (Medusa's posterior_threshold)
+    typical_delta: float = 0.3  # the entropy term's factor, > 0 (Medusa's posterior_alpha, sqrt(0.09))
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
@@ -356,6 +363,12 @@ class EngineConfig:
             raise ValueError(f"draft_model: expected a folder or model name, got {self.draft_model!r}")
         if self.spec in ("draft", "medusa") and self.draft_model is None:
             raise ValueError(f"draft_model: required when spec = {self.spec!r}")
+        if self.spec_acceptance not in _ACCEPTANCE:
+            raise ValueError(f"spec_acceptance: expected one of {', '.join(_ACCEPTANCE)}, got {self.spec_acceptance!r}")
+        eps = self.typical_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0.0 < eps <= 1.0:  # NaN fails too
+            raise ValueError(f"typical_epsilon: expected a number in (0, 1], got {self.typical_epsilon!r}")
+        _number("typical_delta", self.typical_delta)
 
     @property
     def chunk(self) -> int:

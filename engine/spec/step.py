@@ -1,5 +1,7 @@
 """The engine core's speculative step: propose -> schedule (drafts ride with each request's last token, q_len =
 1 + k over its cache) -> one verify forward with logits at every draft row -> accept -> roll back -> outputs.
+Greedy requests accept by argmax matching; sampling ones by `spec_acceptance`: the lossless rejection rule, or
+Medusa's typical acceptance (lossy; engine/spec/verify.py).
 
 It runs synchronously (no one-step-ahead overlap): a proposal needs the tokens the previous step accepted. Rejected
 drafts' K/V stay in the request's blocks past num_computed_tokens, which is set back, and the next step overwrites
@@ -21,7 +23,7 @@ from collections import deque
 from engine.request import Request, RequestOutput
 from engine.sampling import make_generator
 from engine.spec import make_proposer
-from engine.spec.verify import greedy_accept, rejection_accept
+from engine.spec.verify import greedy_accept, rejection_accept, typical_accept
 from engine.worker.verify_graphs import VerifyGraphs
 
 MAX_VERIFY_BUCKET = 32  # verify graphs for the decode buckets up to this batch size
@@ -32,6 +34,8 @@ class SpecDecoder:
         self.k = config.num_spec_tokens
         self.method = config.spec
         self.proposer = make_proposer(config, model, runner)
+        self.acceptance = config.spec_acceptance  # sampling requests' rule: rejection (lossless) | typical (lossy)
+        self.typical = (config.typical_epsilon, config.typical_delta)
         self.totals = {"verify_steps": 0, "proposed": 0, "accepted": 0, "propose_s": 0.0}
         self.done: deque[dict] = deque(maxlen=256)  # per-request stats of the latest finished requests
         # forwards by path: verify graph replays, eager verify forwards, steps without drafts (runner's own path)
@@ -73,9 +77,7 @@ class SpecDecoder:
                 if req.generator is None:
                     req.generator = make_generator(sp.seed, core.runner.device) if sp.seed is not None \
                         else core.runner.default_gen  # fmt: skip
-                q = None if req.spec_probs is None else req.spec_probs[:s]
-                a, t = rejection_accept(logits[row : row + s + 1], d, q, sp.temperature, sp.top_k, sp.top_p,
-                                        req.generator)  # fmt: skip
+                a, t = self._sample_accept(logits[row : row + s + 1], req)
             h = None if hidden is None else hidden[row + a]
             row += s + 1
             req.num_computed_tokens -= s - a  # the rejected drafts' slots are stale: recomputed over next step
@@ -94,6 +96,14 @@ class SpecDecoder:
                 self.proposer.on_verified(req, d, a, am, h)
             outs.append(out)
         return outs
+
+    def _sample_accept(self, logits, req: Request) -> tuple[int, int]:
+        """(accepted drafts, next token) of a sampling request by the configured rule; logits [s+1, V]."""
+        d, sp = req.spec_tokens, req.sampling
+        if self.acceptance == "typical":
+            return typical_accept(logits, d, sp.temperature, sp.top_k, sp.top_p, req.generator, *self.typical)
+        q = None if req.spec_probs is None else req.spec_probs[: len(d)]
+        return rejection_accept(logits, d, q, sp.temperature, sp.top_k, sp.top_p, req.generator)
 
     def _verify(self, runner, sched):
         """(logits [R, V], sampled requests, hidden or None) of the step, from a verify graph when the step fits."""
@@ -154,7 +164,9 @@ class SpecDecoder:
     def info(self) -> dict:
         t = self.totals
         vg = self.verify_graphs
-        return {"method": self.method, "num_spec_tokens": self.k, **_rates(t["proposed"], t["accepted"],
+        typical = {"typical_epsilon": self.typical[0], "typical_delta": self.typical[1]}
+        return {"method": self.method, "num_spec_tokens": self.k, "acceptance": self.acceptance,
+                **(typical if self.acceptance == "typical" else {}), **_rates(t["proposed"], t["accepted"],
                 t["verify_steps"]), "propose_s": round(t["propose_s"], 4), "requests": list(self.done),
                 "verify_graphs": list(vg.buckets) if vg is not None and vg.buckets else None,
                 "verify_graph_fallback": self.no_graphs if vg is None else vg.fallback, **self.paths}  # fmt: skip

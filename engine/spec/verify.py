@@ -8,6 +8,13 @@ norm(max(0, p_j - q_j)) and the rest is dropped; when all k are accepted a bonus
 Every emitted token is then distributed exactly as p, whatever q is. A proposer that drafts deterministically
 (n-gram, lookahead, Medusa's argmax) has q one-hot: accept with p(x), else draw from p with x removed.
 
+Typical acceptance (Medusa, Cai et al. arXiv 2401.10774 section 2.3.1; `evaluate_posterior` of FasterDecoding/
+Medusa) is the LOSSY alternative for sampling requests: walking the chain, x_j is accepted iff
+p_j(x_j) > min(epsilon, delta * exp(-H(p_j))), H the entropy in nats, and the walk stops at the first rejection;
+the target's token at the first unaccepted row (or the bonus row) is then drawn from p there. It accepts plausible
+drafts that rejection would often refuse, so outputs no longer follow p exactly (the paper's defaults: epsilon 0.09,
+delta 0.3). H here is exact (0 log 0 = 0); Medusa's code takes log(p + 1e-5), a slightly lower H.
+
 p is the same warped distribution the plain sampler draws from (temperature, then top-k, then top-p:
 engine/sampling.py), and every random number comes from the request's own generator, so a seeded run repeats.
 """
@@ -73,3 +80,31 @@ def rejection_accept(
     if float(resid.sum()) <= 0.0:  # p == q on the support: rejection had probability 0 (rounding only)
         resid = p[a]
     return a, int(_draw((resid / resid.sum()).unsqueeze(0), gen).item())
+
+
+def typical_threshold(probs: torch.Tensor, epsilon: float, delta: float) -> torch.Tensor:
+    """[R, V] probabilities -> [R] thresholds of typical acceptance, min(epsilon, delta * exp(-H(p)))."""
+    entropy = torch.special.entr(probs).sum(dim=-1)
+    return (delta * torch.exp(-entropy)).clamp_(max=epsilon)
+
+
+def typical_accept(
+    logits: torch.Tensor,
+    drafts: list[int],
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    gen: torch.Generator | None,
+    epsilon: float,
+    delta: float,
+) -> tuple[int, int]:
+    """(accepted drafts, next token) by typical acceptance (lossy). logits [k+1, V] of the target at the verify
+    rows; the drafts' own probabilities are not used. The next token is one draw from p at the first unaccepted
+    row, so with no drafts this is the plain sampler's draw."""
+    p = target_probs(logits, temperature, top_k, top_p)  # [k+1, V]
+    k, a = len(drafts), 0
+    if k:
+        px = p[torch.arange(k, device=p.device), torch.tensor(drafts, device=p.device)]
+        ok = (px > typical_threshold(p[:k], epsilon, delta)).tolist()
+        a = ok.index(False) if False in ok else k
+    return a, int(_draw(p[a : a + 1], gen).item())
