@@ -69,7 +69,8 @@ def b1(lm, graphs: bool, n_tok: int = 64) -> dict:
     return res
 
 
-def cb(lm, n: int, max_seqs: int = 256, budget: int = 8192) -> dict:
+def _cb_workload(lm, n: int, max_seqs: int, budget: int):
+    """(a warmed-up LLM, n prompts of U(32, 2048) random tokens, their U(16, 512) output lengths), seeded."""
     c = lm.config
     rnd = random.Random(0)
     lens = [(rnd.randint(32, 2048), rnd.randint(16, 512)) for _ in range(n)]
@@ -77,6 +78,11 @@ def cb(lm, n: int, max_seqs: int = 256, budget: int = 8192) -> dict:
                for i, (pl, _) in enumerate(lens)]  # fmt: skip
     llm = LLM(lm, EngineConfig(max_num_seqs=max_seqs, max_model_len=2560, max_num_batched_tokens=budget))
     llm.generate(prompts[:4], max_tokens=[4] * 4)
+    return llm, prompts, [ol for _, ol in lens]
+
+
+def cb(lm, n: int, max_seqs: int = 256, budget: int = 8192) -> dict:
+    llm, prompts, max_tokens = _cb_workload(lm, n, max_seqs, budget)
     sched = llm.core.scheduler
     real = sched.schedule
     kinds = defaultdict(lambda: [0, 0, 0.0])  # kind -> [steps, tokens, host s in schedule]
@@ -94,7 +100,7 @@ def cb(lm, n: int, max_seqs: int = 256, budget: int = 8192) -> dict:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, max_tokens=[ol for _, ol in lens])
+        outs = llm.generate(prompts, max_tokens=max_tokens)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     del sched.schedule
@@ -118,18 +124,12 @@ def host(lm, n: int, max_seqs: int = 256, budget: int = 8192, top: int = 45) -> 
     import io
     import pstats
 
-    c = lm.config
-    rnd = random.Random(0)
-    lens = [(rnd.randint(32, 2048), rnd.randint(16, 512)) for _ in range(n)]
-    prompts = [torch.randint(0, c.vocab_size, (pl,), generator=torch.Generator().manual_seed(i)).tolist()
-               for i, (pl, _) in enumerate(lens)]  # fmt: skip
-    llm = LLM(lm, EngineConfig(max_num_seqs=max_seqs, max_model_len=2560, max_num_batched_tokens=budget))
-    llm.generate(prompts[:4], max_tokens=[4] * 4)
+    llm, prompts, max_tokens = _cb_workload(lm, n, max_seqs, budget)
     torch.cuda.synchronize()
     pr = cProfile.Profile()
     t0 = time.perf_counter()
     pr.enable()
-    outs = llm.generate(prompts, max_tokens=[ol for _, ol in lens])
+    outs = llm.generate(prompts, max_tokens=max_tokens)
     torch.cuda.synchronize()
     pr.disable()
     wall = time.perf_counter() - t0
