@@ -302,6 +302,15 @@ class _Worker:
         self.proc.join(10)
 
 
+def _info_after(adapter, last: dict | None) -> dict | None:
+    """The adapter's info after a cell: what grows while an engine runs (anvil's speculative totals, counted since the
+    engine was loaded) is then that of the cells run so far; the previous info when info() fails."""
+    try:
+        return adapter.info()
+    except Exception:
+        return last
+
+
 def _short(exc: BaseException) -> str:
     tb = traceback.extract_tb(exc.__traceback__)
     where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
@@ -369,6 +378,7 @@ def worker_main(payload: dict, conn) -> None:
             traceback.print_exc()
             out = Record(**rec, status="failed", reason=_short(exc), engine_info=info)
             _free_device_memory()
+        out.engine_info = info = _info_after(adapter, info)
         out.duration_s = round(time.perf_counter() - t0, 4)
         send("record", out.to_dict())
     if adapter is not None:

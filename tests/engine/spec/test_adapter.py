@@ -33,3 +33,39 @@ def test_spec_options_tokens_and_info(ckpt):
     assert spec["method"] == "ngram" and spec["num_spec_tokens"] == 3 and spec["proposed"] > 0
     with pytest.raises(ValueError, match="^spec:"):
         AnvilAdapter.validate_options({"spec": "eagle"})
+
+
+def test_suite_records_carry_the_speculative_totals(tmp_path):
+    """A suite with [options.anvil] spec keys on models/tiny (it falls into loops that prompt lookup drafts): each
+    record's engine_info holds the totals after its cell (the info at load time has none), growing cell to cell."""
+    from harness.runner import run_suite
+    from harness.suite import parse
+
+    text = """
+[suite]
+name = "spec-records"
+engines = ["anvil"]
+engine_warmup_s = 0.0
+
+[options.anvil]
+spec = "ngram"
+num_spec_tokens = 3
+
+[[models]]
+name = "tiny"
+dtype = "float32"
+device = "cpu"
+
+[[scenarios]]
+type = "throughput"
+batch = 1
+prompt_len = 16
+gen_len = [32, 48]
+warmup = 0
+repeats = 1
+"""
+    out = run_suite(parse(text, "spec.toml"), tmp_path / "run")
+    assert [r.status for r in out.records] == ["ok", "ok"], [r.reason for r in out.records]
+    specs = [r.engine_info["spec"] for r in out.records]
+    assert all(s["method"] == "ngram" and s["num_spec_tokens"] == 3 for s in specs)
+    assert 0 < specs[0]["verify_steps"] + specs[0]["proposed"] < specs[1]["verify_steps"] + specs[1]["proposed"]
