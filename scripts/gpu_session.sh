@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -44,6 +44,20 @@ spec)
     > "$out/spec-tiny.log"
   timeout 120 python3 benchmarks/spec_bench.py --device cuda --verify-cost --from "$out/spec-tiny-h200.json" \
     --out "$out/spec-verify-8b-h200.json" 2>&1 | tail -30 > "$out/spec-verify.log"
+  ;;
+serve-long)  # anvil's server under suites/serving-gpu.toml (needs .whl/serve carried), then long_context.toml
+  t0=$(date +%s)
+  timeout 330 bash scripts/serve_gpu.sh "$out/serving" > "$out/serving.log" 2>&1
+  left=$(( 570 - ($(date +%s) - t0) ))
+  echo "long_context.toml with ${left} s left" > "$out/long.log"
+  timeout "$left" python3 -m harness run suites/long_context.toml --out /tmp/long-run >> "$out/long.log" 2>&1
+  cp /tmp/long-run/records.jsonl /tmp/long-run/table.md "$out/" 2>/dev/null
+  ;;
+spec-gpu)  # the graphed verify / draft-proposer GPU tests, then the 8B verify cost with graphed k+1 forwards
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/engine/spec/test_verify_graphs_gpu.py 2>&1 | tail -15 \
+    > "$out/spec-gpu-tests.log"
+  timeout 150 python3 benchmarks/spec_bench.py --device cuda --verify-cost --from results/gpu/spec-h200/spec-tiny-h200-08c5c54.json --out "$out/spec-verify-8b-h200.json" \
+    2>&1 | tail -30 > "$out/spec-verify.log"
   ;;
 *)
   echo "unknown part $part" >&2

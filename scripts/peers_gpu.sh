@@ -2,6 +2,7 @@
 # usage: bash scripts/peers_gpu.sh decode|serve OUT_DIR      on the lent GPU, after the vLLM kit is installed
 # (../shared/tools/vllm-kit: carry .vk/part* to /tmp/vk, then `eval "$(sh /tmp/vk/reassemble.sh)"`).
 #   decode: suites/gpu-decode-peers.toml (anvil, vLLM, HF in one run)
+#   serve-vllm: only the `vllm serve` half of serve
 #   serve:  anvil's server under suites/serving-gpu.toml (scripts/serve_gpu.sh), then `vllm serve` of the same
 #           synthetic Llama-3-8B (load_format dummy) on the same port under the same suite, right after it.
 set -u
@@ -17,8 +18,8 @@ decode)
   timeout 560 python3 -m harness run suites/gpu-decode-peers.toml --out /tmp/peers-run 2>&1 | tail -30 > "$out/decode.log"
   cp /tmp/peers-run/records.jsonl /tmp/peers-run/table.md "$out/" 2>/dev/null
   ;;
-serve)
-  timeout 280 bash scripts/serve_gpu.sh "$out/anvil" > "$out/anvil.log" 2>&1
+serve|serve-vllm)  # serve-vllm: vLLM's server only (anvil's ran in an earlier call: gpu_session.sh serve-long)
+  [ "$part" = serve ] && timeout 280 bash scripts/serve_gpu.sh "$out/anvil" > "$out/anvil.log" 2>&1
   dir=$(python3 -c "from adapters.vllm import synthetic_model_dir; print(synthetic_model_dir('llama-3-8b', 'bfloat16', '/tmp/vsyn'))")
   t0=$(date +%s)
   python3 -m vllm.entrypoints.openai.api_server --model "$dir" --tokenizer "$dir" --load-format dummy \
