@@ -7,13 +7,13 @@
 # (.whl/ is git-ignored) and carry them:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #     --platform any -d .whl/serve fastapi starlette uvicorn pydantic pydantic-core annotated-types \
-#     typing-inspection typing-extensions h11 anyio sniffio idna httpx httpcore certifi
+#     typing-inspection typing-extensions h11 anyio sniffio idna httpx httpcore certifi opentelemetry-api
 # device tool: run(command="bash scripts/serve_gpu.sh $OUT", carry=[".whl/serve"], kind="nvidia-h200")
 set -euo pipefail
 OUT_DIR=${1:-${OUT:-results/gpu/serving-h200}}
 mkdir -p "$OUT_DIR"
 SITE=/tmp/anvil-serve-site
-if ! python3 -c "import fastapi, uvicorn, pydantic, httpx" 2>/dev/null; then
+if ! python3 -c "import fastapi.applications, uvicorn, pydantic, httpx, opentelemetry" 2>/dev/null; then
   # shellcheck disable=SC2046
   python3 -m pip install -q --no-index --no-deps --target "$SITE" $(ls .whl/serve/*.whl | grep -v '/click-')
   export PYTHONPATH="$SITE:${PYTHONPATH:-}"
