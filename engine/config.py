@@ -305,6 +305,11 @@ class EngineConfig:
     chunked_prefill: bool = True  # split prompts longer than prefill_chunk across steps, mixed with decode
     prefill_chunk: int | None = None  # most prompt tokens of one request per step; None = max_num_batched_tokens
     cuda_graphs: bool = True  # replay captured decode steps (CUDA only)
+    # Automatic prefix caching (vLLM's APC): the full KV blocks of every finished or preempted request stay cached
+    # (idle, evicted least recently used) and a new request starts from the longest cached prefix of its prompt.
+    # Off by default here (a benchmark's repeated prompts would skip their prefill); `bench serve` turns it on, as
+    # `vllm serve` does. A session's turns (Request.session_id) are cached either way.
+    enable_prefix_caching: bool = False
     graph_buckets: tuple[int, ...] | None = None  # decode batch sizes captured; None = 1, 2, 4, 8, 16, 24, 32, ...
     attention_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | torch | triton
     gemv: str = "tune"  # tune (fastest of Triton configs and cuBLAS per shape, measured) | cublas | triton
@@ -336,7 +341,7 @@ class EngineConfig:
             raise ValueError(f"kv_fraction: expected a number in (0, 1], got {self.kv_fraction!r}")
         if not 0.0 < float(self.kv_fraction) <= 1.0:
             raise ValueError(f"kv_fraction: expected a number in (0, 1], got {self.kv_fraction!r}")
-        for name in ("chunked_prefill", "cuda_graphs", "allow_fallback"):
+        for name in ("chunked_prefill", "cuda_graphs", "allow_fallback", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.attention_backend not in _BACKENDS:

@@ -2,7 +2,8 @@
 
 MODEL is 'tiny', a local HF-layout folder (or a name engine.hub.resolve knows) or synthetic:<preset> (random weights
 of a real shape: speed only). `--option key=value` sets EngineConfig fields (values read as JSON: 8, true, [1, 2],
-else a string). Exit 2 for a bad option or a model that cannot be loaded.
+else a string). Automatic prefix caching is on unless `--option enable_prefix_caching=false` (as `vllm serve`).
+Exit 2 for a bad option or a model that cannot be loaded.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import typer
 
 
 def parse_options(pairs: list[str]) -> dict:
-    opts = {}
+    opts = {"enable_prefix_caching": True}  # a server's default, as vLLM's (EngineConfig's is off)
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:

@@ -71,13 +71,17 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if req.session_id is not None:
-            self.blocks.cache_blocks(req)  # the session's next turn starts from these blocks
+        if self._caches(req):
+            self.blocks.cache_blocks(req)  # a session's next turn (or any later request, APC) starts from these
         self.blocks.free(req)
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def _caches(self, req: Request) -> bool:
+        """Whether req's full blocks are named for reuse (a session's always; every request's with APC)."""
+        return req.session_id is not None or self.config.enable_prefix_caching
 
     def _reuse_prefix(self, req: Request) -> int:
         """Share the cached full blocks of req's known tokens (a session's earlier turns), always leaving its last
@@ -95,6 +99,8 @@ class Scheduler:
 
     def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
         self.running.remove(victim)
+        if self._caches(victim):
+            self.blocks.cache_blocks(victim)  # its recompute after readmission starts from them (unless evicted)
         self.blocks.free(victim)
         victim.num_computed_tokens = 0
         victim.status = RequestStatus.WAITING
@@ -139,7 +145,7 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_pending:  # its last token is still on the way (one step ahead): next step
                 break
-            hit = self._reuse_prefix(req) if req.session_id is not None and not req.block_ids else 0
+            hit = self._reuse_prefix(req) if self._caches(req) and not req.block_ids else 0
             n = min(req.num_tokens - req.num_computed_tokens, chunk, budget)
             # not chunked: the whole prompt must fit one step's budget
             if (not cfg.chunked_prefill and n < req.num_tokens - req.num_computed_tokens) or \

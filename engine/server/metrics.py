@@ -35,7 +35,7 @@ class _EngineCollector:
                      s.get("kv_usage", 0.0))  # fmt: skip
         yield _gauge("prefix_cache_hit_rate", "session cache: hit prompt tokens / prompt tokens, since start",
                      pc.get("hit_rate", 0.0))  # fmt: skip
-        yield _gauge("prefix_cache_blocks", "KV blocks named by the session cache", pc.get("cached_blocks", 0))
+        yield _gauge("prefix_cache_blocks", "KV blocks named by the prefix cache (sessions; every request with enable_prefix_caching)", pc.get("cached_blocks", 0))
         yield _counter("num_preemptions", "requests preempted (KV freed, recomputed later)", s.get("preemptions", 0))
         yield _counter("prefix_cache_queries", "prompt tokens looked up in the session cache", pc.get("query_tokens", 0))
         yield _counter("prefix_cache_hits", "prompt tokens found in the session cache", pc.get("hit_tokens", 0))

@@ -161,6 +161,13 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         del tmp, batch
 
+    def bind_own(self) -> None:
+        """Re-attach this runner's KV pool and backend to the model's layers when another runner over the same model
+        object (a second LLM) has taken them: eager forwards read the layers' caches (captured graphs keep their own)."""
+        att = self.model.layers[0].attention
+        if att.k_cache is None or att.k_cache.data_ptr() != self.pool.k.data_ptr() or att.backend is not self.backend:
+            self.model.bind(self.backend, self.pool.k, self.pool.v)
+
     # ---------------------------------------------------------------- batches
     def _tensor(self, data, dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype, pin_memory=self.cuda)
@@ -212,6 +219,7 @@ class ModelRunner:
         if self.graphs is not None and nd == b and self.graphs.bucket(b) is not None:
             logits = self.graphs.run(ids, pos, lens, tables, patch, prev)  # [b, V]: every row samples
         else:
+            self.bind_own()
             batch = self._batch(ids, pos, seq, qs, lens, tables, nd, rows)
             if patch:
                 self._patch(batch.input_ids, patch, prev)
@@ -235,6 +243,7 @@ class ModelRunner:
         b, nd = len(lens), sched.num_decodes
         if not want_hidden and self.graphs is not None and nd == b and self.graphs.bucket(b) is not None:
             return self.graphs.run(ids, pos, lens, tables, [], None), sampled, None
+        self.bind_own()
         batch = self._batch(ids, pos, seq, qs, lens, tables, nd, rows)
         self.model.capture_hidden = want_hidden
         try:

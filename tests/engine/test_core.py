@@ -80,6 +80,16 @@ def test_preemption_by_a_small_pool_recomputes_identically(model, reference):
     assert llm.core.blocks.num_free == llm.core.blocks.num_usable  # every block back
 
 
+def test_preemption_with_prefix_caching_recomputes_identically(model, reference):
+    # APC on: a victim's computed blocks are named before they are freed; its readmission may start from them
+    prompts, ref = reference
+    llm = LLM(model, cfg(num_kv_blocks=13, block_size=16, enable_prefix_caching=True))
+    outs = llm.generate(prompts, max_tokens=N_NEW)
+    assert llm.core.scheduler.num_preemptions > 0
+    assert [o.tokens for o in outs] == ref
+    assert llm.core.blocks.num_free == llm.core.blocks.num_usable  # idle cached blocks count as free
+
+
 def test_per_request_sampling_equals_each_run_alone(model):
     prompts = random_prompts([6, 11, 3, 20], model.config.vocab_size, seed=9)
     params = [SamplingParams(temperature=0.8, seed=1), SamplingParams(),
@@ -198,3 +208,17 @@ def test_no_cuda_path_on_cpu_says_why(model):
     info = llm.info()
     assert info["attention_backend"] == "torch" and info["graph_fallback"] == "not a CUDA device"
     assert torch.device(info["device"]).type == "cpu"
+
+
+def test_two_llms_over_one_model_keep_their_own_kv_pools(model, reference):
+    # each LLM binds its pool to the model's layers; one that runs after another re-attaches its own
+    prompts, ref = reference
+    a, b = LLM(model, cfg()), LLM(model, cfg(prefill_chunk=7))
+    ra = a.add_request(prompts[3], max_tokens=N_NEW)
+    got: list[int] = []
+    for _ in range(10):  # a prefills and decodes a little, then b runs to completion over the same model object
+        got += [t for o in a.step() if o.request_id == ra for t in o.new_token_ids]
+    assert [o.tokens for o in b.generate(prompts, max_tokens=N_NEW)] == ref
+    while a.has_unfinished():
+        got += [t for o in a.step() if o.request_id == ra for t in o.new_token_ids]
+    assert got == ref[3]

@@ -1,4 +1,4 @@
-"""Session KV reuse in the core (engine/core/prefix_cache.py, BlockManager, the scheduler's admission): a second turn
+"""Session KV reuse and automatic prefix caching (enable_prefix_caching) in the core (engine/core/prefix_cache.py, BlockManager, the scheduler's admission): a second turn
 computes fewer tokens and gives exactly the tokens it gives without the cache; idle cached blocks are evicted least
 recently used under a small pool; logprobs of sampled tokens equal the reference logits'."""
 
@@ -69,6 +69,30 @@ def test_requests_without_a_session_neither_cache_nor_reuse():
     assert len(llm.core.blocks.cache) == 0
     r, _ = run(llm, p, 4, session="s")
     assert r.num_cached_tokens == 0
+
+
+def test_automatic_prefix_caching_reuses_any_finished_request_and_gives_the_same_tokens():
+    model = synthetic("tiny-test", seed=7)
+    p, tail = random_prompts([40, 9], model.config.vocab_size, seed=3)
+    llm = LLM(model, cfg(enable_prefix_caching=True))
+    r1, out1 = run(llm, p, 20)  # no session: cached anyway (40 + 19 computed = 3 full blocks)
+    assert r1.num_cached_tokens == 0 and len(llm.core.blocks.cache.idle) == 3
+    r2, out2 = run(llm, p, 20)  # the same prompt: 2 blocks (32 tokens); the third holds its last token
+    assert r2.num_cached_tokens == 32 and r2.computed_here == (40 - 32) + 19
+    assert out2 == out1 == solo(model, p, 20)
+    r3, out3 = run(llm, p + tail, 12)  # the same first 40 tokens, another continuation: the first 2 blocks match
+    assert r3.num_cached_tokens == 32 and out3 == solo(model, p + tail, 12)
+    r4, out4 = run(llm, p + out1 + tail, 12)  # the first turn's prompt + output, then more: all 3 of its blocks
+    assert r4.num_cached_tokens == 48 and out4 == solo(model, p + out1 + tail, 12)
+    assert llm.core.blocks.cache.hit_tokens == 32 + 32 + 48
+
+
+def test_automatic_prefix_caching_is_off_by_default_and_on_for_bench_serve():
+    from harness.serve_cmd import parse_options
+
+    assert EngineConfig().enable_prefix_caching is False
+    assert EngineConfig.from_options(parse_options([])).enable_prefix_caching is True
+    assert parse_options(["enable_prefix_caching=false"])["enable_prefix_caching"] is False
 
 
 def test_eviction_is_least_recently_used_under_a_small_pool():
