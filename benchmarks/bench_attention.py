@@ -16,6 +16,7 @@ the default heuristic's time are printed and saved.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -167,15 +168,58 @@ def best_per_case(rows: list[dict]) -> list[dict]:
     return list(best.values())
 
 
+def first_calls(lens: list[int]) -> list[dict]:
+    """Fresh causal prompts at lengths not seen before in this process: the wall time of the FIRST call at each new
+    shape (synchronized) and the median of later calls, for SDPA's default choice, SDPA limited to cuDNN or to
+    flash, and our paged Triton kernel. A per-shape cost (cuDNN's plan build) shows as first >> steady."""
+    rows = []
+    methods = (("sdpa_default", None), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+               ("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("triton_paged", "triton"))  # fmt: skip
+    for i, (name, be) in enumerate(methods):
+        for n in lens:
+            c = make_case(n + i, n + i)  # a length no method has seen: each method meets new shapes
+            qq, kk, vv = (c[x].transpose(0, 1)[None] for x in "qkv")
+
+            def f(be=be, c=c, qq=qq, kk=kk, vv=vv):
+                if be == "triton":
+                    return run_kernel(c)
+                ctx = sdpa_kernel(be) if be is not None else contextlib.nullcontext()
+                with ctx:
+                    return F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=c["scale"],
+                                                          enable_gqa=True)  # fmt: skip
+
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            try:
+                f()
+                torch.cuda.synchronize()
+            except Exception as e:
+                rows.append({"method": name, "len": n + i, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                continue
+            first = (time.perf_counter() - t0) * 1e3
+            rows.append({"method": name, "len": n + i, "first_ms": first, "steady_ms": timed(f, 5)})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--lens", default="4096,16384")
     ap.add_argument("--extend", type=int, default=2048, help="also a chunk of this many queries over each prefix")
     ap.add_argument("--sweep", action="store_true", help="also time every launch config of SWEEP")
+    ap.add_argument("--first-call", default="", help="only: first-call vs steady time of fresh prompts at these "
+                    "new lengths (e.g. 301,517,733,1029,2047), per SDPA backend and our kernel")
     ap.add_argument("--window", type=int, default=1024, help="--sweep: a sliding-window extend row (0: none)")
     ap.add_argument("--budget", type=float, default=75.0, help="--sweep: seconds to spend on configs")
     args = ap.parse_args()
+    if args.first_call:
+        from harness.envinfo import gpu_record
+
+        rows = first_calls([int(x) for x in args.first_call.split(",")])
+        with open(args.out, "w") as f:
+            json.dump({"env": gpu_record(), "first_call": rows}, f, indent=1)
+        return
     specs = []
     for n in (int(x) for x in args.lens.split(",")):
         specs += [(n, ql, 0) for ql in ((n, min(args.extend, n)) if args.extend else (n,))]

@@ -286,6 +286,7 @@ def _parse_window(d: dict[str, Any], model_type: str, n_layers: int) -> tuple[in
 
 # ---------------------------------------------------------------- the engine core's settings
 _BACKENDS = ("auto", "torch", "triton")
+_FRESH = ("sdpa", "flash", "triton")
 _GEMV = ("tune", "cublas", "triton")
 _SPEC = ("none", "draft", "ngram", "lookahead", "medusa")
 _ACCEPTANCE = ("rejection", "typical")
@@ -312,6 +313,10 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     graph_buckets: tuple[int, ...] | None = None  # decode batch sizes captured; None = 1, 2, 4, 8, 16, 24, 32, ...
     attention_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | torch | triton
+    # Fresh prompts of one length in a step (triton backend): sdpa = one SDPA call, torch's kernel choice (cuDNN on
+    # sm_90, which builds a plan per new shape: the first call of a new prompt length is slow); flash = SDPA limited
+    # to FlashAttention-2 (no per-shape plan); triton = the paged prefill kernel, as for every other prompt row.
+    fresh_attention: str = "sdpa"
     gemv: str = "tune"  # tune (fastest of Triton configs and cuBLAS per shape, measured) | cublas | triton
     seed: int = 0  # seed of requests that sample without their own
     allow_fallback: bool = False  # True: a fast path that fails to build falls back (reason in info()); else raise
@@ -346,6 +351,8 @@ class EngineConfig:
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.attention_backend not in _BACKENDS:
             raise ValueError(f"attention_backend: expected one of {', '.join(_BACKENDS)}, got {self.attention_backend!r}")
+        if self.fresh_attention not in _FRESH:
+            raise ValueError(f"fresh_attention: expected one of {', '.join(_FRESH)}, got {self.fresh_attention!r}")
         if self.gemv not in _GEMV:
             raise ValueError(f"gemv: expected one of {', '.join(_GEMV)}, got {self.gemv!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -58,6 +58,12 @@ spec-gpu)  # the graphed verify / draft-proposer GPU tests, then the 8B verify c
     > "$out/spec-gpu-tests.log"
   timeout 150 python3 benchmarks/spec_bench.py --device cuda --verify-cost --from results/gpu/spec-h200/spec-tiny-h200-08c5c54.json --out "$out/spec-verify-8b-h200.json" \
     2>&1 | tail -30 > "$out/spec-verify.log"
+  ;;
+first-call)  # is a new prompt length's first SDPA call slow (cuDNN plan build)? then the fresh_attention GPU tests
+  timeout 120 python3 benchmarks/bench_attention.py --first-call 301,517,733,1029,1555,2047,4099 \
+    --out "$out/first-call.json" 2>&1 | tail -40 > "$out/first-call.log"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/engine/test_core_gpu.py -k fresh_attention 2>&1 \
+    | tail -8 > "$out/fresh-attention-tests.log"
   ;;
 *)
   echo "unknown part $part" >&2

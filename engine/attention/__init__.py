@@ -10,8 +10,8 @@ BACKENDS = ("torch", "triton")
 __all__ = ["BACKENDS", "AttentionBackend", "AttentionLayerSpec", "AttentionMetadata", "ForwardBatch", "get_backend"]
 
 
-def get_backend(name: str) -> AttentionBackend:
-    """A backend by name; an unknown name lists the known ones."""
+def get_backend(name: str, fresh_attention: str = "sdpa") -> AttentionBackend:
+    """A backend by name; an unknown name lists the known ones. fresh_attention: EngineConfig's (triton only)."""
     if name == "torch":
         from engine.attention.torch_ref import TorchBackend
 
@@ -19,5 +19,5 @@ def get_backend(name: str) -> AttentionBackend:
     if name == "triton":
         from engine.attention.triton_backend import TritonBackend
 
-        return TritonBackend()
+        return TritonBackend(fresh_attention)
     raise ValueError(f"unknown attention backend {name!r} (known: {', '.join(BACKENDS)})")

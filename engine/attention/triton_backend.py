@@ -1,13 +1,15 @@
 """The CUDA attention backend: Triton RoPE + paged KV write, split-KV decode, and for the prompt rows of a step
 either one batched SDPA call (fresh prompts of one length: flash / cuDNN) or one launch of the Triton paged
 prefill kernel for all of them (chunks over a cached prefix, sliding windows, speculative verification, mixed
-lengths). Decode rows come first in every batch.
+lengths). Decode rows come first in every batch. EngineConfig.fresh_attention picks the fresh prompts' path: sdpa
+(torch's choice of kernel), flash (SDPA limited to FlashAttention-2), triton (the paged kernel for them too).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.attention.base import AttentionBackend, AttentionLayerSpec
 from engine.attention.metadata import ForwardBatch
@@ -17,9 +19,12 @@ from engine.kernels.triton.paged_attention import MAX_SPLITS
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def __init__(self) -> None:
+    def __init__(self, fresh_attention: str = "sdpa") -> None:
         from engine.kernels.triton import fused, paged_attention, paged_prefill
 
+        if fresh_attention not in ("sdpa", "flash", "triton"):
+            raise ValueError(f"fresh_attention: expected sdpa, flash or triton, got {fresh_attention!r}")
+        self.fresh_attention = fresh_attention
         self._rope_kv = fused.rope_write_kv
         self._decode = paged_attention.paged_decode_attention
         self._choose_splits = paged_attention.choose_num_splits
@@ -51,7 +56,7 @@ class TritonBackend(AttentionBackend):
         a = batch.attn
         t, h, hkv, d = qkv.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim
         nd = a.num_decodes
-        sdpa = not a.all_decode and self._sdpa(a, spec)
+        sdpa = self.fresh_attention != "triton" and not a.all_decode and self._sdpa(a, spec)
         k_out = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device) if sdpa else None
         q = self._rope_kv(qkv, cos_sin, batch.positions, h, hkv, d, batch.seq_idx, a.block_tables,
                           k_cache, v_cache, k_out=k_out)  # fmt: skip  [T, H, D]
@@ -81,8 +86,7 @@ class TritonBackend(AttentionBackend):
         n = qs[a.num_decodes + 1] - qs[a.num_decodes]
         return all(qs[b + 1] - qs[b] == n == lens[b] for b in range(a.num_decodes, a.num_seqs))
 
-    @staticmethod
-    def _fresh(q, k, v, a, spec: AttentionLayerSpec, out, first: int, end: int) -> None:
+    def _fresh(self, q, k, v, a, spec: AttentionLayerSpec, out, first: int, end: int) -> None:
         """One causal SDPA call over sequences first..end-1, fresh prompts of one length (what _sdpa admits);
         q [T, H, D], k/v [T, Hkv, D]."""
         rep = spec.n_heads // spec.n_kv_heads
@@ -91,5 +95,9 @@ class TritonBackend(AttentionBackend):
         x = q[s0:s1].view(m, n, spec.n_heads, spec.head_dim).transpose(1, 2)  # [m, H, n, D]
         kk = k[s0:s1].view(m, n, spec.n_kv_heads, spec.head_dim).transpose(1, 2).repeat_interleave(rep, dim=1)
         vv = v[s0:s1].view(m, n, spec.n_kv_heads, spec.head_dim).transpose(1, 2).repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale)  # [m, H, n, D]
+        if self.fresh_attention == "flash":
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale)  # [m, H, n, D]
+        else:
+            o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale)
         out[s0:s1] = o.transpose(1, 2).reshape(m * n, spec.n_heads, spec.head_dim)

@@ -62,7 +62,7 @@ class ModelRunner:
         if name == "auto":
             name = "triton" if cuda else "torch"
         try:
-            self.backend = get_backend(name)
+            self.backend = get_backend(name, config.fresh_attention)
         except Exception as e:
             if not config.allow_fallback or name == "torch":
                 raise RuntimeError(f"attention backend {name!r} unavailable: {type(e).__name__}: {e}") from e
@@ -70,6 +70,8 @@ class ModelRunner:
             log.warning("attention backend %s unavailable (%s); using torch", name, e)
             self.backend = get_backend("torch")
         self.report["attention_backend"] = self.backend.name
+        if self.backend.name == "triton":
+            self.report["fresh_attention"] = config.fresh_attention
 
         # ---- KV pool: after a warm-up forward on CUDA, so the activation peak stays reserved
         bs = config.block_size

@@ -200,6 +200,10 @@ def test_engine_config_validation_names_the_key():
         EngineConfig(kv_fraction=1.5)
     with pytest.raises(ValueError, match="^attention_backend"):
         EngineConfig(attention_backend="flash")
+    with pytest.raises(ValueError, match="^fresh_attention: expected one of sdpa, flash, triton, got 'cudnn'"):
+        EngineConfig.from_options({"fresh_attention": "cudnn"})
+    with pytest.raises(ValueError, match="^enable_prefix_caching: expected true or false"):
+        EngineConfig.from_options({"enable_prefix_caching": 1})
     assert EngineConfig.from_options({"graph_buckets": [4, 1, 4]}).graph_buckets == (1, 4)
 
 

@@ -32,6 +32,24 @@ SCRIPT = textwrap.dedent(
         assert llm.info()["attention_backend"] == "triton"
         got = [o.tokens for o in llm.generate(prompts, max_tokens=6)]
         assert got == ref, (preset, got, ref)
+    # fresh_attention="triton": fresh prompts through the paged kernel too (no SDPA call at all); tiny-test has no
+    # sliding window, so its fresh prompts take SDPA by default
+    import torch.nn.functional as F
+    lm = synthetic("tiny-test", seed=3)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, lm.config.vocab_size, (n,), generator=g).tolist() for n in (45, 5, 17)]
+    ref = [Generator(lm, 1, 96).generate([p], 6)[0].tokens for p in prompts]
+    calls = []
+    real = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+    for fresh in ("triton", "sdpa"):
+        llm = LLM(lm, EngineConfig(max_num_seqs=4, max_model_len=96, max_num_batched_tokens=40, prefill_chunk=20,
+                                   attention_backend="triton", fresh_attention=fresh))
+        assert llm.info()["fresh_attention"] == fresh
+        calls.clear()
+        got = [llm.generate([p], max_tokens=6)[0].tokens for p in prompts[1:]]  # one fresh prompt per step
+        assert got == ref[1:], (fresh, got, ref)
+        assert bool(calls) == (fresh == "sdpa"), (fresh, len(calls))
     print("OK")
     """
 )
