@@ -1,7 +1,8 @@
 """Long-context scenario: prefill tok/s and TTFT vs prompt length, decode speed at that context, peak memory.
 
-suites/long_context.toml sweeps `prompt_len` (1k ... 32k, and beyond where the model allows); each cell runs one
-prompt of that many tokens, `repeats` times after a short warm-up, and records TTFT, prefill tok/s (prompt / TTFT),
+suites/long_context.toml sweeps `prompt_len` (1k ... 32k, and beyond where the model allows); each cell runs
+`repeats` prompts of that many tokens (each its own, so a server's prefix cache cannot serve a repeat) after `warmup`
+runs of `warmup_len` tokens (default: the same length, so a first-call cost per shape is paid untimed), and records TTFT, prefill tok/s (prompt / TTFT),
 decode tok/s over `decode_tokens` generated at that context, peak memory (torch's peak allocation for in-process CUDA
 engines, NVML device memory and process RSS from telemetry) and energy per token on GPUs.
 
@@ -28,7 +29,9 @@ PARAMS = {
     "prompt_len": Param(int, 1024, sweep=True, min=1, help="prompt tokens (one cell per length)"),
     "decode_tokens": Param(int, 32, sweep=True, min=2, help="tokens generated at that context"),
     "repeats": Param(int, 1, min=1, help="timed runs"),
-    "warmup": Param(int, 1, min=0, help="untimed short runs first (64-token prompt)"),
+    "warmup": Param(int, 1, min=0, help="untimed runs first, each on its own prompt"),
+    "warmup_len": Param(int, 0, min=0, help="prompt tokens of a warm-up run (0 = prompt_len: the measured runs then "
+                        "meet no shape for the first time)"),
     "context_len": Param(int, 0, min=0, help="context the model/server allows (0 = from the model files)"),
     "seed": Param(int, 0),
     "telemetry_interval_s": Param(float, 0.1, min=0.01),
@@ -154,14 +157,18 @@ def run_long_context(
         check_fits(plen, ndec, limit, source)
     except ContextTooLong as exc:
         return {"status": "skipped", "reason": str(exc), "metrics": {}, "samples": [], "info": base}
-    ids = prompt_ids(plen, vocab or vocab_size(model), int(params.get("seed", 0)))
+    # every run has its own prompt (a server's prefix cache cannot serve a repeat); a warm-up has the measured
+    # length by default, so a per-shape first-call cost (cuDNN's plan build, a JIT) is paid before the timed runs
+    v, seed = vocab or vocab_size(model), int(params.get("seed", 0)) * 1_000_003
+    wlen = min(int(params.get("warmup_len", 0)) or plen, plen)
     samples: list[dict[str, Any]] = []
     try:
-        for _ in range(int(params.get("warmup", 1))):
-            adapter.generate([GenRequest(prompt_ids=ids[: min(plen, 64)], max_new_tokens=2)])
+        for w in range(int(params.get("warmup", 1))):
+            adapter.generate([GenRequest(prompt_ids=prompt_ids(wlen, v, seed + 10_000 + w), max_new_tokens=2)])
         _cuda_peak(model, reset=True)
         with Telemetry(interval_s=float(params.get("telemetry_interval_s", 0.1))) as tel:
             for r in range(repeats):
+                ids = prompt_ids(plen, v, seed + r)
                 (res,) = adapter.generate([GenRequest(prompt_ids=ids, max_new_tokens=ndec)])
                 if res.finish_reason == "error":
                     raise RuntimeError(res.error or "generation failed")

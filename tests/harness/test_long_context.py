@@ -16,7 +16,7 @@ class PlantedAdapter(Adapter):
     name = "planted"
 
     def __init__(self, n_ctx: int | None = None, fail: str | None = None):
-        self.n_ctx, self.fail, self.seen = n_ctx, fail, []
+        self.n_ctx, self.fail, self.seen, self.prompts = n_ctx, fail, [], []
 
     @classmethod
     def available(cls):
@@ -28,6 +28,7 @@ class PlantedAdapter(Adapter):
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         (req,) = requests
         self.seen.append(len(req.prompt_ids))
+        self.prompts.append(tuple(req.prompt_ids))
         if self.fail:
             raise RuntimeError(self.fail)
         if self.n_ctx and len(req.prompt_ids) + req.max_new_tokens > self.n_ctx:
@@ -56,7 +57,17 @@ def test_prefill_and_decode_speed_from_planted_timings(tmp_path):
     assert "rss_peak_mb" in m  # peak memory on the CPU: the process's resident set
     assert out["telemetry"]["gpu_present"] in (True, False)
     assert len(out["samples"]) == 2
-    assert ad.seen == [64, 2000, 2000]  # one short warm-up, then the measured runs
+    assert ad.seen == [2000, 2000, 2000]  # a warm-up of the measured length, then the measured runs
+    assert len(set(ad.prompts)) == 3  # each its own prompt: no prefix cache serves a repeat
+
+
+def test_warmup_len_and_count(tmp_path):
+    ad = PlantedAdapter()
+    out = run_long_context(ad, model_dir(tmp_path), {"prompt_len": 300, "warmup": 2, "warmup_len": 64})
+    assert out["status"] == "ok" and ad.seen == [64, 64, 300]
+    ad = PlantedAdapter()
+    run_long_context(ad, model_dir(tmp_path), {"prompt_len": 30, "warmup": 0, "warmup_len": 64})
+    assert ad.seen == [30]
 
 
 def test_prompt_longer_than_the_context_is_refused_not_truncated(tmp_path):
