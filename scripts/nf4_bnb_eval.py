@@ -25,7 +25,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
-from quant_eval import test_stream  # noqa: E402
+from quant_eval import env, test_stream  # noqa: E402
 
 import engine  # noqa: E402
 from engine import LLM, EngineConfig  # noqa: E402
@@ -115,10 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         ref["decode_tok_s_b1"] = timed_decode(bnb_decode, args.device)
     import bitsandbytes
 
-    from harness.envinfo import gpu_record, snapshot
+    from harness.envinfo import gpu_record
 
     result = {
-        "env": gpu_record() if args.device.startswith("cuda") else {"cpu": snapshot().get("cpu"), "torch": torch.__version__},
+        "env": gpu_record() if args.device.startswith("cuda") else env(),
         "bitsandbytes": bitsandbytes.__version__, "device": args.device, "dtype": args.dtype,
         "windows": args.windows, "seq": args.seq, "new_tokens": args.new_tokens, "bnb_linears": replaced,
         "anvil_nf4": ours, "bnb_nf4": ref, "abs_perplexity_diff": abs(ours["perplexity"] - ref["perplexity"]),
