@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|nf4-bnb OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -64,6 +64,15 @@ first-call)  # is a new prompt length's first SDPA call slow (cuDNN plan build)?
     --out "$out/first-call.json" 2>&1 | tail -40 > "$out/first-call.log"
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/engine/test_core_gpu.py -k fresh_attention 2>&1 \
     | tail -8 > "$out/fresh-attention-tests.log"
+  ;;
+nf4-bnb)  # our NF4 beside bitsandbytes' (scripts/nf4_bnb_eval.py). Its 43 MB wheel travels in two calls: carry
+  # .whl/bnb/partaa and copy it to /tmp/bnbparts/, then carry .whl/bnb/partab + .whl/bnb/whl.sha256 and run this part
+  w=/tmp/bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl
+  cat /tmp/bnbparts/part* .whl/bnb/part* 2>/dev/null > "$w"
+  (cd /tmp && sha256sum -c "$OLDPWD/.whl/bnb/whl.sha256" --ignore-missing) > "$out/bnb-sha.txt" 2>&1
+  python3 -m pip install -q --no-index --no-deps --target /tmp/bnb "$w" > "$out/bnb-install.log" 2>&1
+  PYTHONPATH="/tmp/bnb:." timeout 300 python3 scripts/nf4_bnb_eval.py --device cuda --dtype bfloat16 --windows 64 \
+    --seq 1024 --new-tokens 128 --out "$out/nf4-bnb-h200.json" 2>&1 | tail -8 > "$out/nf4-bnb.log"
   ;;
 *)
   echo "unknown part $part" >&2
