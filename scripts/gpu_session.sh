@@ -66,7 +66,9 @@ first-call)  # is a new prompt length's first SDPA call slow (cuDNN plan build)?
     | tail -8 > "$out/fresh-attention-tests.log"
   ;;
 nf4-bnb)  # our NF4 beside bitsandbytes' (scripts/nf4_bnb_eval.py). Its 43 MB wheel travels in two calls: carry
-  # .whl/bnb/partaa and copy it to /tmp/bnbparts/, then carry .whl/bnb/partab + .whl/bnb/whl.sha256 and run this part
+  # .whl/bnb/partaa and copy it to /tmp/bnbparts/, then carry .whl/bnb/partab + .whl/bnb/whl.sha256 and run this part.
+  # Make them here: pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64
+  #   -d .whl/bnb bitsandbytes==0.50.2; cd .whl/bnb; sha256sum *.whl > whl.sha256; split -b 30M *.whl part; rm *.whl
   w=/tmp/bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl
   cat /tmp/bnbparts/part* .whl/bnb/part* 2>/dev/null > "$w"
   (cd /tmp && sha256sum -c "$OLDPWD/.whl/bnb/whl.sha256" --ignore-missing) > "$out/bnb-sha.txt" 2>&1
