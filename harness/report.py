@@ -17,7 +17,8 @@ from harness.results import Record, frame
 
 BASE_COLUMNS = ("scenario", "model", "params", "engine", "status")
 NOT_SHOWN = ("warmup", "repeats", "seed", "reference")  # params that never tell cells apart
-EXTRA_COLUMNS = {"serving": ("failed",)}  # beside the scenario's KEY_METRICS: failed requests of a serving cell
+EXTRA_COLUMNS = {"serving": ("failed", "server_prefix_cache_hit_rate")}  # beside KEY_METRICS: failed requests, and
+# the share of the cell's prompt tokens the server took from its prefix cache (vLLM's and anvil's /metrics)
 NOTES = {"prefill_tok_s": "prefill_tok_s_note", "first_bad_layer": "layers_note"}  # metric -> why it is missing
 # terminal columns per scenario: (metric, header)
 TERMINAL: dict[str, tuple[tuple[str, str], ...]] = {

@@ -233,12 +233,42 @@ def run_serving(
     return _measure(params, url, vocab_size)
 
 
+_PREFIX_CACHE = re.compile(r"^(?:vllm|anvil):prefix_cache_(hits|queries)_total(?:\{[^}]*\})?\s+(\S+)\s*$", re.M)
+
+
+def parse_prefix_cache(text: str) -> dict[str, float] | None:
+    """{"hits", "queries"} prompt tokens from a Prometheus text page with vLLM's or anvil's prefix-cache counters
+    (summed over label sets); None when the page has neither."""
+    found: dict[str, float] = {}
+    for kind, value in _PREFIX_CACHE.findall(text):
+        with contextlib.suppress(ValueError):
+            found[kind] = found.get(kind, 0.0) + float(value)
+    return found if {"hits", "queries"} <= set(found) else None
+
+
+def server_prefix_cache(base_url: str) -> dict[str, float] | None:
+    """The server's prefix-cache counters from GET {base_url}/metrics (loopback, already checked), or None."""
+    import httpx
+
+    try:
+        r = httpx.get(base_url.rstrip("/") + "/metrics", timeout=5.0, trust_env=False)
+    except httpx.HTTPError:
+        return None
+    return parse_prefix_cache(r.text) if r.status_code == 200 else None
+
+
 def _measure(params: dict[str, Any], base_url: str | None, vocab_size: int) -> dict:
     cfg, work, slo = plan(params, base_url, vocab_size)
     interval = float(params.get("telemetry_interval_s", PARAMS["telemetry_interval_s"].default))
+    before = server_prefix_cache(cfg.base_url)
     with Telemetry(interval_s=interval) as tel:
         res = loadgen.run_load(cfg, work)
+    after = server_prefix_cache(cfg.base_url) if before is not None else None
     metrics = loadgen.summarize(res, slo, float(params.get("slo_percentile", 99.0)))
+    if after is not None:  # the cell's prompt tokens (warm-up included) the server took from its prefix cache
+        q, h = after["queries"] - before["queries"], after["hits"] - before["hits"]
+        metrics |= {"server_prefix_cache_queries": q, "server_prefix_cache_hits": h,
+                    "server_prefix_cache_hit_rate": h / q if q > 0 else 0.0}  # fmt: skip
     tsum = tel.summary(generated_tokens=int(metrics["output_tokens"]) or None)
     metrics |= flat_metrics(tsum)
     errors = sorted({o.error for o in res.outcomes if o.error})

@@ -20,9 +20,10 @@ class FakeOpenAIServer:
         fail_every: int = 0,
         usage: bool = True,
         port: int = 0,
+        prefix_metrics: bool = False,
     ):
         self.ttft, self.tpot, self.slow_every, self.slow_ttft = ttft, tpot, slow_every, slow_ttft
-        self.fail_every, self.usage = fail_every, usage
+        self.fail_every, self.usage, self.prefix_metrics = fail_every, usage, prefix_metrics
         self.requests = 0  # every request seen, warm-up included
         self.bodies: list[dict] = []
         self.inflight = 0
@@ -68,6 +69,13 @@ class FakeOpenAIServer:
                 headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if ": " in line)
                 length = int({k.lower(): v for k, v in headers.items()}.get("content-length", 0))
                 body = json.loads(await reader.readexactly(length)) if length else {}
+                if head.startswith(b"GET /metrics") and self.prefix_metrics:  # vLLM's counters: 100 / 40 a request
+                    n = self.requests
+                    msg = (f'vllm:prefix_cache_queries_total{{engine="0",model_name="fake"}} {100.0 * n}\n'
+                           f'vllm:prefix_cache_hits_total{{engine="0",model_name="fake"}} {40.0 * n}\n').encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(msg), msg))
+                    await writer.drain()
+                    continue
                 if head.startswith(b"GET"):  # /v1/models: the readiness probe
                     msg = b'{"object": "list", "data": [{"id": "fake"}]}'
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(msg), msg))

@@ -19,7 +19,7 @@ from fake_openai import FakeOpenAIServer  # noqa: E402
 
 from harness import loadgen  # noqa: E402
 from harness.loadgen import LengthDist, LoadgenError, Workload  # noqa: E402
-from harness.scenarios.serving import launched_server, plan, run_serving  # noqa: E402
+from harness.scenarios.serving import launched_server, parse_prefix_cache, plan, run_serving  # noqa: E402
 
 # Planted delays are large next to the client + fake server overhead on a loaded 2-core CI box (~5-30 ms).
 TTFT, TPOT = 0.08, 0.03
@@ -48,6 +48,30 @@ def test_measured_ttft_tpot_match_planted_delays():
     assert m["request_throughput_req_s"] == pytest.approx(5 / m["duration_s"])
     assert len(out["samples"]) == 5 and all(len(s["itl"]) == 5 for s in out["samples"])
     assert out["telemetry"]["samples"] >= 2
+
+
+def test_server_prefix_cache_counters_are_recorded_per_cell():
+    with FakeOpenAIServer(ttft=0.01, tpot=0.001, prefix_metrics=True) as srv:
+        srv.requests = 5  # counters that started before this cell: only the cell's difference counts
+        out = run_serving({"base_url": srv.base_url, "num_requests": 4, "warmup_requests": 2, "output_len": 2})
+    m = out["metrics"]
+    assert m["server_prefix_cache_queries"] == 600.0 and m["server_prefix_cache_hits"] == 240.0  # 6 requests
+    assert m["server_prefix_cache_hit_rate"] == pytest.approx(0.4)
+    with FakeOpenAIServer(ttft=0.01, tpot=0.001) as srv:  # a server without the counters: no such metric
+        out = run_serving({"base_url": srv.base_url, "num_requests": 2, "warmup_requests": 0, "output_len": 2})
+    assert not any(k.startswith("server_prefix_cache") for k in out["metrics"])
+
+
+def test_prefix_cache_page_parsing():
+    page = ("# HELP vllm:prefix_cache_hits_total x\n# TYPE vllm:prefix_cache_hits_total counter\n"
+            'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 3.0\n'
+            'vllm:prefix_cache_hits_total{engine="1",model_name="m"} 2.0\n'
+            'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1.5e1\n')
+    assert parse_prefix_cache(page) == {"hits": 5.0, "queries": 15.0}
+    assert parse_prefix_cache("anvil:prefix_cache_queries_total 10.0\nanvil:prefix_cache_hits_total 4.0\n") == {
+        "queries": 10.0, "hits": 4.0}
+    assert parse_prefix_cache("anvil:prefix_cache_hits_total 4.0\n") is None  # both are needed
+    assert parse_prefix_cache('{"object": "list"}') is None
 
 
 def test_warmup_requests_are_sent_but_excluded():

@@ -149,3 +149,23 @@ def test_logprobs_zero_gives_the_token_logprob_only_and_sampling_is_unchanged():
             toks += o.new_token_ids
             lps += o.logprobs
     assert toks == plain and all(lp.top == [] and lp.logprob <= 0 for lp in lps)
+
+
+def test_serving_cells_record_the_anvil_servers_prefix_cache_hits(tiny):
+    # the serving scenario reads /metrics before and after a cell: a second cell with the same seed resends the same
+    # prompts, and with automatic prefix caching the server takes their full blocks from its cache
+    from harness.scenarios.serving import run_serving
+    from tests.server.helpers import LiveServer
+
+    params = {"num_requests": 4, "warmup_requests": 0, "concurrency": 2, "prompt_len": 40, "output_len": 3,
+              "prompt_format": "ids", "model_name": "tiny"}  # fmt: skip
+    with LiveServer(tiny, cfg(enable_prefix_caching=True)) as s:
+        p = {**params, "base_url": s.base}
+        first = run_serving(p, vocab_size=tiny.config.vocab_size)["metrics"]
+        s.wait_idle()
+        second = run_serving(p, vocab_size=tiny.config.vocab_size)["metrics"]
+    assert first["failed"] == second["failed"] == 0
+    assert first["server_prefix_cache_queries"] == second["server_prefix_cache_queries"] == 4 * 40
+    assert first["server_prefix_cache_hits"] == 0
+    assert second["server_prefix_cache_hits"] == 4 * 32  # 2 full blocks of each 40-token prompt
+    assert second["server_prefix_cache_hit_rate"] == 0.8
