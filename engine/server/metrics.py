@@ -35,9 +35,11 @@ class _EngineCollector:
                      s.get("kv_usage", 0.0))  # fmt: skip
         yield _gauge("prefix_cache_hit_rate", "prefix cache: hit prompt tokens / prompt tokens, since start",
                      pc.get("hit_rate", 0.0))  # fmt: skip
-        yield _gauge("prefix_cache_blocks", "KV blocks named by the prefix cache (sessions; every request with enable_prefix_caching)", pc.get("cached_blocks", 0))
+        yield _gauge("prefix_cache_blocks", "KV blocks named by the prefix cache (sessions; every request with APC)",
+                     pc.get("cached_blocks", 0))  # fmt: skip
         yield _counter("num_preemptions", "requests preempted (KV freed, recomputed later)", s.get("preemptions", 0))
-        yield _counter("prefix_cache_queries", "prompt tokens of admitted requests (looked up in the prefix cache)", pc.get("query_tokens", 0))
+        yield _counter("prefix_cache_queries", "prompt tokens of admitted requests (looked up in the prefix cache)",
+                       pc.get("query_tokens", 0))  # fmt: skip
         yield _counter("prefix_cache_hits", "prompt tokens found in the prefix cache", pc.get("hit_tokens", 0))
         yield _counter("prefix_cache_evictions", "idle cached blocks evicted", pc.get("evictions", 0))
 

@@ -45,8 +45,7 @@ class StaticGraphs:
         raise NotImplementedError
 
     def _step(self, bs: int) -> torch.Tensor:
-        self.runner.bind_own()  # the eager path (no graph) reads the layers' caches
-        return self.runner.model(self.batches[bs])
+        return self.runner.forward(self.batches[bs])
 
     def _reset(self) -> None:
         self.input_ids.zero_()

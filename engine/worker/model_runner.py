@@ -163,12 +163,14 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         del tmp, batch
 
-    def bind_own(self) -> None:
-        """Re-attach this runner's KV pool and backend to the model's layers when another runner over the same model
-        object (a second LLM) has taken them: eager forwards read the layers' caches (captured graphs keep their own)."""
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """The model over this runner's KV pool: every eager forward comes here. The pool and backend are re-attached
+        to the model's layers first when another runner over the same model object (a second LLM) has taken them
+        (captured graphs keep the pointers they were captured with)."""
         att = self.model.layers[0].attention
         if att.k_cache is None or att.k_cache.data_ptr() != self.pool.k.data_ptr() or att.backend is not self.backend:
             self.model.bind(self.backend, self.pool.k, self.pool.v)
+        return self.model(batch)
 
     # ---------------------------------------------------------------- batches
     def _tensor(self, data, dtype) -> torch.Tensor:
@@ -221,11 +223,10 @@ class ModelRunner:
         if self.graphs is not None and nd == b and self.graphs.bucket(b) is not None:
             logits = self.graphs.run(ids, pos, lens, tables, patch, prev)  # [b, V]: every row samples
         else:
-            self.bind_own()
             batch = self._batch(ids, pos, seq, qs, lens, tables, nd, rows)
             if patch:
                 self._patch(batch.input_ids, patch, prev)
-            logits = self.model(batch)  # [N, V]
+            logits = self.forward(batch)  # [N, V]
         tokens = self.sample(logits, sampled)
         host = torch.empty(tokens.shape[0], dtype=torch.int64, pin_memory=self.cuda)
         host.copy_(tokens, non_blocking=self.cuda)
@@ -245,11 +246,10 @@ class ModelRunner:
         b, nd = len(lens), sched.num_decodes
         if not want_hidden and self.graphs is not None and nd == b and self.graphs.bucket(b) is not None:
             return self.graphs.run(ids, pos, lens, tables, [], None), sampled, None
-        self.bind_own()
         batch = self._batch(ids, pos, seq, qs, lens, tables, nd, rows)
         self.model.capture_hidden = want_hidden
         try:
-            logits = self.model(batch)
+            logits = self.forward(batch)
             hidden = self.model.norm(self.model.hidden[-1][batch.logits_indices]) if want_hidden else None
         finally:
             self.model.capture_hidden, self.model.hidden = False, []

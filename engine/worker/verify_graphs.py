@@ -82,8 +82,7 @@ class VerifyGraphs(StaticGraphs):
             rows += range(i * q, i * q + len(seg))
         ncols = math.ceil(max(lens) / r.config.block_size)  # the column of every position < max(lens)
         self._load(bs, pids, ppos, lens, tables, ncols)
-        r.bind_own()  # for the eager path (no graph)
-        logits = self.graphs.run(bs, lambda _: r.model(self._eager(bs, lens)))  # [bs * q, V]
+        logits = self.graphs.run(bs, lambda _: r.forward(self._eager(bs, lens)))  # [bs * q, V]
         return logits[r._tensor(rows, torch.int64)], sampled, None
 
     def _eager(self, bs: int, lens: list[int]) -> ForwardBatch:

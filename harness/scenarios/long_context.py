@@ -2,9 +2,10 @@
 
 suites/long_context.toml sweeps `prompt_len` (1k ... 32k, and beyond where the model allows); each cell runs
 `repeats` prompts of that many tokens (each its own, so a server's prefix cache cannot serve a repeat) after `warmup`
-runs of `warmup_len` tokens (default: the same length, so a first-call cost per shape is paid untimed), and records TTFT, prefill tok/s (prompt / TTFT),
-decode tok/s over `decode_tokens` generated at that context, peak memory (torch's peak allocation for in-process CUDA
-engines, NVML device memory and process RSS from telemetry) and energy per token on GPUs.
+runs of `warmup_len` tokens (default: the same length, so a first-call cost per shape is paid untimed), and records
+TTFT, prefill tok/s (prompt / TTFT), decode tok/s over `decode_tokens` generated at that context, peak memory
+(torch's peak allocation for in-process CUDA engines, NVML device memory and process RSS from telemetry) and energy
+per token on GPUs.
 
 The context limit comes from, smallest first: `context_len` in the suite, the adapter's `max_context`, the model's
 max_position_embeddings (config.json or synthetic preset), engine options max_seq_len / n_ctx. A prompt that does
