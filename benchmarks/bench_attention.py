@@ -168,38 +168,52 @@ def best_per_case(rows: list[dict]) -> list[dict]:
     return list(best.values())
 
 
-def first_calls(lens: list[int]) -> list[dict]:
+def first_calls(lens: list[int], pad: int = 64) -> list[dict]:
     """Fresh causal prompts at lengths not seen before in this process: the wall time of the FIRST call at each new
-    shape (synchronized) and the median of later calls, for SDPA's default choice, SDPA limited to cuDNN or to
-    flash, and our paged Triton kernel. A per-shape cost (cuDNN's plan build) shows as first >> steady."""
+    shape (synchronized), the first call at the next length (n + 1: new again, in the same pad bucket), and the
+    median of later calls, for SDPA's default choice, SDPA limited to cuDNN or to flash, SDPA with the length padded
+    to a multiple of `pad` (EngineConfig.fresh_pad), and our paged Triton kernel. A per-shape cost (cuDNN's plan
+    build) shows as first >> steady; padding to buckets shows as next_first ~ steady."""
     rows = []
     methods = (("sdpa_default", None), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
-               ("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("triton_paged", "triton"))  # fmt: skip
+               ("sdpa_flash", SDPBackend.FLASH_ATTENTION), (f"sdpa_pad{pad}", "pad"),
+               ("triton_paged", "triton"))  # fmt: skip
     for i, (name, be) in enumerate(methods):
         for n in lens:
-            c = make_case(n + i, n + i)  # a length no method has seen: each method meets new shapes
-            qq, kk, vv = (c[x].transpose(0, 1)[None] for x in "qkv")
-
-            def f(be=be, c=c, qq=qq, kk=kk, vv=vv):
-                if be == "triton":
-                    return run_kernel(c)
-                ctx = sdpa_kernel(be) if be is not None else contextlib.nullcontext()
-                with ctx:
-                    return F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=c["scale"],
-                                                          enable_gqa=True)  # fmt: skip
-
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            try:
-                f()
+            n = n + 2 * i  # a length no method has seen (nor n + 1): each method meets new shapes
+            row: dict = {"method": name, "len": n}
+            for key, ln in (("first_ms", n), ("next_first_ms", n + 1)):
+                f = _fresh_call(be, make_case(ln, ln), pad)
                 torch.cuda.synchronize()
-            except Exception as e:
-                rows.append({"method": name, "len": n + i, "error": f"{type(e).__name__}: {str(e)[:120]}"})
-                continue
-            first = (time.perf_counter() - t0) * 1e3
-            rows.append({"method": name, "len": n + i, "first_ms": first, "steady_ms": timed(f, 5)})
-            print(rows[-1], flush=True)
+                t0 = time.perf_counter()
+                try:
+                    f()
+                    torch.cuda.synchronize()
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                    break
+                row[key] = (time.perf_counter() - t0) * 1e3
+            if "error" not in row:
+                row["steady_ms"] = timed(f, 5)
+            rows.append(row)
+            print(row, flush=True)
     return rows
+
+
+def _fresh_call(be, c: dict, pad: int):
+    """A zero-argument call of one fresh-prompt attention method on case c."""
+    if be == "triton":
+        return lambda: run_kernel(c)
+    qq, kk, vv = (c[x].transpose(0, 1)[None] for x in "qkv")  # [1, H, n, D]
+    if be == "pad":
+        p = -(-qq.shape[2] // pad) * pad - qq.shape[2]
+        qq, kk, vv = (F.pad(t, (0, 0, 0, p)) for t in (qq, kk, vv))
+
+    def f():
+        with sdpa_kernel(be) if isinstance(be, SDPBackend) else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=c["scale"], enable_gqa=True)
+
+    return f
 
 
 def main() -> None:
@@ -210,13 +224,14 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time every launch config of SWEEP")
     ap.add_argument("--first-call", default="", help="only: first-call vs steady time of fresh prompts at these "
                     "new lengths (e.g. 301,517,733,1029,2047), per SDPA backend and our kernel")
+    ap.add_argument("--pad", type=int, default=64, help="--first-call: the padded-SDPA method's bucket (tokens)")
     ap.add_argument("--window", type=int, default=1024, help="--sweep: a sliding-window extend row (0: none)")
     ap.add_argument("--budget", type=float, default=75.0, help="--sweep: seconds to spend on configs")
     args = ap.parse_args()
     if args.first_call:
         from harness.envinfo import gpu_record
 
-        rows = first_calls([int(x) for x in args.first_call.split(",")])
+        rows = first_calls([int(x) for x in args.first_call.split(",")], args.pad)
         with open(args.out, "w") as f:
             json.dump({"env": gpu_record(), "first_call": rows}, f, indent=1)
         return

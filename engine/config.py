@@ -317,6 +317,10 @@ class EngineConfig:
     # sm_90, which builds a plan per new shape: the first call of a new prompt length is slow); flash = SDPA limited
     # to FlashAttention-2 (no per-shape plan); triton = the paged prefill kernel, as for every other prompt row.
     fresh_attention: str = "sdpa"
+    # sdpa / flash: pad a fresh prompt's SDPA call up to a multiple of this many tokens (zero rows after the prompt;
+    # causal masking keeps them out of the real rows), so cuDNN builds one plan per bucket (all warmed at start-up,
+    # up to the longest one-step prompt) instead of one per new prompt length. 0 = exact lengths.
+    fresh_pad: int = 0
     gemv: str = "tune"  # tune (fastest of Triton configs and cuBLAS per shape, measured) | cublas | triton
     seed: int = 0  # seed of requests that sample without their own
     allow_fallback: bool = False  # True: a fast path that fails to build falls back (reason in info()); else raise
@@ -353,6 +357,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend: expected one of {', '.join(_BACKENDS)}, got {self.attention_backend!r}")
         if self.fresh_attention not in _FRESH:
             raise ValueError(f"fresh_attention: expected one of {', '.join(_FRESH)}, got {self.fresh_attention!r}")
+        if isinstance(self.fresh_pad, bool) or not isinstance(self.fresh_pad, int) or self.fresh_pad < 0:
+            raise ValueError(f"fresh_pad: expected an int >= 0 (0: no padding), got {self.fresh_pad!r}")
         if self.gemv not in _GEMV:
             raise ValueError(f"gemv: expected one of {', '.join(_GEMV)}, got {self.gemv!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|nf4-bnb OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|nf4-bnb OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -64,6 +64,19 @@ first-call)  # is a new prompt length's first SDPA call slow (cuDNN plan build)?
     --out "$out/first-call.json" 2>&1 | tail -40 > "$out/first-call.log"
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/engine/test_core_gpu.py -k fresh_attention 2>&1 \
     | tail -8 > "$out/fresh-attention-tests.log"
+  ;;
+serve-fresh)  # the Poisson cells of suites/serving-gpu.toml against anvil's server per fresh-prompt attention path
+  # (carry .whl/serve): SDPA's default (cuDNN), SDPA padded to 64-token buckets, flash, the paged Triton kernel
+  python3 -c "import re; t=open('suites/serving-gpu.toml').read(); h, *sc = t.split('[[scenarios]]'); \
+open('/tmp/poisson.toml', 'w').write('[[scenarios]]'.join([h] + [x for x in sc if 'request_rate' in x]))"
+  t=230  # the first start builds the CUDA extension (~100 s)
+  for v in fresh_attention=sdpa fresh_pad=64 fresh_attention=flash fresh_attention=triton; do
+    SERVE_OPTIONS=$v SUITE=/tmp/poisson.toml timeout $t bash scripts/serve_gpu.sh "$out/${v#*=}" \
+      > "$out/serve-${v#*=}.log" 2>&1
+    grep -h "server ready" "$out/${v#*=}/startup.txt" >> "$out/serve-${v#*=}.log" 2>/dev/null
+    cat "$out/${v#*=}/run/table.md" >> "$out/serve-${v#*=}.log" 2>/dev/null
+    t=120
+  done
   ;;
 nf4-bnb)  # our NF4 beside bitsandbytes' (scripts/nf4_bnb_eval.py). Its 43 MB wheel travels in two calls: carry
   # .whl/bnb/partaa and copy it to /tmp/bnbparts/, then carry .whl/bnb/partab + .whl/bnb/whl.sha256 and run this part.

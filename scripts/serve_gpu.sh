@@ -9,6 +9,7 @@
 #     --platform any -d .whl/serve fastapi starlette uvicorn pydantic pydantic-core annotated-types \
 #     typing-inspection typing-extensions h11 anyio sniffio idna httpx httpcore certifi opentelemetry-api
 # device tool: run(command="bash scripts/serve_gpu.sh $OUT", carry=[".whl/serve"], kind="nvidia-h200")
+# SERVE_OPTIONS="k=v ..." adds `--option k=v` per pair to the server (EngineConfig fields); SUITE picks another suite.
 set -euo pipefail
 OUT_DIR=${1:-${OUT:-results/gpu/serving-h200}}
 mkdir -p "$OUT_DIR"
@@ -24,13 +25,14 @@ git rev-parse --short HEAD > "$OUT_DIR/commit.txt" 2>/dev/null || true
 
 t0=$(date +%s)
 python3 -m harness serve synthetic:llama-3-8b --dtype bfloat16 --device cuda --port 8000 --max-queue 4096 \
-  --option max_model_len=4096 > "$OUT_DIR/server.log" 2>&1 &
+  --option max_model_len=4096 $(for kv in ${SERVE_OPTIONS:-}; do printf -- '--option %s ' "$kv"; done) \
+  > "$OUT_DIR/server.log" 2>&1 &
 PID=$!
 trap 'kill -TERM $PID 2>/dev/null || true; wait $PID 2>/dev/null || true' EXIT
 python3 scripts/wait_http.py http://127.0.0.1:8000/health "$PID" 600 || exit 1
 echo "server ready after $(( $(date +%s) - t0 )) s" | tee "$OUT_DIR/startup.txt"
 
-python3 -m harness run suites/serving-gpu.toml --out "$OUT_DIR/run" || echo "bench run exit $?"
+python3 -m harness run "${SUITE:-suites/serving-gpu.toml}" --out "$OUT_DIR/run" || echo "bench run exit $?"
 python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/metrics').read().decode())" \
   > "$OUT_DIR/metrics.txt"
 kill -TERM $PID; wait $PID || true

@@ -10,8 +10,9 @@ BACKENDS = ("torch", "triton")
 __all__ = ["BACKENDS", "AttentionBackend", "AttentionLayerSpec", "AttentionMetadata", "ForwardBatch", "get_backend"]
 
 
-def get_backend(name: str, fresh_attention: str = "sdpa") -> AttentionBackend:
-    """A backend by name; an unknown name lists the known ones. fresh_attention: EngineConfig's (triton only)."""
+def get_backend(name: str, fresh_attention: str = "sdpa", fresh_pad: int = 0, warm_fresh_upto: int = 0) -> AttentionBackend:
+    """A backend by name; an unknown name lists the known ones. fresh_attention / fresh_pad: EngineConfig's (triton
+    only); warm_fresh_upto: the longest fresh prompt whose padded SDPA plan warmup() builds."""
     if name == "torch":
         from engine.attention.torch_ref import TorchBackend
 
@@ -19,5 +20,5 @@ def get_backend(name: str, fresh_attention: str = "sdpa") -> AttentionBackend:
     if name == "triton":
         from engine.attention.triton_backend import TritonBackend
 
-        return TritonBackend(fresh_attention)
+        return TritonBackend(fresh_attention, fresh_pad, warm_fresh_upto)
     raise ValueError(f"unknown attention backend {name!r} (known: {', '.join(BACKENDS)})")

@@ -2,7 +2,10 @@
 either one batched SDPA call (fresh prompts of one length: flash / cuDNN) or one launch of the Triton paged
 prefill kernel for all of them (chunks over a cached prefix, sliding windows, speculative verification, mixed
 lengths). Decode rows come first in every batch. EngineConfig.fresh_attention picks the fresh prompts' path: sdpa
-(torch's choice of kernel), flash (SDPA limited to FlashAttention-2), triton (the paged kernel for them too).
+(torch's choice of kernel), flash (SDPA limited to FlashAttention-2), triton (the paged kernel for them too);
+EngineConfig.fresh_pad > 0 pads the SDPA call's length up to a multiple of it (zero rows after the prompt, which
+causal masking keeps out of the real rows) so cuDNN builds one plan per bucket, warmed at start-up, not one per
+new prompt length.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from engine.kernels.triton.paged_attention import MAX_SPLITS
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def __init__(self, fresh_attention: str = "sdpa") -> None:
+    def __init__(self, fresh_attention: str = "sdpa", fresh_pad: int = 0, warm_fresh_upto: int = 0) -> None:
         from engine.kernels.triton import fused, paged_attention, paged_prefill
 
         if fresh_attention not in ("sdpa", "flash", "triton"):
             raise ValueError(f"fresh_attention: expected sdpa, flash or triton, got {fresh_attention!r}")
-        self.fresh_attention = fresh_attention
+        if isinstance(fresh_pad, bool) or not isinstance(fresh_pad, int) or fresh_pad < 0:
+            raise ValueError(f"fresh_pad: expected an int >= 0, got {fresh_pad!r}")
+        self.fresh_attention, self.fresh_pad, self.warm_fresh_upto = fresh_attention, fresh_pad, warm_fresh_upto
         self._rope_kv = fused.rope_write_kv
         self._decode = paged_attention.paged_decode_attention
         self._choose_splits = paged_attention.choose_num_splits
@@ -51,6 +56,11 @@ class TritonBackend(AttentionBackend):
             ln = torch.full((3,), q_len + 3, dtype=torch.int32, device=dev)
             for first in (0, 1, 2):
                 self._prefill(qq, k_cache, v_cache, bt, cu, ln, spec.scale, spec.window, first, 3 - first, q_len)
+        if self.fresh_pad and self.fresh_attention != "triton" and not spec.window:  # one plan per bucket, now
+            for n in range(self.fresh_pad, self.warm_fresh_upto + 1, self.fresh_pad):
+                x = torch.zeros(n, h, d, dtype=dt, device=dev)
+                kv = torch.zeros(n, spec.n_kv_heads, d, dtype=dt, device=dev)
+                self._sdpa_call(x, kv, kv, 1, spec)
 
     def forward(self, qkv, batch: ForwardBatch, spec: AttentionLayerSpec, cos_sin, k_cache, v_cache):
         a = batch.attn
@@ -89,15 +99,28 @@ class TritonBackend(AttentionBackend):
     def _fresh(self, q, k, v, a, spec: AttentionLayerSpec, out, first: int, end: int) -> None:
         """One causal SDPA call over sequences first..end-1, fresh prompts of one length (what _sdpa admits);
         q [T, H, D], k/v [T, Hkv, D]."""
-        rep = spec.n_heads // spec.n_kv_heads
-        s0, s1, m = a.query_start[first], a.query_start[end], end - first
-        n = (s1 - s0) // m
-        x = q[s0:s1].view(m, n, spec.n_heads, spec.head_dim).transpose(1, 2)  # [m, H, n, D]
-        kk = k[s0:s1].view(m, n, spec.n_kv_heads, spec.head_dim).transpose(1, 2).repeat_interleave(rep, dim=1)
-        vv = v[s0:s1].view(m, n, spec.n_kv_heads, spec.head_dim).transpose(1, 2).repeat_interleave(rep, dim=1)
+        s0, s1 = a.query_start[first], a.query_start[end]
+        o = self._sdpa_call(q[s0:s1], k[s0:s1], v[s0:s1], end - first, spec)
+        out[s0:s1] = o.reshape(s1 - s0, spec.n_heads, spec.head_dim)
+
+    def _sdpa_call(self, q, k, v, m: int, spec: AttentionLayerSpec) -> torch.Tensor:
+        """Causal SDPA over m prompts of one length packed in q [m*n, H, D], k/v [m*n, Hkv, D], their length padded
+        to a multiple of fresh_pad (when > 0); returns [m, n, H, D]."""
+        h, hkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        n = q.shape[0] // m
+        p = -(-n // self.fresh_pad) * self.fresh_pad if self.fresh_pad else n
+
+        def heads(t, nh):  # [m*n, nh, D] -> [m, H, p, D]: zero rows after the prompt, KV heads repeated for GQA
+            t = t.view(m, n, nh, d)
+            if p != n:
+                t = F.pad(t, (0, 0, 0, 0, 0, p - n))
+            t = t.transpose(1, 2)
+            return t if nh == h else t.repeat_interleave(h // nh, dim=1)
+
+        x, kk, vv = heads(q, h), heads(k, hkv), heads(v, hkv)
         if self.fresh_attention == "flash":
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale)  # [m, H, n, D]
+                o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale)  # [m, H, p, D]
         else:
             o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale)
-        out[s0:s1] = o.transpose(1, 2).reshape(m * n, spec.n_heads, spec.head_dim)
+        return o[:, :, :n].transpose(1, 2)

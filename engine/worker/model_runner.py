@@ -62,7 +62,8 @@ class ModelRunner:
         if name == "auto":
             name = "triton" if cuda else "torch"
         try:
-            self.backend = get_backend(name, config.fresh_attention)
+            one_step = min(config.prefill_chunk or config.max_num_batched_tokens, max_model_len)
+            self.backend = get_backend(name, config.fresh_attention, config.fresh_pad, one_step)
         except Exception as e:
             if not config.allow_fallback or name == "torch":
                 raise RuntimeError(f"attention backend {name!r} unavailable: {type(e).__name__}: {e}") from e
@@ -72,6 +73,7 @@ class ModelRunner:
         self.report["attention_backend"] = self.backend.name
         if self.backend.name == "triton":
             self.report["fresh_attention"] = config.fresh_attention
+            self.report["fresh_pad"] = config.fresh_pad
 
         # ---- KV pool: after a warm-up forward on CUDA, so the activation peak stays reserved
         bs = config.block_size

@@ -202,6 +202,9 @@ def test_engine_config_validation_names_the_key():
         EngineConfig(attention_backend="flash")
     with pytest.raises(ValueError, match="^fresh_attention: expected one of sdpa, flash, triton, got 'cudnn'"):
         EngineConfig.from_options({"fresh_attention": "cudnn"})
+    for bad in (-64, True, 6.5):
+        with pytest.raises(ValueError, match=f"^fresh_pad: expected an int >= 0 \\(0: no padding\\), got {bad!r}"):
+            EngineConfig.from_options({"fresh_pad": bad})
     with pytest.raises(ValueError, match="^enable_prefix_caching: expected true or false"):
         EngineConfig.from_options({"enable_prefix_caching": 1})
     assert EngineConfig.from_options({"graph_buckets": [4, 1, 4]}).graph_buckets == (1, 4)

@@ -117,15 +117,16 @@ def test_core_bf16_on_the_trained_tiny_model_equals_reference():
     assert all(x >= 32 for x in agree), agree
 
 
-@pytest.mark.parametrize("fresh", ["flash", "triton"])
-def test_fresh_attention_choices_on_gpu_equal_reference_loop(fresh):
-    # fresh prompts of one length (SDPA's case) through FlashAttention-2 only, or through the paged Triton kernel
+@pytest.mark.parametrize("fresh, pad", [("flash", 0), ("triton", 0), ("sdpa", 64)])
+def test_fresh_attention_choices_on_gpu_equal_reference_loop(fresh, pad):
+    # fresh prompts of one length (SDPA's case) through FlashAttention-2 only, through the paged Triton kernel, or
+    # through SDPA's default (cuDNN) padded to 64-row buckets (warmed at start-up up to 256 tokens)
     lm = synthetic("tiny-test", "float16", "cuda", seed=1)
     prompts = _prompts([40, 40, 40], lm.config.vocab_size, seed=4) + _prompts([13], lm.config.vocab_size, seed=5)
     base = dict(max_num_seqs=8, max_model_len=160, max_num_batched_tokens=256)
     ref = [o.tokens for o in LLM(lm, EngineConfig(**base, attention_backend="torch")).generate(prompts, max_tokens=24)]
-    llm = LLM(lm, EngineConfig(**base, fresh_attention=fresh))
-    assert llm.info()["fresh_attention"] == fresh
+    llm = LLM(lm, EngineConfig(**base, fresh_attention=fresh, fresh_pad=pad))
+    assert llm.info()["fresh_attention"] == fresh and llm.info()["fresh_pad"] == pad
     got = [o.tokens for o in llm.generate(prompts, max_tokens=24)]
     same = sum(g[:8] == r[:8] for g, r in zip(got, ref, strict=True))  # fp16: allow late near-tie flips only
     assert same == len(prompts), (got, ref)

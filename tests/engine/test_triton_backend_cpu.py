@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 pytest.importorskip("triton", reason="the Triton interpreter needs the triton package")
 
@@ -42,17 +43,45 @@ SCRIPT = textwrap.dedent(
     calls = []
     real = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
-    for fresh in ("triton", "sdpa"):
+    lens = []
+    F.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or lens.append(a[0].shape[2]) or real(*a, **k)
+    for fresh, pad in (("triton", 0), ("sdpa", 0), ("sdpa", 16)):  # fresh_pad: 5 -> 16, 17 -> 32 rows
         llm = LLM(lm, EngineConfig(max_num_seqs=4, max_model_len=96, max_num_batched_tokens=40, prefill_chunk=20,
-                                   attention_backend="triton", fresh_attention=fresh))
-        assert llm.info()["fresh_attention"] == fresh
+                                   attention_backend="triton", fresh_attention=fresh, fresh_pad=pad))
+        assert llm.info()["fresh_attention"] == fresh and llm.info()["fresh_pad"] == pad
         calls.clear()
+        lens.clear()
         got = [llm.generate([p], max_tokens=6)[0].tokens for p in prompts[1:]]  # one fresh prompt per step
-        assert got == ref[1:], (fresh, got, ref)
+        assert got == ref[1:], (fresh, pad, got, ref)
         assert bool(calls) == (fresh == "sdpa"), (fresh, len(calls))
+        assert set(lens) == ({16, 32} if pad else {5, 17} if fresh == "sdpa" else set()), (fresh, pad, set(lens))
     print("OK")
     """
 )
+
+
+def test_padded_fresh_sdpa_equals_exact_length_call_on_random_inputs():
+    # EngineConfig.fresh_pad: the zero rows after each prompt stay out of its real rows (causal masking); GQA 8:2,
+    # two prompts of an awkward length, pads that do and do not divide it
+    from engine.attention.base import AttentionLayerSpec
+    from engine.attention.triton_backend import TritonBackend
+
+    g = torch.Generator().manual_seed(7)
+    spec = AttentionLayerSpec(n_heads=8, n_kv_heads=2, head_dim=16, scale=0.25, window=0)
+    m, n = 2, 37
+    q = torch.randn(m * n, 8, 16, generator=g)
+    k, v = torch.randn(2, m * n, 2, 16, generator=g)
+    ref = TritonBackend()._sdpa_call(q, k, v, m, spec)
+    for pad in (1, 16, 37, 64):
+        got = TritonBackend(fresh_pad=pad)._sdpa_call(q, k, v, m, spec)
+        assert got.shape == (m, n, 8, 16)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # the reference itself: prompt 1, last row = softmax over its own 37 keys (kv head 0 serves q heads 0..3)
+    kk, vv = k.view(m, n, 2, 16)[1, :, 0], v.view(m, n, 2, 16)[1, :, 0]
+    w = torch.softmax(q.view(m, n, 8, 16)[1, -1, 3] @ kk.T * 0.25, dim=-1)
+    torch.testing.assert_close(ref[1, -1, 3], w @ vv, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="^fresh_pad: expected an int >= 0, got -1"):
+        TritonBackend(fresh_pad=-1)
 
 
 def test_triton_backend_dispatch_equals_reference_under_the_interpreter():
