@@ -313,10 +313,12 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     graph_buckets: tuple[int, ...] | None = None  # decode batch sizes captured; None = 1, 2, 4, 8, 16, 24, 32, ...
     attention_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | torch | triton
-    # Fresh prompts of one length in a step (triton backend): sdpa = one SDPA call, torch's kernel choice (cuDNN on
-    # sm_90, which builds a plan per new shape: the first call of a new prompt length is slow); flash = SDPA limited
-    # to FlashAttention-2 (no per-shape plan); triton = the paged prefill kernel, as for every other prompt row.
-    fresh_attention: str = "sdpa"
+    # Fresh prompts of one length in a step (triton backend): triton = the paged prefill kernel, as for every other
+    # prompt row (no per-shape cost); sdpa = one SDPA call, torch's kernel choice (cuDNN on sm_90: faster on long
+    # prompts, but it builds a plan per new shape, ~60 ms on the H200 for each new prompt length); flash = SDPA
+    # limited to FlashAttention-2 (a one-time ~13 ms start, no per-shape plan). Serving prompts of varied lengths:
+    # triton (results/gpu/serving-h200/fresh-attention.md).
+    fresh_attention: str = "triton"
     # sdpa / flash: pad a fresh prompt's SDPA call up to a multiple of this many tokens (zero rows after the prompt;
     # causal masking keeps them out of the real rows), so cuDNN builds one plan per bucket (all warmed at start-up,
     # up to the longest one-step prompt) instead of one per new prompt length. 0 = exact lengths.

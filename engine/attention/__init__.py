@@ -10,7 +10,7 @@ BACKENDS = ("torch", "triton")
 __all__ = ["BACKENDS", "AttentionBackend", "AttentionLayerSpec", "AttentionMetadata", "ForwardBatch", "get_backend"]
 
 
-def get_backend(name: str, fresh_attention: str = "sdpa", fresh_pad: int = 0, warm_fresh_upto: int = 0) -> AttentionBackend:
+def get_backend(name: str, fresh_attention: str = "triton", fresh_pad: int = 0, warm_fresh_upto: int = 0) -> AttentionBackend:
     """A backend by name; an unknown name lists the known ones. fresh_attention / fresh_pad: EngineConfig's (triton
     only); warm_fresh_upto: the longest fresh prompt whose padded SDPA plan warmup() builds."""
     if name == "torch":

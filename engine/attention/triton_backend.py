@@ -22,7 +22,7 @@ from engine.kernels.triton.paged_attention import MAX_SPLITS
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def __init__(self, fresh_attention: str = "sdpa", fresh_pad: int = 0, warm_fresh_upto: int = 0) -> None:
+    def __init__(self, fresh_attention: str = "triton", fresh_pad: int = 0, warm_fresh_upto: int = 0) -> None:
         from engine.kernels.triton import fused, paged_attention, paged_prefill
 
         if fresh_attention not in ("sdpa", "flash", "triton"):

@@ -29,12 +29,12 @@ SCRIPT = textwrap.dedent(
         prompts = [torch.randint(0, lm.config.vocab_size, (n,), generator=g).tolist() for n in (45, 5, 17)]
         ref = [Generator(lm, 1, 96).generate([p], 6)[0].tokens for p in prompts]
         llm = LLM(lm, EngineConfig(max_num_seqs=4, max_model_len=96, max_num_batched_tokens=40, prefill_chunk=20,
-                                   attention_backend="triton"))
+                                   attention_backend="triton", fresh_attention="sdpa"))
         assert llm.info()["attention_backend"] == "triton"
         got = [o.tokens for o in llm.generate(prompts, max_tokens=6)]
         assert got == ref, (preset, got, ref)
-    # fresh_attention="triton": fresh prompts through the paged kernel too (no SDPA call at all); tiny-test has no
-    # sliding window, so its fresh prompts take SDPA by default
+    # fresh_attention="triton" (the default): fresh prompts through the paged kernel too (no SDPA call at all);
+    # "sdpa": tiny-test has no sliding window, so its fresh prompts take one SDPA call
     import torch.nn.functional as F
     lm = synthetic("tiny-test", seed=3)
     g = torch.Generator().manual_seed(1)
@@ -71,9 +71,9 @@ def test_padded_fresh_sdpa_equals_exact_length_call_on_random_inputs():
     m, n = 2, 37
     q = torch.randn(m * n, 8, 16, generator=g)
     k, v = torch.randn(2, m * n, 2, 16, generator=g)
-    ref = TritonBackend()._sdpa_call(q, k, v, m, spec)
+    ref = TritonBackend("sdpa")._sdpa_call(q, k, v, m, spec)
     for pad in (1, 16, 37, 64):
-        got = TritonBackend(fresh_pad=pad)._sdpa_call(q, k, v, m, spec)
+        got = TritonBackend("sdpa", fresh_pad=pad)._sdpa_call(q, k, v, m, spec)
         assert got.shape == (m, n, 8, 16)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     # the reference itself: prompt 1, last row = softmax over its own 37 keys (kv head 0 serves q heads 0..3)
