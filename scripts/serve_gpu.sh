@@ -14,10 +14,10 @@ set -euo pipefail
 OUT_DIR=${1:-${OUT:-results/gpu/serving-h200}}
 mkdir -p "$OUT_DIR"
 SITE=/tmp/anvil-serve-site
+export PYTHONPATH="$SITE:${PYTHONPATH:-}"  # a second run on the same machine finds the first one's install
 if ! python3 -c "import fastapi.applications, uvicorn, pydantic, httpx, opentelemetry" 2>/dev/null; then
   # shellcheck disable=SC2046
   python3 -m pip install -q --no-index --no-deps --target "$SITE" $(ls .whl/serve/*.whl | grep -v '/click-')
-  export PYTHONPATH="$SITE:${PYTHONPATH:-}"
 fi
 export PYTHONPATH=".:${PYTHONPATH:-}" TORCH_EXTENSIONS_DIR=/tmp/anvil-ext PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT_DIR/gpu.csv" 2>&1 || true
