@@ -312,6 +312,10 @@ class EngineConfig:
     # `vllm serve` does. A session's turns (Request.session_id) are cached either way.
     enable_prefix_caching: bool = False
     graph_buckets: tuple[int, ...] | None = None  # decode batch sizes captured; None = 1, 2, 4, 8, 16, 24, 32, ...
+    # A mixed step with at most this many prompt tokens replays a decode graph, one row per prompt token (each row
+    # a query at its own position over the cache: engine/worker/graphs.py); more runs the eager forward. 0 = never.
+    # Serving with a prefix cache makes most arrivals a few uncached tokens beside the running decodes.
+    graph_mixed_tokens: int = 64
     attention_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | torch | triton
     # Fresh prompts of one length in a step (triton backend): triton = the paged prefill kernel, as for every other
     # prompt row (no per-shape cost); sdpa = one SDPA call, torch's kernel choice (cuDNN on sm_90: faster on long
@@ -359,6 +363,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend: expected one of {', '.join(_BACKENDS)}, got {self.attention_backend!r}")
         if self.fresh_attention not in _FRESH:
             raise ValueError(f"fresh_attention: expected one of {', '.join(_FRESH)}, got {self.fresh_attention!r}")
+        if isinstance(self.graph_mixed_tokens, bool) or not isinstance(self.graph_mixed_tokens, int) or self.graph_mixed_tokens < 0:
+            raise ValueError(f"graph_mixed_tokens: expected an int >= 0 (0: never), got {self.graph_mixed_tokens!r}")
         if isinstance(self.fresh_pad, bool) or not isinstance(self.fresh_pad, int) or self.fresh_pad < 0:
             raise ValueError(f"fresh_pad: expected an int >= 0 (0: no padding), got {self.fresh_pad!r}")
         if self.gemv not in _GEMV:

@@ -3,10 +3,17 @@ capture_cudagraph): static input buffers, largest bucket first, one memory pool;
 slice. Padding rows of a bucket have seq_len 0 and a zero block-table row, so they write the scratch block and
 attend nothing.
 
+A mixed step with few prompt tokens replays the same graphs (ModelRunner.execute, EngineConfig.graph_mixed_tokens):
+every prompt token becomes a row of its own, a "sequence" of one query at its position p with seq_len p + 1 and
+its request's block table. Every layer writes the step's K/V into the cache before attention reads it, so row p
+attends positions 0 .. p: the prompt chunk's causal attention over its cached prefix, one row at a time.
+
 StaticGraphs holds what decode graphs and the speculative verify graphs (engine/worker/verify_graphs.py) share:
 the static buffers of up to max(buckets) sequences of q rows each, the capture, the copy-in of a step."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -47,6 +54,12 @@ class StaticGraphs:
     def _step(self, bs: int) -> torch.Tensor:
         return self.runner.forward(self.batches[bs])
 
+    def _eager(self, bs: int, lens: list[int]) -> ForwardBatch:
+        """The static batch with the step's true host lengths (padding sequences 0), for a run without a graph: the
+        torch backend reads them (the Triton one reads the device seq_lens)."""
+        batch = self.batches[bs]
+        return replace(batch, attn=replace(batch.attn, seq_lens_host=lens + [0] * (bs - len(lens))))
+
     def _reset(self) -> None:
         self.input_ids.zero_()
         self.positions.zero_()
@@ -71,8 +84,8 @@ class StaticGraphs:
 
 
 class DecodeGraphs(StaticGraphs):
-    def __init__(self, runner, buckets: list[int]) -> None:
-        super().__init__(runner, buckets, 1, runner.max_blocks_per_seq)
+    def __init__(self, runner, buckets: list[int], capture: bool = True) -> None:
+        super().__init__(runner, buckets, 1, runner.max_blocks_per_seq, capture)
 
     def _static(self, bs: int) -> ForwardBatch:
         meta = AttentionMetadata(
@@ -83,10 +96,11 @@ class DecodeGraphs(StaticGraphs):
         return ForwardBatch(self.input_ids[:bs], self.positions[:bs], self.seq_idx[:bs], meta, None)
 
     def run(self, ids, pos, lens, tables, patch, prev) -> torch.Tensor:
-        """Logits [b, V] of a decode-only step of b sequences (host lists), replayed in the smallest bucket >= b."""
+        """Logits [b, V] of b one-query rows (host lists: a decode step, or a mixed step unrolled to one row per
+        token), replayed in the smallest bucket >= b."""
         b = len(ids)
         bs = self.bucket(b)
         self._load(bs, ids, pos, lens, tables, max(len(t) for t in tables))
         if patch:
             self.runner._patch(self.input_ids, patch, prev)
-        return self.graphs.run(bs, self._step)[:b]
+        return self.graphs.run(bs, lambda _: self.runner.forward(self._eager(bs, lens)))[:b]

@@ -108,6 +108,7 @@ class ModelRunner:
 
             with torch.inference_mode():
                 self.tuner, self.report["gemv"] = tuning.install(model, self.buckets, config.gemv)
+        self.steps = {"graph": 0, "graph_mixed": 0, "eager": 0}  # execute()'s forwards by path
         self.graphs: DecodeGraphs | None = None
         if cuda and config.cuda_graphs:
             self.graphs = DecodeGraphs(self, self.buckets)
@@ -144,6 +145,9 @@ class ModelRunner:
         out = sorted({x for x in b if x <= mx})
         if self.config.graph_buckets is None and (not out or out[-1] < mx):
             out.append(mx)
+        extra = min(mx + self.config.graph_mixed_tokens, self.config.max_num_batched_tokens)
+        if self.config.graph_buckets is None and extra > out[-1]:  # a full decode batch beside a few prompt tokens
+            out.append(extra)
         return out
 
     def num_splits(self, batch_size: int) -> int:
@@ -224,7 +228,14 @@ class ModelRunner:
         b = len(lens)
         if self.graphs is not None and nd == b and self.graphs.bucket(b) is not None:
             logits = self.graphs.run(ids, pos, lens, tables, patch, prev)  # [b, V]: every row samples
+            self.steps["graph"] += 1
+        elif self._mixed_fits(sched, len(ids)):  # one row per token: row p attends 0..p over the cache
+            logits = self.graphs.run(ids, pos, [p + 1 for p in pos], [tables[s] for s in seq], patch, prev)
+            if rows != list(range(len(ids))):
+                logits = logits[self._tensor(rows, torch.int64)]
+            self.steps["graph_mixed"] += 1
         else:
+            self.steps["eager"] += 1
             batch = self._batch(ids, pos, seq, qs, lens, tables, nd, rows)
             if patch:
                 self._patch(batch.input_ids, patch, prev)
@@ -238,6 +249,13 @@ class ModelRunner:
             event.record()
         return StepHandle(sampled, tokens, host, event, {r.request_id: i for i, r in enumerate(sampled)},
                           time.perf_counter())  # fmt: skip
+
+    def _mixed_fits(self, sched: SchedulerOutput, num_tokens: int) -> bool:
+        """Whether a step with prompt rows replays a decode graph: at most graph_mixed_tokens of them, no drafts,
+        and a bucket for all its tokens."""
+        if self.graphs is None or num_tokens - sched.num_decodes > self.config.graph_mixed_tokens:
+            return False
+        return self.graphs.bucket(num_tokens) is not None and not any(r.spec_tokens for r in sched.requests)
 
     @torch.inference_mode()
     def execute_verify(self, sched: SchedulerOutput, want_hidden: bool = False):
@@ -298,4 +316,4 @@ class ModelRunner:
             r.logprob_rows[len(r.output_ids) + r.num_pending] = (host, j, r.logprobs, k)
 
     def info(self) -> dict:
-        return {**self.report, **self.backend.info()}
+        return {**self.report, **self.backend.info(), "steps": dict(self.steps)}

@@ -25,8 +25,6 @@ static buffers run eagerly with the step's true host lengths, which the torch ba
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-
 import torch
 
 from engine.attention.metadata import AttentionMetadata, ForwardBatch
@@ -84,8 +82,3 @@ class VerifyGraphs(StaticGraphs):
         self._load(bs, pids, ppos, lens, tables, ncols)
         logits = self.graphs.run(bs, lambda _: r.forward(self._eager(bs, lens)))  # [bs * q, V]
         return logits[r._tensor(rows, torch.int64)], sampled, None
-
-    def _eager(self, bs: int, lens: list[int]) -> ForwardBatch:
-        """The static batch with the step's true host lengths (padding sequences 0), for a run without a graph."""
-        batch = self.batches[bs]
-        return replace(batch, attn=replace(batch.attn, seq_lens_host=lens + [0] * (bs - len(lens))))

@@ -117,6 +117,30 @@ def test_core_bf16_on_the_trained_tiny_model_equals_reference():
     assert all(x >= 32 for x in agree), agree
 
 
+@pytest.mark.parametrize("preset", ["tiny-test", "tiny-test-mistral"])
+@pytest.mark.parametrize("cap", [0, 64])
+def test_mixed_steps_replayed_as_graph_rows_equal_reference_loop(preset, cap):
+    # arrivals while others decode, prompts in chunks of 7: with graph_mixed_tokens = 64 every mixed step replays a
+    # captured decode graph, one row per prompt token (engine/worker/graphs.py); 0 runs them eagerly
+    lm = synthetic(preset, "float32", "cuda", seed=2)
+    prompts = _prompts([5, 17, 1, 30, 9, 23], lm.config.vocab_size, seed=6)
+    ref = [Generator(lm, 1, 160).generate([p], 32)[0].tokens for p in prompts]
+    llm = LLM(lm, EngineConfig(max_num_seqs=8, max_model_len=160, max_num_batched_tokens=64, prefill_chunk=7,
+                               graph_mixed_tokens=cap))  # fmt: skip
+    got: dict[str, list[int]] = {}
+    order, pending, steps = [], list(prompts), 0
+    while pending or llm.has_unfinished():
+        if pending and steps % 3 == 0:
+            order.append(llm.add_request(pending.pop(0), max_tokens=32))
+            got[order[-1]] = []
+        for o in llm.step():
+            got[o.request_id] += o.new_token_ids
+        steps += 1
+    assert [got[r] for r in order] == ref
+    st = llm.info()["steps"]
+    assert (st["graph_mixed"] > 0) == (cap > 0) and (st["eager"] == 0) == (cap > 0), st
+
+
 @pytest.mark.parametrize("fresh, pad", [("flash", 0), ("triton", 0), ("sdpa", 64)])
 def test_fresh_attention_choices_on_gpu_equal_reference_loop(fresh, pad):
     # fresh prompts of one length (SDPA's case) through FlashAttention-2 only, through the paged Triton kernel, or
