@@ -25,6 +25,7 @@ static buffers run eagerly with the step's true host lengths, which the torch ba
 from __future__ import annotations
 
 import math
+
 import torch
 
 from engine.attention.metadata import AttentionMetadata, ForwardBatch
