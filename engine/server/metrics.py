@@ -42,6 +42,11 @@ class _EngineCollector:
                        pc.get("query_tokens", 0))  # fmt: skip
         yield _counter("prefix_cache_hits", "prompt tokens found in the prefix cache", pc.get("hit_tokens", 0))
         yield _counter("prefix_cache_evictions", "idle cached blocks evicted", pc.get("evictions", 0))
+        steps = CounterMetricFamily(PREFIX + "engine_steps", "forwards by path: graph (a decode step's CUDA graph), "
+                                    "graph_mixed (a mixed step's tokens as rows of one), eager", labels=["path"])  # fmt: skip
+        for path, n in dict(getattr(self.llm.core.runner, "steps", {})).items():
+            steps.add_metric([path], float(n))
+        yield steps
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

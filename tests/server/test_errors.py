@@ -157,6 +157,8 @@ def test_session_turns_reuse_the_prefix_over_http_and_are_evicted_under_pressure
         assert second["choices"][0]["logprobs"]["tokens"] == [piece(t).replace("\u2581", " ") for t in o2.tokens]
         m = s.metrics()
         assert m["anvil:prefix_cache_hits_total"] == 48 and 0 < m["anvil:prefix_cache_hit_rate"] < 1
+        # the CPU has no graphs: every forward of the two requests (12 + 8 tokens, prompts in one step each) eager
+        assert m['anvil:engine_steps_total{path=eager}'] == 20 and m['anvil:engine_steps_total{path=graph}'] == 0
         # turn 2 left 4 idle cached blocks (78 tokens computed), 12 free; a 238-token request without a session needs
         # 15: the 3 least recently used idle blocks go, the chain's tail first, so only its first block is left
         ask(c, p_big, 8)
