@@ -126,7 +126,7 @@ def test_mixed_steps_replayed_as_graph_rows_equal_reference_loop(preset, cap):
     prompts = _prompts([5, 17, 1, 30, 9, 23], lm.config.vocab_size, seed=6)
     ref = [Generator(lm, 1, 160).generate([p], 32)[0].tokens for p in prompts]
     llm = LLM(lm, EngineConfig(max_num_seqs=8, max_model_len=160, max_num_batched_tokens=64, prefill_chunk=7,
-                               graph_mixed_tokens=cap))  # fmt: skip
+                               graph_mixed_tokens=cap, gemv="cublas"))  # fmt: skip
     got: dict[str, list[int]] = {}
     order, pending, steps = [], list(prompts), 0
     while pending or llm.has_unfinished():
