@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|nf4-bnb OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -76,6 +76,19 @@ open('/tmp/poisson.toml', 'w').write('[[scenarios]]'.join([h] + [x for x in sc i
     grep -h "server ready" "$out/${v#*=}/startup.txt" >> "$out/serve-${v#*=}.log" 2>/dev/null
     cat "$out/${v#*=}/run/table.md" >> "$out/serve-${v#*=}.log" 2>/dev/null
     t=120
+  done
+  ;;
+serve-mixed)  # (not yet run) EngineConfig.graph_mixed_tokens on the GPU: its test, then the Poisson cells against
+  # a server with it (64) and one without (0, the default), one machine (carry .whl/serve)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/engine/test_core_gpu.py -k mixed_steps 2>&1 | tail -8 \
+    > "$out/mixed-tests.log"
+  python3 -c "t=open('suites/serving-gpu.toml').read(); h, *sc = t.split('[[scenarios]]'); \
+open('/tmp/poisson.toml', 'w').write('[[scenarios]]'.join([h] + [x for x in sc if 'request_rate' in x]))"
+  for v in 64 0; do
+    SERVE_OPTIONS=graph_mixed_tokens=$v SUITE=/tmp/poisson.toml timeout 200 bash scripts/serve_gpu.sh "$out/mixed-$v" \
+      > "$out/serve-mixed-$v.log" 2>&1
+    grep -h "engine_steps" "$out/mixed-$v/metrics.txt" >> "$out/serve-mixed-$v.log" 2>/dev/null
+    grep -h "^| serving" "$out/mixed-$v/run/table.md" >> "$out/serve-mixed-$v.log" 2>/dev/null
   done
   ;;
 nf4-bnb)  # our NF4 beside bitsandbytes' (scripts/nf4_bnb_eval.py). Its 43 MB wheel travels in two calls: carry
