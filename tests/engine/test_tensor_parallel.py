@@ -89,7 +89,8 @@ def _check(ranks: list[dict], ref: dict, name: str, world: int) -> None:
         for i, (a, b) in enumerate(zip(g["logits"], want["logits"], strict=True)):
             assert a.shape == b.shape
             d = (a - b).abs().max().item()
-            assert d < 1e-5, f"{name} world {world} rank {r} prompt {i}: max |dlogit| {d:.3g}"
+            # float32 partial sums over split heads / columns: 1.3e-5 seen on an AVX-512 CPU (|logits| ~ 20, 8 ulp)
+            assert d < 5e-5, f"{name} world {world} rank {r} prompt {i}: max |dlogit| {d:.3g}"
         assert g["tokens"] == want["tokens"], f"{name} world {world} rank {r}: tokens differ"
         assert all(len(t) == N_NEW for t in g["tokens"])
     cfg = RANDOM.get(name) or engine.ModelConfig.from_dir(engine.hub.resolve("tiny"))
@@ -183,7 +184,7 @@ def test_adapter_tensor_parallel_2_matches_1(models):
         finally:
             a.close()
     assert got[1][0] == got[2][0] and [len(t) for t in got[2][0]] == [12, 7]
-    assert (got[1][1] - got[2][1]).abs().max().item() < 1e-5
+    assert (got[1][1] - got[2][1]).abs().max().item() < 5e-5  # as _check: float32 rounding of split matmuls
     assert got[2][2]["tensor_parallel_size"] == 2
     assert got[1][3] == got[2][3] and len(got[2][3]) == 9
     assert got[2][4] == got[2][0]
