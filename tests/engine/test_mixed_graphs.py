@@ -9,25 +9,11 @@ from __future__ import annotations
 import pytest
 
 from engine import LLM, EngineConfig
-from engine.generator import Generator
-from engine.presets import synthetic
 from engine.worker.graphs import DecodeGraphs
-from tests.engine.conftest import random_prompts
+from tests.engine import test_core
 
-N_NEW = 40
-LENS = [5, 17, 1, 30, 9, 23]
-
-
-@pytest.fixture(scope="module", params=["tiny-test", "tiny-test-mistral", "tiny-test-qwen2"])
-def model(request):
-    return synthetic(request.param, seed=11)
-
-
-@pytest.fixture(scope="module")
-def reference(model):
-    prompts = random_prompts(LENS, model.config.vocab_size, seed=6)
-    gen = Generator(model, 1, 128)
-    return prompts, [gen.generate([p], N_NEW)[0].tokens for p in prompts]
+N_NEW = test_core.N_NEW
+model, reference = test_core.model, test_core.reference  # fixtures: three model shapes, their reference tokens
 
 
 def _llm(model, **kw) -> LLM:
@@ -70,7 +56,7 @@ def test_mixed_steps_as_graph_rows_equal_reference(model, reference, cap):
 
 def test_mixed_graph_rows_under_preemption_and_prefix_hits(model, reference):
     prompts, ref = reference
-    # 10 blocks of 16 tokens: the six requests cannot all hold their KV (preemption, then recompute as a chunk of
+    # 10 blocks of 16 tokens: the five requests cannot all hold their KV (preemption, then recompute as a chunk of
     # prompt + output tokens); the second pass finds the first pass's blocks in the prefix cache
     llm = _llm(model, num_kv_blocks=10, enable_prefix_caching=True, prefill_chunk=None, graph_mixed_tokens=32)
     assert _staggered(llm, prompts, every=2) == ref
