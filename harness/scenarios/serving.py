@@ -54,7 +54,8 @@ PARAMS = {
     "request_timeout_s": Param(float, 300.0, min=0.001),
     "allow_remote": Param(bool, False, help="allow a non-loopback base_url"),
     "model_name": Param(str, "", help='sent as "model" (servers with one model ignore it)'),
-    "seed": Param(int, 0),
+    "seed": Param(int, 0, sweep=True, help="prompts and arrivals; a list runs one cell per seed (run-to-run spread, "
+                  "and prompts no earlier cell sent, so no prefix-cache hits across cells)"),
     "telemetry_interval_s": Param(float, 0.2, min=0.01),
 }
 OWN_TELEMETRY = True  # samples around the measured phase only (not warm-up or server start)

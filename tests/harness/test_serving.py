@@ -316,6 +316,23 @@ def test_a_request_past_its_timeout_is_an_error_sample():
     assert any("request_timeout_s" in e for e in out["info"]["errors"])
 
 
+def test_seed_sweeps_into_cells_with_their_own_prompts_and_arrivals():
+    # the shipped cold suite: every cell its own seed, the Poisson loads three each
+    from harness.suite import parse
+
+    path = Path(__file__).resolve().parents[2] / "suites" / "serving-gpu-cold.toml"
+    suite = parse(path.read_text(), str(path), resolve=False)
+    cells = [c.param_dict for c in suite.cells]
+    got = [(c["request_rate"], c["concurrency"], c["seed"]) for c in cells]
+    assert got == [(8.0, 0, 1), (8.0, 0, 2), (8.0, 0, 3), (32.0, 0, 4), (32.0, 0, 5), (32.0, 0, 6),
+                   (math.inf, 32, 7), (math.inf, 64, 8)]  # fmt: skip
+    works = [plan(c, "http://127.0.0.1:1", vocab_size=1000) for c in cells[:3]]
+    prompts = [[r.prompt for r in loadgen.build_requests(w, 8)] for _, w, _ in works]
+    offsets = [loadgen.arrival_offsets(8, cfg.request_rate, cfg.burstiness, cfg.seed) for cfg, _, _ in works]
+    assert prompts[0] != prompts[1] != prompts[2] and offsets[0] != offsets[1] != offsets[2]
+    assert prompts[0] == [r.prompt for r in loadgen.build_requests(works[0][1], 8)]  # deterministic per seed
+
+
 def test_token_id_prompts_need_a_vocabulary():
     with pytest.raises(LoadgenError, match="prompt_format = 'text'"):
         plan({"base_url": "http://127.0.0.1:1"}, vocab_size=0)
