@@ -69,3 +69,28 @@ def test_graph_mixed_tokens_validation():
     for bad in (-1, True, 2.5):
         with pytest.raises(ValueError, match=f"^graph_mixed_tokens: expected an int >= 0 \\(0: never\\), got {bad!r}"):
             EngineConfig(graph_mixed_tokens=bad)
+
+
+def test_seeded_sampling_through_graph_rows_equals_eager_mixed_steps(model, reference):
+    # each request samples with its own seeded generator: the rows path hands sample() the same logits rows in the
+    # same order as the eager forward (only the sampling requests' last prompt rows and decode rows)
+    from engine import SamplingParams
+
+    prompts, _ = reference
+    runs = []
+    for cap in (0, 64):
+        llm = _llm(model, graph_mixed_tokens=cap)
+        got: dict[str, list[int]] = {}
+        order, pending, steps = [], list(enumerate(prompts)), 0
+        while pending or llm.has_unfinished():
+            if pending and steps % 3 == 0:
+                i, p = pending.pop(0)
+                sp = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=100 + i)
+                order.append(llm.add_request(p, sp, max_tokens=16))
+                got[order[-1]] = []
+            for o in llm.step():
+                got[o.request_id] += o.new_token_ids
+            steps += 1
+        runs.append([got[r] for r in order])
+        assert (llm.info()["steps"]["graph_mixed"] > 0) == (cap > 0)
+    assert runs[0] == runs[1] and all(len(t) == 16 for t in runs[0])
