@@ -322,7 +322,7 @@ class EngineConfig:
     # prompt row (no per-shape cost); sdpa = one SDPA call, torch's kernel choice (cuDNN on sm_90: faster on long
     # prompts, but it builds a plan per new shape, ~60 ms on the H200 for each new prompt length); flash = SDPA
     # limited to FlashAttention-2 (a one-time ~13 ms start, no per-shape plan). Serving prompts of varied lengths:
-    # triton (results/gpu/serving-h200/fresh-attention.md).
+    # triton (results/gpu/serving-h200/fresh-attention-479d3d7/).
     fresh_attention: str = "triton"
     # sdpa / flash: pad a fresh prompt's SDPA call up to a multiple of this many tokens (zero rows after the prompt;
     # causal masking keeps them out of the real rows), so cuDNN builds one plan per bucket (all warmed at start-up,
@@ -364,10 +364,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend: expected one of {', '.join(_BACKENDS)}, got {self.attention_backend!r}")
         if self.fresh_attention not in _FRESH:
             raise ValueError(f"fresh_attention: expected one of {', '.join(_FRESH)}, got {self.fresh_attention!r}")
-        if isinstance(self.graph_mixed_tokens, bool) or not isinstance(self.graph_mixed_tokens, int) or self.graph_mixed_tokens < 0:
-            raise ValueError(f"graph_mixed_tokens: expected an int >= 0 (0: never), got {self.graph_mixed_tokens!r}")
-        if isinstance(self.fresh_pad, bool) or not isinstance(self.fresh_pad, int) or self.fresh_pad < 0:
-            raise ValueError(f"fresh_pad: expected an int >= 0 (0: no padding), got {self.fresh_pad!r}")
+        _nonnegative_int("graph_mixed_tokens", self.graph_mixed_tokens, "0: never")
+        _nonnegative_int("fresh_pad", self.fresh_pad, "0: no padding")
         if self.gemv not in _GEMV:
             raise ValueError(f"gemv: expected one of {', '.join(_GEMV)}, got {self.gemv!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -427,3 +425,8 @@ class EngineConfig:
 def _positive_int(name: str, v: Any) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ValueError(f"{name}: expected a positive int, got {v!r}")
+
+
+def _nonnegative_int(name: str, v: Any, zero: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name}: expected an int >= 0 ({zero}), got {v!r}")

@@ -8,6 +8,10 @@ out=$2
 mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/nvidia-smi.csv"
+poisson_suite() {  # /tmp/poisson.toml: the Poisson scenarios of suites/serving-gpu.toml alone
+  python3 -c "t=open('suites/serving-gpu.toml').read(); h, *sc = t.split('[[scenarios]]'); \
+open('/tmp/poisson.toml', 'w').write('[[scenarios]]'.join([h] + [x for x in sc if 'request_rate' in x]))"
+}
 case "$part" in
 kernels)  # the kernels' GPU tests, the prefill-attention and int4 sweeps, a profile of continuous batching
   timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine/quant 2>&1 | tail -15 > "$out/int4-gpu-tests.log"
@@ -67,8 +71,7 @@ first-call)  # is a new prompt length's first SDPA call slow (cuDNN plan build)?
   ;;
 serve-fresh)  # the Poisson cells of suites/serving-gpu.toml against anvil's server per fresh-prompt attention path
   # (carry .whl/serve): SDPA's default (cuDNN), SDPA padded to 64-token buckets, flash, the paged Triton kernel
-  python3 -c "import re; t=open('suites/serving-gpu.toml').read(); h, *sc = t.split('[[scenarios]]'); \
-open('/tmp/poisson.toml', 'w').write('[[scenarios]]'.join([h] + [x for x in sc if 'request_rate' in x]))"
+  poisson_suite
   t=230  # the first start builds the CUDA extension (~100 s)
   for v in fresh_attention=sdpa fresh_pad=64 fresh_attention=flash fresh_attention=triton; do
     SERVE_OPTIONS=$v SUITE=/tmp/poisson.toml timeout $t bash scripts/serve_gpu.sh "$out/${v#*=}" \
@@ -82,8 +85,7 @@ serve-mixed)  # (not yet run) EngineConfig.graph_mixed_tokens on the GPU: its te
   # a server with it (64) and one without (0, the default), one machine (carry .whl/serve)
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/engine/test_core_gpu.py -k mixed_steps 2>&1 | tail -8 \
     > "$out/mixed-tests.log"
-  python3 -c "t=open('suites/serving-gpu.toml').read(); h, *sc = t.split('[[scenarios]]'); \
-open('/tmp/poisson.toml', 'w').write('[[scenarios]]'.join([h] + [x for x in sc if 'request_rate' in x]))"
+  poisson_suite
   for v in 64 0; do
     SERVE_OPTIONS=graph_mixed_tokens=$v SUITE=/tmp/poisson.toml timeout 200 bash scripts/serve_gpu.sh "$out/mixed-$v" \
       > "$out/serve-mixed-$v.log" 2>&1

@@ -231,7 +231,7 @@ class ModelRunner:
             self.steps["graph"] += 1
         elif self._mixed_fits(sched, len(ids)):  # one row per token: row p attends 0..p over the cache
             logits = self.graphs.run(ids, pos, [p + 1 for p in pos], [tables[s] for s in seq], patch, prev)
-            if rows != list(range(len(ids))):
+            if len(rows) < len(ids):  # rows: increasing token indices; mid-prompt rows sample nothing
                 logits = logits[self._tensor(rows, torch.int64)]
             self.steps["graph_mixed"] += 1
         else:
