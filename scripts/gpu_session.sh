@@ -81,8 +81,8 @@ serve-fresh)  # the Poisson cells of suites/serving-gpu.toml against anvil's ser
     t=120
   done
   ;;
-serve-mixed)  # (not yet run) EngineConfig.graph_mixed_tokens on the GPU: its test, then the Poisson cells against
-  # a server with it (64) and one without (0, the default), one machine (carry .whl/serve)
+serve-mixed)  # EngineConfig.graph_mixed_tokens on the GPU: its test, then the Poisson cells against a server with it
+  # (64, the default since this run: results/gpu/serving-h200/graph-mixed-d0000db/) and one without (0); carry .whl/serve
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/engine/test_core_gpu.py -k mixed_steps 2>&1 | tail -8 \
     > "$out/mixed-tests.log"
   poisson_suite
