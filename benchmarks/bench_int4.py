@@ -1,5 +1,6 @@
-"""GPU benchmark of the int4 g128 Triton kernels (decode kernel `int4_gemv`, prefill `int4_gemm`) and the NF4 GEMV
-on Llama-3-8B linear shapes, against bf16 cuBLAS F.linear on the same shape.
+"""GPU benchmark of the int4 g128 Triton kernels (decode kernel `int4_gemv`, prefill `int4_gemm`), the CUDA int4 GEMV
+(`int4_cuda`, engine/kernels/csrc/int4_gemv.cu, M <= 8) and the NF4 GEMV on Llama-3-8B linear shapes, against bf16
+cuBLAS F.linear on the same shape.
 
     python benchmarks/bench_int4.py --out OUT.json [--iters 200] [--dtype bfloat16] [--shapes qkv,wo,w13,w2]
     python benchmarks/bench_int4.py --sweep --out OUT.json --iters 30 [--budget-s 60] [--configs-out T.json]
@@ -43,6 +44,7 @@ import triton  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from engine.kernels import ext  # noqa: E402
 from engine.kernels.triton.int4_gemm import GemmConfig, gemm_config, int4_gemm  # noqa: E402
 from engine.kernels.triton.int4_gemv import GemvConfig, gemv_config, int4_gemv, pick_split  # noqa: E402
 from engine.kernels.triton.nf4_gemv import nf4_gemv  # noqa: E402
@@ -249,6 +251,8 @@ class Bench:
 
         if m <= 32:
             add("int4_gemv", None, lambda qw, s, z: int4_gemv(x, qw, s, z, G))
+        if self.cuda and ext.int4_gemv_supported(x, G, None):  # the CUDA GEMV (M <= 8), beside the Triton kernels
+            add("int4_cuda", None, lambda qw, s, z: ext.int4_gemv(x, qw, s, z, G))
         add("int4_gemm", None, lambda qw, s, z: int4_gemm(x, qw, s, z, G))
         if self.sweep:
             for base in SWEEP_GEMV:
@@ -294,7 +298,7 @@ def best_configs(rows: list[dict]) -> list[dict]:
     rows. A default row (config None) wins as its resolved heuristic config."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        if r["status"] != "ok" or r["kernel"] == "bf16_cublas":
+        if r["status"] != "ok" or r["kernel"] in ("bf16_cublas", "int4_cuda"):  # the table holds Triton configs
             continue
         fmt = "nf4" if r["kernel"] == "nf4_gemv" else "int4"
         key = (fmt, r["M"], r["N"], r["K"])

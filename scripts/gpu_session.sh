@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -103,6 +103,19 @@ nf4-bnb)  # our NF4 beside bitsandbytes' (scripts/nf4_bnb_eval.py). Its 43 MB wh
   python3 -m pip install -q --no-index --no-deps --target /tmp/bnb "$w" > "$out/bnb-install.log" 2>&1
   PYTHONPATH="/tmp/bnb:." timeout 300 python3 scripts/nf4_bnb_eval.py --device cuda --dtype bfloat16 --windows 64 \
     --seq 1024 --new-tokens 128 --out "$out/nf4-bnb-h200.json" 2>&1 | tail -8 > "$out/nf4-bnb.log"
+  ;;
+int4-cuda)  # the CUDA int4 GEMV (engine/kernels/csrc/int4_gemv.cu): its GPU tests, the kernel benchmark beside the
+  # Triton kernels and cuBLAS, then the int4 (RTN g128) model of suites/gpu-int4.toml through the engine core
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/engine/quant/test_kernels_int4.py -k "cuda_gemv or \
+uses_cuda" 2>&1 | tail -12 > "$out/int4-cuda-tests.log"
+  timeout 120 python3 benchmarks/bench_int4.py --out "$out/int4-kernels.json" --iters 50 2>&1 | tail -45 \
+    > "$out/int4-kernels.log"
+  python3 -c "t=open('suites/gpu-int4.toml').read(); h, *ms = t.split('[[models]]'); sc = ms[-1].split('[[scenarios]]'); \
+open('/tmp/int4-rtn.toml', 'w').write('[[models]]'.join([h.replace('gpu-int4', 'gpu-int4-rtn'), ms[0]]) + \
+'[[scenarios]]' + sc[1])"
+  timeout 300 python3 -m harness run /tmp/int4-rtn.toml --out /tmp/int4-run 2>&1 | tail -20 > "$out/int4-suite.log"
+  cp /tmp/int4-run/records.jsonl "$out/int4-records.jsonl" 2>/dev/null
+  cp /tmp/int4-run/table.md "$out/int4-table.md" 2>/dev/null
   ;;
 *)
   echo "unknown part $part" >&2

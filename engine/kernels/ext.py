@@ -48,6 +48,10 @@ def _register_fakes() -> None:
     def _(k_cache, v_cache, k, v, batch_idx, positions):
         return None
 
+    @torch.library.register_fake(lib + "int4_gemv")
+    def _(x, qweight, scales, zeros, group_size, bias):
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
 
 def _prebuilt() -> list[str]:
     return sorted(glob.glob(str(Path(__file__).resolve().parent / "_C*.so")))
@@ -182,3 +186,21 @@ def write_kv(
     if batch_idx.dtype != positions.dtype:
         batch_idx, positions = batch_idx.long(), positions.long()
     _ops().write_kv(k_cache, v_cache, k, v, batch_idx, positions)
+
+
+INT4_GEMV_MAX_M = 8  # anvil::kInt4GemvMaxM
+
+
+def int4_gemv_supported(x: torch.Tensor, group_size: int, g_idx: torch.Tensor | None) -> bool:
+    """Whether `int4_gemv` takes this call (else the Triton kernels do): CUDA fp16 / bf16 x with 1..8 rows, no
+    act-order, K and G multiples of 32, the extension loaded."""
+    m, k = x.shape
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 1 <= m <= INT4_GEMV_MAX_M and g_idx is None
+            and k % 32 == 0 and group_size % 32 == 0 and is_available())  # fmt: skip
+
+
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """y [M, N] = x [M <= 8, K] @ ((q - z) * s)^T (+ bias) for Anvil's packed int4 (engine/quant/int4.py):
+    qweight int32 [N, K/8], scales / zeros [N, K/G] in x.dtype (fp16 / bf16). engine/kernels/csrc/int4_gemv.cu."""
+    return _ops().int4_gemv(x, qweight, scales, zeros, int(group_size), bias)

@@ -3,11 +3,15 @@ format of engine/quant/int4.py) and `NF4LinearMethod` (engine/quant/nf4.py). A L
 buffers instead of a `weight` parameter; their names are the checkpoint names below the layer's prefix
 (`layers.0.attention.wqkv.qweight`, ...).
 
-matmul: on CUDA the Triton kernels (int4: the decode kernel for M <= 16, GEMM above, or what the config table
-names; NF4: fused for M <= 32, else dequantize + F.linear); elsewhere the torch reference (dequantize into x.dtype, then F.linear).
+matmul: on CUDA, int4 with M <= 8 fp16 / bf16 rows runs the CUDA GEMV (engine/kernels/csrc/int4_gemv.cu; env
+ANVIL_INT4_KERNEL=triton turns it off), else the Triton kernels (int4: the decode kernel for M <= 16, GEMM above, or
+what the config table names; NF4: fused for M <= 32, else dequantize + F.linear); elsewhere the torch reference
+(dequantize into x.dtype, then F.linear).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +23,9 @@ try:  # the pluggable Linear (engine/model/layers/linear.py); absent in trees th
     from engine.model.layers.linear import Linear, LinearMethod
 except ImportError:  # pragma: no cover - only before the restructure lands
     Linear, LinearMethod = None, object
+
+
+INT4_KERNEL = os.environ.get("ANVIL_INT4_KERNEL", "auto")  # auto: the CUDA GEMV where it applies | triton
 
 
 def _buffer_bytes(layer) -> int:
@@ -63,11 +70,15 @@ class Int4LinearMethod(LinearMethod):
         w = self.weight(layer)
         if not x.is_cuda:
             return matmul_reference(x, w, layer.bias)
+        from engine.kernels import ext
         from engine.kernels.triton.int4_gemm import int4_matmul  # decode kernel for small M, GEMM above
 
         shape = x.shape
         x2 = prepare_input(w, x.reshape(-1, shape[-1])).contiguous()
-        y = int4_matmul(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, g_idx=w.g_idx)
+        if INT4_KERNEL != "triton" and ext.int4_gemv_supported(x2, self.group_size, w.g_idx):  # CUDA, M <= 8
+            y = ext.int4_gemv(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias)
+        else:
+            y = int4_matmul(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, g_idx=w.g_idx)
         return y.view(*shape[:-1], y.shape[-1])
 
     def weight_bytes(self, layer) -> int:

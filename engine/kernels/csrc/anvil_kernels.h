@@ -82,4 +82,19 @@ struct DecodeParams {
 void decode_split_plan(int batch, int kv_heads, int s_max, int num_sms, int* num_splits, int* chunk);
 cudaError_t launch_decode_attention(const DecodeParams& p, int head_dim, DType dt, cudaStream_t st);
 
+// ---- int4 weight-only GEMV (decode): y [M, N] = x [M, K] @ dequant(W)^T (+ bias), 1 <= M <= kInt4GemvMaxM ----
+// qweight int32 [N, K/8] (nibble j of word w = column 8w + j), scales / zeros [N, K/G] in x's dtype (fp16 / bf16);
+// K % 32 == 0, G % 32 == 0, 16-byte aligned x and qweight.
+constexpr int kInt4GemvMaxM = 8;
+struct Int4GemvParams {
+  const void* x;
+  const void* qweight;
+  const void* scales;
+  const void* zeros;
+  const void* bias;  // [N] or nullptr
+  void* y;
+  int m, n, k, group;
+};
+cudaError_t launch_int4_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st);
+
 }  // namespace anvil

@@ -233,3 +233,71 @@ def test_sweep_configs_gpu(dtype):
     for c in bench.SWEEP_NF4:
         for m in (1, 3) if c.dot else (1,):
             gpu_case(kind="nf4_gemv", n=1000, k=4096, m=m, dtype=dtype, config=list(c), bias=True)
+
+
+# ------------------------------------------------------------------------------- the CUDA int4 GEMV (M <= 8)
+needs_ext = pytest.mark.skipif(
+    not HAS_CUDA, reason="CUDA not available (torch.cuda.is_available() is False): the CUDA int4 GEMV needs a GPU"
+)
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("n,k", GPU_SHAPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_int4_cuda_gemv_gpu(n, k, m, dtype):
+    gpu_case(kind="int4_cuda", n=n, k=k, m=m, dtype=dtype, seed=m, bias=m == 3)
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("m", [1, 4, 7, 8])
+@pytest.mark.parametrize("n,k,group", [(200, 384, 128), (1000, 4096, 64), (37, 1056, 32), (333, 2560, 256),
+                                       (9, 32, 32), (4001, 3072, 128)])  # fmt: skip
+def test_int4_cuda_gemv_awkward_gpu(n, k, group, m):
+    """N not a multiple of the rows per block, K not a multiple of the 1,024 columns a warp covers per
+    iteration (a tail iteration with idle lanes), every group size the kernel takes, bias."""
+    for dtype in GPU_DTYPES:
+        gpu_case(kind="int4_cuda", n=n, k=k, m=m, dtype=dtype, group=group, seed=n + m, bias=True)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_int4_cuda_gemv_rejects_bad_input_gpu():
+    from engine.kernels import ext
+    from engine.quant.int4 import quantize_rtn
+
+    p = quantize_rtn(torch.randn(64, 256) * 0.05, 128).to("cuda", torch.bfloat16)
+    x = torch.randn(9, 256, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="1 <= M <= 8 rows, got 9"):
+        ext.int4_gemv(x, p.qweight, p.scales, p.zeros, 128)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16 x only"):
+        ext.int4_gemv(x[:2].float(), p.qweight, p.scales, p.zeros, 128)
+    with pytest.raises(RuntimeError, match=r"scales / zeros must be contiguous \[N, K/G\] = \[64, 4\]"):
+        ext.int4_gemv(x[:2], p.qweight, p.scales, p.zeros, 64)
+    assert not ext.int4_gemv_supported(x, 128, None)  # M = 9 goes to the Triton kernels
+    assert ext.int4_gemv_supported(x[:8], 128, None) and not ext.int4_gemv_supported(x[:8], 128, p.qweight[0])
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_int4_linear_method_uses_cuda_gemv_gpu(monkeypatch):
+    """Int4LinearMethod.matmul sends M <= 8 rows to the CUDA GEMV and more to Triton; both match the reference."""
+    from engine.kernels import ext
+    from engine.quant import methods
+    from engine.quant.int4 import matmul_reference, quantize_rtn
+
+    w = quantize_rtn(torch.randn(512, 1024) * 0.05, 128).to("cuda", torch.bfloat16)
+    layer = torch.nn.Module()
+    layer.qweight, layer.scales, layer.zeros, layer.bias = w.qweight, w.scales, w.zeros, None
+    meth = methods.Int4LinearMethod(128)
+    calls = []
+    real = ext.int4_gemv
+    monkeypatch.setattr(ext, "int4_gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    for m in (1, 8, 9, 40):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        ref = matmul_reference(x, w).float()
+        err = (meth.matmul(layer, x).float() - ref).abs().max().item()
+        assert err <= 2e-2 * ref.abs().max().item(), (m, err)
+    assert calls == [1, 8]

@@ -1,0 +1,193 @@
+// Int4 (group-wise asymmetric) weight-only GEMV for decode: y[M, N] = x[M, K] @ W^T (+ bias), 1 <= M <= 8,
+// W in Anvil's packed format (engine/quant/int4.py): qweight int32 [N, K/8] (nibble j of word w = column 8w + j),
+// scales / zeros [N, K/G] in x's dtype (zeros integer-valued), W[n, k] = (q - z) * s. fp16 / bf16.
+//
+// Decode reads W once: the kernel is built to keep many weight bytes in flight and to spend few ALU instructions
+// per nibble (the int4 -> float unpack, not the FMA, is what limits int4 GEMVs).
+// - A warp owns R consecutive rows and all of K: per iteration lane l reads 16 bytes (32 nibbles = 32 columns of
+//   one group, as G % 32 == 0) of each of its R rows, covering 1,024 columns per warp; the next iteration's words
+//   are loaded before this one is multiplied (register double buffer). One shuffle reduction at the end; no
+//   split-K, no workspace, no second kernel.
+// - Unpack without int -> float conversions: a nibble moved to bits 16..19 of a word and OR-ed with 0x43000000
+//   is the float 128 + q; one at bits 12..15 with 0x45000000 is 2048 + q (exact). Per 8-nibble word: 4 shifts and
+//   8 lop3 (and + or in one instruction), then 8 FMAs into an accumulator that starts at -sum_j base_j x_j, so it
+//   ends at sum_j q_j x_j. The zero and the scale are applied once per row and group:
+//   y += s * (sum q x - z * sum x). The bases (128 / 2048) keep fp32 rounding far below bf16's.
+// - x is read through the read-only cache (it is tiny and stays in L1 / L2), 16 bytes at a time.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common.cuh"
+
+namespace anvil {
+namespace {
+
+constexpr int kWarps = 4;
+
+template <typename T> struct Pair;
+template <> struct Pair<__half> {
+  static __device__ __forceinline__ float2 f2(uint32_t v) { return __half22float2(*reinterpret_cast<__half2*>(&v)); }
+};
+template <> struct Pair<__nv_bfloat16> {
+  static __device__ __forceinline__ float2 f2(uint32_t v) {
+    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xFFFF0000u));
+  }
+};
+
+__device__ __forceinline__ float lop(uint32_t t, uint32_t mask, uint32_t base) {
+  return __uint_as_float((t & mask) | base);
+}
+
+// The 8 columns of word w as floats base_j + q_j (j = 0..7); bases in kBase order.
+__device__ __forceinline__ void unpack8(uint32_t w, float (&f)[8]) {
+  constexpr uint32_t M16 = 0x000F0000u, M12 = 0x0000F000u, B128 = 0x43000000u, B2048 = 0x45000000u;
+  const uint32_t t1 = w << 8, t2 = w << 16, t3 = w >> 4, t4 = w >> 12;
+  f[0] = lop(t2, M16, B128);
+  f[1] = lop(t1, M12, B2048);
+  f[2] = lop(t1, M16, B128);
+  f[3] = lop(w, M12, B2048);
+  f[4] = lop(w, M16, B128);
+  f[5] = lop(t3, M16, B128);
+  f[6] = lop(t4, M12, B2048);
+  f[7] = lop(t4, M16, B128);
+}
+// base_j = 128 + 1920 * [j in {1, 3, 6}]
+
+template <typename T>
+__device__ __forceinline__ void load_x8(const T* __restrict__ p, float (&x)[8]) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  const float2 a = Pair<T>::f2(v.x), b = Pair<T>::f2(v.y), c = Pair<T>::f2(v.z), d = Pair<T>::f2(v.w);
+  x[0] = a.x; x[1] = a.y; x[2] = b.x; x[3] = b.y; x[4] = c.x; x[5] = c.y; x[6] = d.x; x[7] = d.y;
+}
+
+template <typename T, int M, int R>
+__global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(const T* __restrict__ x,
+                                                                const uint32_t* __restrict__ qweight,
+                                                                const T* __restrict__ scales,
+                                                                const T* __restrict__ zeros,
+                                                                const T* __restrict__ bias, T* __restrict__ y, int n,
+                                                                int k, int group) {
+  const int lane = threadIdx.x & 31;
+  const int n0 = (blockIdx.x * kWarps + (threadIdx.x >> 5)) * R;
+  if (n0 >= n) return;
+  const int kw = k >> 3, ng = k / group;
+  const int iters = (k + 1023) >> 10;
+  float yacc[R][M];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) yacc[r][m] = 0.f;
+  bool live[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) live[r] = n0 + r < n;
+
+  uint4 qn[R];
+  auto load_q = [&](int it) {
+    const int c = (it << 10) + (lane << 5);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      qn[r] = make_uint4(0, 0, 0, 0);
+      if (live[r] && c < k)
+        qn[r] = __ldcs(reinterpret_cast<const uint4*>(qweight + (int64_t)(n0 + r) * kw + (c >> 3)));
+    }
+  };
+  load_q(0);
+  for (int it = 0; it < iters; ++it) {
+    uint4 q[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) q[r] = qn[r];
+    const int c = (it << 10) + (lane << 5);
+    if (it + 1 < iters) load_q(it + 1);
+    if (c >= k) continue;  // the tail iteration's idle lanes (nothing loaded for them either)
+    const int g = c / group;
+    float acc[R][M], xs[M], base[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) xs[m] = base[m] = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < 4; ++wi) {
+      float f[R][8];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const uint32_t w = wi == 0 ? q[r].x : wi == 1 ? q[r].y : wi == 2 ? q[r].z : q[r].w;
+        unpack8(w, f[r]);
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float xv[8];
+        load_x8(x + (int64_t)m * k + c + wi * 8, xv);
+        const float s_all = xv[0] + xv[1] + xv[2] + xv[3] + xv[4] + xv[5] + xv[6] + xv[7];
+        xs[m] += s_all;
+        base[m] += 128.f * s_all + 1920.f * (xv[1] + xv[3] + xv[6]);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[r][m] = fmaf(f[r][j], xv[j], acc[r][m]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (!live[r]) continue;
+      const int64_t sz = (int64_t)(n0 + r) * ng + g;
+      const float s = to_f<T>(scales[sz]), z = to_f<T>(zeros[sz]);
+#pragma unroll
+      for (int m = 0; m < M; ++m) yacc[r][m] += s * ((acc[r][m] - base[m]) - z * xs[m]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float v = yacc[r][m];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      yacc[r][m] = v;
+    }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (!live[r]) continue;
+      const float b = bias ? to_f<T>(bias[n0 + r]) : 0.f;
+#pragma unroll
+      for (int m = 0; m < M; ++m) y[(int64_t)m * n + n0 + r] = from_f<T>(yacc[r][m] + b);
+    }
+  }
+}
+
+template <typename T, int M>
+cudaError_t launch_m(const Int4GemvParams& p, cudaStream_t st) {
+  constexpr int R = M <= 2 ? 4 : 2;
+  const int blocks = (p.n + kWarps * R - 1) / (kWarps * R);
+  int4_gemv_kernel<T, M, R><<<blocks, kWarps * 32, 0, st>>>(
+      static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight), static_cast<const T*>(p.scales),
+      static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias), static_cast<T*>(p.y), p.n, p.k, p.group);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_t(const Int4GemvParams& p, cudaStream_t st) {
+  switch (p.m) {
+    case 1: return launch_m<T, 1>(p, st);
+    case 2: return launch_m<T, 2>(p, st);
+    case 3: return launch_m<T, 3>(p, st);
+    case 4: return launch_m<T, 4>(p, st);
+    case 5: return launch_m<T, 5>(p, st);
+    case 6: return launch_m<T, 6>(p, st);
+    case 7: return launch_m<T, 7>(p, st);
+    case 8: return launch_m<T, 8>(p, st);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_int4_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st) {
+  if (p.m < 1 || p.m > kInt4GemvMaxM || p.k % 32 != 0 || p.group % 32 != 0 || p.k % p.group != 0)
+    return cudaErrorInvalidValue;
+  return ANVIL_HALF_SWITCH(dt, T, [&] { return launch_t<T>(p, st); });
+}
+
+}  // namespace anvil
