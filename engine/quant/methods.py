@@ -3,8 +3,8 @@ format of engine/quant/int4.py) and `NF4LinearMethod` (engine/quant/nf4.py). A L
 buffers instead of a `weight` parameter; their names are the checkpoint names below the layer's prefix
 (`layers.0.attention.wqkv.qweight`, ...).
 
-matmul: on CUDA, int4 with M <= 8 fp16 / bf16 rows runs the CUDA GEMV (engine/kernels/csrc/int4_gemv.cu; env
-ANVIL_INT4_KERNEL=triton turns it off), else the Triton kernels (int4: the decode kernel for M <= 16, GEMM above, or
+matmul: on CUDA, int4 with M = 1 fp16 / bf16 row runs the CUDA GEMV (engine/kernels/csrc/int4_gemv.cu, which takes
+M <= 8; env ANVIL_INT4_CUDA_MAX_M raises the bound, ANVIL_INT4_KERNEL=triton turns it off), else the Triton kernels (int4: the decode kernel for M <= 16, GEMM above, or
 what the config table names; NF4: fused for M <= 32, else dequantize + F.linear); elsewhere the torch reference
 (dequantize into x.dtype, then F.linear).
 """
@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - only before the restructure lands
 
 
 INT4_KERNEL = os.environ.get("ANVIL_INT4_KERNEL", "auto")  # auto: the CUDA GEMV where it applies | triton
+INT4_CUDA_MAX_M = int(os.environ.get("ANVIL_INT4_CUDA_MAX_M", "1"))  # rows up to which the CUDA GEMV runs (<= 8)
 
 
 def _buffer_bytes(layer) -> int:
@@ -75,7 +76,9 @@ class Int4LinearMethod(LinearMethod):
 
         shape = x.shape
         x2 = prepare_input(w, x.reshape(-1, shape[-1])).contiguous()
-        if INT4_KERNEL != "triton" and ext.int4_gemv_supported(x2, self.group_size, w.g_idx):  # CUDA, M <= 8
+        if INT4_KERNEL != "triton" and x2.shape[0] <= INT4_CUDA_MAX_M and ext.int4_gemv_supported(
+            x2, self.group_size, w.g_idx
+        ):  # the CUDA GEMV where it beats Triton on the H200 (M = 1: 1.2-1.4x; M = 8: 0.5x)
             y = ext.int4_gemv(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias)
         else:
             y = int4_matmul(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, g_idx=w.g_idx)

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 FLOOR = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 4e-3}
 
 
-def error_and_bound(out: torch.Tensor, x: torch.Tensor, w_deq: torch.Tensor) -> tuple[float, float]:
-    """|kernel - ref64| and its bound 2 * |torch same precision - ref64| + floor (w_deq: float32 [N, K])."""
-    ref = x.double() @ w_deq.double().T
-    same = F.linear(x, w_deq.to(x.dtype)).double()
+def error_and_bound(out: torch.Tensor, x: torch.Tensor, w_deq: torch.Tensor, b=None) -> tuple[float, float]:
+    """|kernel - ref64| and its bound 2 * |torch same precision - ref64| + floor (w_deq: float32 [N, K]; b: the
+    bias the kernel added, so the bound includes its rounding)."""
+    ref = x.double() @ w_deq.double().T + (0 if b is None else b.double())
+    same = F.linear(x, w_deq.to(x.dtype), b).double()
     if not torch.isfinite(out).all():
         return float("inf"), 0.0
     err = (out.double() - ref).abs().max().item()
@@ -69,9 +70,7 @@ def run_case(
     else:
         fn = {"int4_gemv": int4_gemv, "int4_gemm": int4_gemm}[kind]
         out = fn(x, p.qweight, p.scales, p.zeros, group, bias=b, config=config, g_idx=p.g_idx)
-    if b is not None:
-        out = out - b
-    return error_and_bound(out, x, dequantize(p))
+    return error_and_bound(out, x, dequantize(p), b)
 
 
 def main() -> None:
