@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -116,6 +116,27 @@ open('/tmp/int4-rtn.toml', 'w').write('[[models]]'.join([h.replace('gpu-int4', '
   timeout 300 python3 -m harness run /tmp/int4-rtn.toml --out /tmp/int4-run 2>&1 | tail -20 > "$out/int4-suite.log"
   cp /tmp/int4-run/records.jsonl "$out/int4-records.jsonl" 2>/dev/null
   cp /tmp/int4-run/table.md "$out/int4-table.md" 2>/dev/null
+  ;;
+int4-profile)  # the CUDA int4 GEMV at M = 1: rows per warp 2 / 4 / 8 (ANVIL_INT4_GEMV_R), then ncu on w13 (default R)
+  python3 -m engine.kernels.build > "$out/build.log" 2>&1
+  for r in 2 4 8; do
+    ANVIL_INT4_GEMV_R=$r timeout 60 python3 benchmarks/bench_int4.py --ms 1 --iters 50 --out "$out/int4-r$r.json" \
+      2>&1 | grep -E "int4_cuda|int4_gemv " > "$out/int4-r$r.log"
+  done
+  cat > /tmp/gemv1.py <<'PY'
+import torch
+from engine.kernels import ext
+from engine.quant.int4 import quantize_rtn
+p = quantize_rtn(torch.randn(28672, 4096, device="cuda") * 0.02, 128).to("cuda", torch.bfloat16)
+x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+for _ in range(4):
+    ext.int4_gemv(x, p.qweight, p.scales, p.zeros, 128)
+torch.cuda.synchronize()
+PY
+  timeout 120 ncu --kernel-name regex:int4_gemv --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+    --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
+    --section MemoryWorkloadAnalysis python3 /tmp/gemv1.py > "$out/ncu-w13-m1.txt" 2>&1
+  tail -80 "$out/ncu-w13-m1.txt" > "$out/ncu.log"
   ;;
 *)
   echo "unknown part $part" >&2

@@ -17,6 +17,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+
 #include "common.cuh"
 
 namespace anvil {
@@ -157,14 +159,26 @@ __global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(const T* __restr
   }
 }
 
-template <typename T, int M>
-cudaError_t launch_m(const Int4GemvParams& p, cudaStream_t st) {
-  constexpr int R = M <= 2 ? 4 : 2;
+template <typename T, int M, int R>
+cudaError_t launch_mr(const Int4GemvParams& p, cudaStream_t st) {
   const int blocks = (p.n + kWarps * R - 1) / (kWarps * R);
   int4_gemv_kernel<T, M, R><<<blocks, kWarps * 32, 0, st>>>(
       static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight), static_cast<const T*>(p.scales),
       static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias), static_cast<T*>(p.y), p.n, p.k, p.group);
   return cudaGetLastError();
+}
+
+// Rows per warp: 4 for M <= 2, else 2; env ANVIL_INT4_GEMV_R (2 / 4 / 8, read per call) overrides it at M = 1, a
+// tuning knob for benchmarks.
+template <typename T, int M>
+cudaError_t launch_m(const Int4GemvParams& p, cudaStream_t st) {
+  if constexpr (M == 1) {
+    const char* e = std::getenv("ANVIL_INT4_GEMV_R");
+    const int r = e ? std::atoi(e) : 4;
+    if (r == 2) return launch_mr<T, 1, 2>(p, st);
+    if (r == 8) return launch_mr<T, 1, 8>(p, st);
+  }
+  return launch_mr<T, M, (M <= 2 ? 4 : 2)>(p, st);
 }
 
 template <typename T>
