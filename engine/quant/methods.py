@@ -3,10 +3,10 @@ format of engine/quant/int4.py) and `NF4LinearMethod` (engine/quant/nf4.py). A L
 buffers instead of a `weight` parameter; their names are the checkpoint names below the layer's prefix
 (`layers.0.attention.wqkv.qweight`, ...).
 
-matmul: on CUDA, int4 with M = 1 fp16 / bf16 row runs the CUDA GEMV (engine/kernels/csrc/int4_gemv.cu, which takes
-M <= 8; env ANVIL_INT4_CUDA_MAX_M raises the bound, ANVIL_INT4_KERNEL=triton turns it off), else the Triton kernels (int4: the decode kernel for M <= 16, GEMM above, or
-what the config table names; NF4: fused for M <= 32, else dequantize + F.linear); elsewhere the torch reference
-(dequantize into x.dtype, then F.linear).
+matmul: on CUDA, an int4 call with one fp16 / bf16 row runs the CUDA GEMV (engine/kernels/csrc/int4_gemv.cu, which
+takes M <= 8; env ANVIL_INT4_CUDA_MAX_M raises the bound, ANVIL_INT4_KERNEL=triton turns it off); other calls the
+Triton kernels (int4: the decode kernel for M <= 16, GEMM above, or what the config table names; NF4: fused for
+M <= 32, else dequantize + F.linear); elsewhere the torch reference (dequantize into x.dtype, then F.linear).
 """
 
 from __future__ import annotations

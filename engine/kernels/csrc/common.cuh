@@ -3,10 +3,17 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <cstdlib>
 
 #include "anvil_kernels.h"
 
 namespace anvil {
+
+// A host-side tuning knob from the environment, read per call so a benchmark can sweep it.
+inline int env_int(const char* name, int fallback) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::atoi(e) : fallback;
+}
 
 // Turns a runtime value into a template constant (flash-attention static_switch.h style).
 #define ANVIL_DTYPE_SWITCH(DT, T, ...)                                   \

@@ -177,11 +177,6 @@ __global__ void decode_reduce_kernel(const DecodeParams p) {
   static_cast<T*>(p.o)[b * p.o_b + (int64_t)h * p.o_h + threadIdx.x] = from_f<T>(L > 0.f ? A / L : 0.f);
 }
 
-int env_int(const char* name, int fallback) {
-  const char* e = std::getenv(name);  // tuning knobs, read per call so a benchmark can sweep them
-  return e && *e ? std::atoi(e) : fallback;
-}
-
 template <typename T, int D, int G>
 cudaError_t run(const DecodeParams& p, cudaStream_t st) {
   const dim3 grid(p.num_splits, p.heads / G, p.batch);

@@ -17,8 +17,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdlib>
-
 #include "common.cuh"
 
 namespace anvil {
@@ -40,7 +38,8 @@ __device__ __forceinline__ float lop(uint32_t t, uint32_t mask, uint32_t base) {
   return __uint_as_float((t & mask) | base);
 }
 
-// The 8 columns of word w as floats base_j + q_j (j = 0..7); bases in kBase order.
+// The 8 columns of word w as floats base_j + q_j (j = 0..7), base_j = 2048 for j in {1, 3, 6}, else 128 (the
+// kernel's accumulator starts at -sum_j base_j x_j).
 __device__ __forceinline__ void unpack8(uint32_t w, float (&f)[8]) {
   constexpr uint32_t M16 = 0x000F0000u, M12 = 0x0000F000u, B128 = 0x43000000u, B2048 = 0x45000000u;
   const uint32_t t1 = w << 8, t2 = w << 16, t3 = w >> 4, t4 = w >> 12;
@@ -53,7 +52,6 @@ __device__ __forceinline__ void unpack8(uint32_t w, float (&f)[8]) {
   f[6] = lop(t4, M12, B2048);
   f[7] = lop(t4, M16, B128);
 }
-// base_j = 128 + 1920 * [j in {1, 3, 6}]
 
 template <typename T>
 __device__ __forceinline__ void load_x8(const T* __restrict__ p, float (&x)[8]) {
@@ -173,8 +171,7 @@ cudaError_t launch_mr(const Int4GemvParams& p, cudaStream_t st) {
 template <typename T, int M>
 cudaError_t launch_m(const Int4GemvParams& p, cudaStream_t st) {
   if constexpr (M == 1) {
-    const char* e = std::getenv("ANVIL_INT4_GEMV_R");
-    const int r = e ? std::atoi(e) : 4;
+    const int r = env_int("ANVIL_INT4_GEMV_R", 4);
     if (r == 2) return launch_mr<T, 1, 2>(p, st);
     if (r == 8) return launch_mr<T, 1, 8>(p, st);
   }
