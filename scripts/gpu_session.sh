@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -114,6 +114,21 @@ uses_cuda" 2>&1 | tail -12 > "$out/int4-cuda-tests.log"
 open('/tmp/int4-rtn.toml', 'w').write('[[models]]'.join([h.replace('gpu-int4', 'gpu-int4-rtn'), ms[0]]) + \
 '[[scenarios]]' + sc[1])"
   timeout 300 python3 -m harness run /tmp/int4-rtn.toml --out /tmp/int4-run 2>&1 | tail -20 > "$out/int4-suite.log"
+  cp /tmp/int4-run/records.jsonl "$out/int4-records.jsonl" 2>/dev/null
+  cp /tmp/int4-run/table.md "$out/int4-table.md" 2>/dev/null
+  ;;
+int4-mma)  # the tensor-core int4 kernel (engine/kernels/csrc/int4_mma.cu): build, its GPU tests, the kernel benchmark
+  python3 -m engine.kernels.build > "$out/build.log" 2>&1
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/engine/quant/test_kernels_int4_mma.py \
+    tests/engine/quant/test_kernels_int4.py -k "mma or uses_cuda" 2>&1 | tail -15 > "$out/int4-mma-tests.log"
+  timeout 150 python3 benchmarks/bench_int4.py --ms 1,8,16,32,64 --no-nf4 --iters 50 --out "$out/int4-kernels-mma.json" \
+    2>&1 | grep -vE "^\s*$" | tail -80 > "$out/int4-kernels-mma.log"
+  ;;
+int4-mma-suite)  # the int4 (RTN g128) model of suites/gpu-int4.toml through the engine core (int4_mma for M <= 64)
+  python3 -c "t=open('suites/gpu-int4.toml').read(); h, *ms = t.split('[[models]]'); sc = ms[-1].split('[[scenarios]]'); \
+open('/tmp/int4-rtn.toml', 'w').write('[[models]]'.join([h.replace('gpu-int4', 'gpu-int4-rtn'), ms[0]]) + \
+'[[scenarios]]' + sc[1])"
+  timeout 400 python3 -m harness run /tmp/int4-rtn.toml --out /tmp/int4-run 2>&1 | tail -20 > "$out/int4-suite.log"
   cp /tmp/int4-run/records.jsonl "$out/int4-records.jsonl" 2>/dev/null
   cp /tmp/int4-run/table.md "$out/int4-table.md" 2>/dev/null
   ;;

@@ -52,6 +52,10 @@ def _register_fakes() -> None:
     def _(x, qweight, scales, zeros, group_size, bias):
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
+    @torch.library.register_fake(lib + "int4_mma")
+    def _(x, qweight, scales, zeros, group_size, bias):
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
 
 def _prebuilt() -> list[str]:
     return sorted(glob.glob(str(Path(__file__).resolve().parent / "_C*.so")))
@@ -204,3 +208,22 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     """y [M, N] = x [M <= 8, K] @ ((q - z) * s)^T (+ bias) for Anvil's packed int4 (engine/quant/int4.py):
     qweight int32 [N, K/8], scales / zeros [N, K/G] in x.dtype (fp16 / bf16). engine/kernels/csrc/int4_gemv.cu."""
     return _ops().int4_gemv(x, qweight, scales, zeros, int(group_size), bias)
+
+
+INT4_MMA_MAX_M = 64  # anvil::kInt4MmaMaxM
+
+
+def int4_mma_supported(x: torch.Tensor, group_size: int, g_idx: torch.Tensor | None) -> bool:
+    """Whether `int4_mma` takes this call: CUDA fp16 / bf16 x with 1..64 rows, no act-order, K and G multiples of
+    128, a GPU with bf16 MMA (sm_80+), the extension loaded."""
+    m, k = x.shape
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 1 <= m <= INT4_MMA_MAX_M and g_idx is None
+            and k % 128 == 0 and group_size % 128 == 0 and torch.cuda.get_device_capability(x.device)[0] >= 8
+            and is_available())  # fmt: skip
+
+
+def int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+             bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """int4_gemv's contract on the tensor cores (mma.sync m16n8k16, fp32 accumulation): x [M <= 64, K], K and G
+    multiples of 128. engine/kernels/csrc/int4_mma.cu."""
+    return _ops().int4_mma(x, qweight, scales, zeros, int(group_size), bias)

@@ -94,7 +94,13 @@ struct Int4GemvParams {
   const void* bias;  // [N] or nullptr
   void* y;
   int m, n, k, group;
+  int num_sms;  // the device's SM count (int4_mma's tile choice)
 };
 cudaError_t launch_int4_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st);
+
+// ---- int4 weight-only matmul on the tensor cores (decode, small batches): the same buffers and math as
+// int4_gemv, 1 <= M <= kInt4MmaMaxM, K % 128 == 0, G % 128 == 0 (int4_mma.cu) ----
+constexpr int kInt4MmaMaxM = 64;
+cudaError_t launch_int4_mma(const Int4GemvParams& p, DType dt, cudaStream_t st);
 
 }  // namespace anvil

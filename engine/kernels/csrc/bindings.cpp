@@ -280,34 +280,37 @@ void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, con
   ok(anvil::launch_write_kv(p, at::cuda::getCurrentCUDAStream()), "write_kv");
 }
 
-at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                     int64_t group_size, const c10::optional<at::Tensor>& bias) {
+// The checks and the launch shared by int4_gemv (FMA, 1 <= M <= 8, K / G multiples of 32) and int4_mma (tensor
+// cores, 1 <= M <= 64, K / G multiples of 128).
+at::Tensor int4_call(const char* name, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias, int max_m,
+                     int64_t align,
+                     cudaError_t (*launch)(const anvil::Int4GemvParams&, anvil::DType, cudaStream_t)) {
+  const std::string op = std::string("anvil.") + name;
   check_cuda(x, "x");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "anvil.int4_gemv: float16 or bfloat16 x only, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "anvil.int4_gemv: x must be a contiguous [M, K] tensor, got ",
-              shape_str(x));
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": float16 or bfloat16 x only, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous [M, K] tensor, got ", shape_str(x));
   const int64_t m = x.size(0), k = x.size(1), n = qweight.dim() == 2 ? qweight.size(0) : -1;
-  TORCH_CHECK(m >= 1 && m <= anvil::kInt4GemvMaxM, "anvil.int4_gemv: 1 <= M <= ",
-              std::to_string(anvil::kInt4GemvMaxM), " rows, got ", std::to_string(m));
+  TORCH_CHECK(m >= 1 && m <= max_m, op, ": 1 <= M <= ", std::to_string(max_m), " rows, got ", std::to_string(m));
   TORCH_CHECK(qweight.device() == x.device() && qweight.scalar_type() == at::kInt && qweight.is_contiguous() &&
                   qweight.dim() == 2 && qweight.size(1) * 8 == k,
-              "anvil.int4_gemv: qweight must be contiguous int32 [N, K/8] on x's device, got ", shape_str(qweight),
-              " for x ", shape_str(x));
-  TORCH_CHECK(k % 32 == 0 && group_size > 0 && group_size % 32 == 0 && k % group_size == 0,
-              "anvil.int4_gemv: K (", std::to_string(k), ") and the group size (", std::to_string(group_size),
-              ") must be multiples of 32, K of the group size");
+              op, ": qweight must be contiguous int32 [N, K/8] on x's device, got ", shape_str(qweight), " for x ",
+              shape_str(x));
+  TORCH_CHECK(k % align == 0 && group_size > 0 && group_size % align == 0 && k % group_size == 0, op, ": K (",
+              std::to_string(k), ") and the group size (", std::to_string(group_size), ") must be multiples of ",
+              std::to_string(align), ", K of the group size");
   for (const auto* t : {&scales, &zeros}) {
     check_same(x, *t, "x", "scales/zeros");
-    TORCH_CHECK(t->is_contiguous() && t->dim() == 2 && t->size(0) == n && t->size(1) == k / group_size,
-                "anvil.int4_gemv: scales / zeros must be contiguous [N, K/G] = [", std::to_string(n), ", ",
+    TORCH_CHECK(t->is_contiguous() && t->dim() == 2 && t->size(0) == n && t->size(1) == k / group_size, op,
+                ": scales / zeros must be contiguous [N, K/G] = [", std::to_string(n), ", ",
                 std::to_string(k / group_size), "], got ", shape_str(*t));
   }
   if (bias) {
     check_same(x, *bias, "x", "bias");
-    TORCH_CHECK(bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == n, "anvil.int4_gemv: bias [N] expected");
+    TORCH_CHECK(bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == n, op, ": bias [N] expected");
   }
-  TORCH_CHECK(aligned16(x) && aligned16(qweight), "anvil.int4_gemv: x and qweight must be 16-byte aligned");
+  TORCH_CHECK(aligned16(x) && aligned16(qweight), op, ": x and qweight must be 16-byte aligned");
   const at::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({m, n}, x.options());
   anvil::Int4GemvParams p{};
@@ -315,8 +318,21 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   p.bias = bias ? bias->data_ptr() : nullptr;
   p.y = y.data_ptr();
   p.m = (int)m; p.n = (int)n; p.k = (int)k; p.group = (int)group_size;
-  ok(anvil::launch_int4_gemv(p, dtype_of(x), at::cuda::getCurrentCUDAStream()), "int4_gemv");
+  p.num_sms = num_sms(x.get_device());
+  ok(launch(p, dtype_of(x), at::cuda::getCurrentCUDAStream()), name);
   return y;
+}
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                     int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  return int4_call("int4_gemv", x, qweight, scales, zeros, group_size, bias, anvil::kInt4GemvMaxM, 32,
+                   anvil::launch_int4_gemv);
+}
+
+at::Tensor int4_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                    int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  return int4_call("int4_mma", x, qweight, scales, zeros, group_size, bias, anvil::kInt4MmaMaxM, 128,
+                   anvil::launch_int4_mma);
 }
 
 }  // namespace
@@ -332,6 +348,7 @@ TORCH_LIBRARY(anvil, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, int window) -> Tensor");
   m.def("write_kv(Tensor! k_cache, Tensor! v_cache, Tensor k, Tensor v, Tensor batch_idx, Tensor positions) -> ()");
   m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor");
+  m.def("int4_mma(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anvil, CUDA, m) {
@@ -343,4 +360,5 @@ TORCH_LIBRARY_IMPL(anvil, CUDA, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("write_kv", &write_kv);
   m.impl("int4_gemv", &int4_gemv);
+  m.impl("int4_mma", &int4_mma);
 }

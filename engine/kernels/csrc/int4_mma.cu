@@ -1,0 +1,236 @@
+// Int4 (group-wise asymmetric) weight-only matmul on the tensor cores for decode and small batches:
+// y[M, N] = x[M, K] @ W^T (+ bias), 1 <= M <= 64, W in Anvil's packed format (engine/quant/int4.py): qweight int32
+// [N, K/8] (nibble j of word w = column 8w + j), scales / zeros [N, K/G] in x's dtype, W[n, k] = (q - z) * s.
+// fp16 / bf16, K % 128 == 0, G % 128 == 0. No repacking: it reads the same buffers as the reference.
+//
+// Why: the FMA GEMV (int4_gemv.cu) is bound by instruction issue (ncu: 0.73 issued warps per scheduler at 33%
+// DRAM), two thirds of it the multiply-adds and the x work per nibble. Here mma.sync m16n8k16 does the
+// multiply-add (Marlin's way), so a nibble costs under one ALU instruction, and M = 1..16 cost the same.
+// - A warp owns NT * 8 rows of W; the KS warps of a block split K (iteration it = one 128-column chunk, the
+//   warps take it = warp, warp + KS, ...) and sum through shared memory at the end: no workspace, one kernel.
+// - Per iteration lane (g = lane / 4, t = lane % 4) loads 16 bytes of row 8 nt + g: columns c0 + 32 t .. + 31
+//   (four words), the next iteration's words loaded before this one is used (register double buffer).
+// - The K order inside an MMA is ours to choose (the sum does not care), so each lane's own words are its B
+//   fragment: for word i and half h the MMA's k pairs (2t, 2t+1) / (2t+8, 2t+9) are the nibbles (2h, 2h+4) /
+//   (2h+1, 2h+5), and the A fragment is the same columns of x, two byte-permutes of a 16-byte x load.
+// - Unpack: nibbles j and j + 4 sit at bits 4j and 4j + 16; shifted down by 4j and OR-ed under the exponent of
+//   1.0 (one lop3) they are the pair (1 + q_j / S, 1 + q_j+4 / S), S = 128 (bf16) / 1024 (fp16), exact. The MMA
+//   sums d = sum u x; an extra MMA against ones gives sum x per row; per group and output
+//   y += s * (S * (d - sum x) - z * sum x), in fp32.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common.cuh"
+
+namespace anvil {
+namespace {
+
+constexpr int kKS = 8;  // warps per block (K split)
+
+template <typename T> struct MmaType;
+template <> struct MmaType<__nv_bfloat16> {
+  static constexpr uint32_t kOne = 0x3F803F80u;  // (1.0, 1.0); a nibble at mantissa bits 0..3 adds q / 128
+  static constexpr float kS = 128.f;
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct MmaType<__half> {
+  static constexpr uint32_t kOne = 0x3C003C00u;  // a nibble at mantissa bits 0..3 adds q / 1024
+  static constexpr float kS = 1024.f;
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Nibbles j and j + 4 of w as the T pair (1 + q_j / S, 1 + q_j+4 / S): (w >> 4j) & 0x000F000F | one, one lop3.
+template <typename T, int J>
+__device__ __forceinline__ uint32_t unit_pair(uint32_t w) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(w >> (4 * J)), "n"(0x000F000F), "n"(MmaType<T>::kOne));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& q, int i) {
+  return i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
+}
+
+template <typename T, int MT, int NT, bool HI>  // HI: rows g + 8 of an M tile may be live (M > 8)
+__global__ void __launch_bounds__(kKS * 32) int4_mma_kernel(const T* __restrict__ x,
+                                                           const uint32_t* __restrict__ qweight,
+                                                           const T* __restrict__ scales,
+                                                           const T* __restrict__ zeros,
+                                                           const T* __restrict__ bias, T* __restrict__ y, int m, int n,
+                                                           int k, int group) {
+  using MT_ = MmaType<T>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int nb = blockIdx.x * (NT * 8);
+  const int kw = k >> 3, ng = k / group, iters = k >> 7;
+
+  const uint32_t* qrow[NT];
+  bool qlive[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int r = nb + nt * 8 + g;
+    qlive[nt] = r < n;
+    qrow[nt] = qweight + (int64_t)(qlive[nt] ? r : 0) * kw + 4 * t;
+  }
+  const T* xrow[MT][2];
+  bool xlive[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int r = mt * 16 + g + 8 * e;
+      xlive[mt][e] = r < m && (e == 0 || HI);
+      xrow[mt][e] = x + (int64_t)(xlive[mt][e] ? r : 0) * k + 32 * t;
+    }
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
+
+  uint4 qn[NT];
+  auto load_q = [&](int it) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      qn[nt] = qlive[nt] ? __ldcs(reinterpret_cast<const uint4*>(qrow[nt] + (it << 4))) : make_uint4(0, 0, 0, 0);
+  };
+  if (warp < iters) load_q(warp);
+  for (int it = warp; it < iters; it += kKS) {
+    uint4 q[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) q[nt] = qn[nt];
+    if (it + kKS < iters) load_q(it + kKS);
+    const int c0 = it << 7, grp = c0 / group;
+
+    float d[MT][NT][4], xs[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) xs[mt][c] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) d[mt][nt][c] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint4 xv[MT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          xv[mt][e] = xlive[mt][e] ? __ldg(reinterpret_cast<const uint4*>(xrow[mt][e] + c0 + 8 * i))
+                                   : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t b[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint32_t w = word(q[nt], i);
+          b[nt][0] = h == 0 ? unit_pair<T, 0>(w) : unit_pair<T, 2>(w);  // columns (2h, 2h + 4)
+          b[nt][1] = h == 0 ? unit_pair<T, 1>(w) : unit_pair<T, 3>(w);  // columns (2h + 1, 2h + 5)
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          uint32_t a[4];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {  // x pairs (x[c], x[c + 1]): lo = columns (2h, 2h + 1), hi = (2h + 4, 2h + 5)
+            const uint32_t lo = h == 0 ? xv[mt][e].x : xv[mt][e].y, hi = h == 0 ? xv[mt][e].z : xv[mt][e].w;
+            a[e] = __byte_perm(lo, hi, 0x5410);      // (x[2h], x[2h + 4])
+            a[e + 2] = __byte_perm(lo, hi, 0x7632);  // (x[2h + 1], x[2h + 5])
+          }
+          MT_::mma(xs[mt], a, MT_::kOne, MT_::kOne);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) MT_::mma(d[mt][nt], a, b[nt][0], b[nt][1]);
+        }
+      }
+    }
+    // y += s * (S * (d - sum x) - z * sum x) = A * d - B * sum x per output column (W row) of this lane
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      float ca[2], cb[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = nb + nt * 8 + 2 * t + e;
+        const int64_t sz = (int64_t)(r < n ? r : 0) * ng + grp;
+        const float s = r < n ? to_f<T>(scales[sz]) : 0.f, z = r < n ? to_f<T>(zeros[sz]) : 0.f;
+        ca[e] = MT_::kS * s;
+        cb[e] = fmaf(z, s, ca[e]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          acc[mt][nt][c] = fmaf(ca[c & 1], d[mt][nt][c], fmaf(-cb[c & 1], xs[mt][c], acc[mt][nt][c]));
+    }
+  }
+
+  // the KS warps' partial sums -> y (one thread per output element of the block's tile)
+  constexpr int E = MT * NT * 4;
+  __shared__ float red[kKS][E][32];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) red[warp][(mt * NT + nt) * 4 + c][lane] = acc[mt][nt][c];
+  __syncthreads();
+  for (int f = threadIdx.x; f < E * 32; f += kKS * 32) {
+    const int e = f >> 5, l = f & 31, c = e & 3, nt = (e >> 2) % NT, mt = (e >> 2) / NT;
+    const int row = mt * 16 + (l >> 2) + 8 * (c >> 1), col = nb + nt * 8 + 2 * (l & 3) + (c & 1);
+    if (row >= m || col >= n) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kKS; ++w) v += red[w][e][l];
+    if (bias) v += to_f<T>(bias[col]);
+    y[(int64_t)row * n + col] = from_f<T>(v);
+  }
+}
+
+template <typename T, int MT, int NT, bool HI>
+cudaError_t launch_cfg(const Int4GemvParams& p, cudaStream_t st) {
+  const int blocks = (p.n + NT * 8 - 1) / (NT * 8);
+  int4_mma_kernel<T, MT, NT, HI><<<blocks, kKS * 32, 0, st>>>(
+      static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight), static_cast<const T*>(p.scales),
+      static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias), static_cast<T*>(p.y), p.m, p.n, p.k, p.group);
+  return cudaGetLastError();
+}
+
+template <typename T, int NT>
+cudaError_t launch_nt(const Int4GemvParams& p, cudaStream_t st) {
+  if (p.m <= 8) return launch_cfg<T, 1, NT, false>(p, st);
+  if (p.m <= 16) return launch_cfg<T, 1, NT, true>(p, st);
+  if (p.m <= 32) return launch_cfg<T, 2, NT, true>(p, st);
+  return launch_cfg<T, 4, 2, true>(p, st);  // 64 rows: 2 n8 tiles keep the accumulators in registers
+}
+
+// NT (n8 tiles per warp): 4 when that still gives two blocks per SM, else 2; env ANVIL_INT4_MMA_NT (2 / 4, read
+// per call) overrides it, a tuning knob for benchmarks.
+template <typename T>
+cudaError_t launch_t(const Int4GemvParams& p, cudaStream_t st) {
+  int nt = env_int("ANVIL_INT4_MMA_NT", 0);
+  if (nt != 2 && nt != 4) nt = (p.n + 31) / 32 >= 2 * p.num_sms ? 4 : 2;
+  return nt == 4 ? launch_nt<T, 4>(p, st) : launch_nt<T, 2>(p, st);
+}
+
+}  // namespace
+
+cudaError_t launch_int4_mma(const Int4GemvParams& p, DType dt, cudaStream_t st) {
+  if (p.m < 1 || p.m > kInt4MmaMaxM || p.k % 128 != 0 || p.group % 128 != 0 || p.k % p.group != 0)
+    return cudaErrorInvalidValue;
+  return ANVIL_HALF_SWITCH(dt, T, [&] { return launch_t<T>(p, st); });
+}
+
+}  // namespace anvil
