@@ -1,6 +1,6 @@
 """GPU benchmark of the int4 g128 Triton kernels (decode kernel `int4_gemv`, prefill `int4_gemm`), the CUDA int4 GEMV
 (`int4_cuda`, engine/kernels/csrc/int4_gemv.cu, M <= 8), the tensor-core kernel (`int4_mma`, int4_mma.cu, M <= 64;
-`int4_mma_nt2` / `_nt4`: its n8 tiles per warp forced) and the NF4 GEMV on Llama-3-8B linear shapes, against bf16
+`int4_mma_nt2` / `_nt4` / `_nt4_occ1`: its tuning knobs forced) and the NF4 GEMV on Llama-3-8B linear shapes, against bf16
 cuBLAS F.linear on the same shape.
 
     python benchmarks/bench_int4.py --out OUT.json [--iters 200] [--dtype bfloat16] [--shapes qkv,wo,w13,w2]
@@ -255,9 +255,11 @@ class Bench:
         if self.cuda and ext.int4_gemv_supported(x, G, None):  # the CUDA GEMV (M <= 8), beside the Triton kernels
             add("int4_cuda", None, lambda qw, s, z: ext.int4_gemv(x, qw, s, z, G))
         if self.cuda and ext.int4_mma_supported(x, G, None):  # the tensor-core kernel (M <= 64), its NT variants
-            for nt in ("", "2", "4") if m <= 32 else ("",):
-                add("int4_mma" + (f"_nt{nt}" if nt else ""), None,
-                    lambda qw, s, z, nt=nt: _with_env("ANVIL_INT4_MMA_NT", nt, ext.int4_mma, x, qw, s, z, G))
+            variants = [("", "", "")] + ([("_nt2", "2", "2"), ("_nt4", "4", "2")] if m <= 32 else [])
+            variants += [("_nt4_occ1", "4", "1")] if m <= 16 else []
+            for label, nt, occ in variants:
+                add("int4_mma" + label, None, lambda qw, s, z, nt=nt, occ=occ: _with_env(
+                    {"ANVIL_INT4_MMA_NT": nt, "ANVIL_INT4_MMA_OCC": occ}, ext.int4_mma, x, qw, s, z, G))
         add("int4_gemm", None, lambda qw, s, z: int4_gemm(x, qw, s, z, G))
         if self.sweep:
             for base in SWEEP_GEMV:
@@ -286,17 +288,18 @@ class Bench:
         _print_row(row)
 
 
-def _with_env(name: str, value: str, fn, *args):
-    """fn(*args) with env `name` = value (the CUDA kernels read their tuning knobs per call)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
+def _with_env(env: dict, fn, *args):
+    """fn(*args) with the environment variables `env` set (the CUDA kernels read their tuning knobs per call)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         return fn(*args)
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _cfg_dict(c) -> dict | None:

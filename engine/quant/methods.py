@@ -3,10 +3,10 @@ format of engine/quant/int4.py) and `NF4LinearMethod` (engine/quant/nf4.py). A L
 buffers instead of a `weight` parameter; their names are the checkpoint names below the layer's prefix
 (`layers.0.attention.wqkv.qweight`, ...).
 
-matmul on CUDA, int4 (env ANVIL_INT4_KERNEL picks: auto | mma | gemv | triton): fp16 / bf16 calls with M <= 64
-rows, K and G multiples of 128 and no act-order run the tensor-core kernel (engine/kernels/csrc/int4_mma.cu);
-else one row runs the CUDA FMA GEMV (int4_gemv.cu, M <= 8; env ANVIL_INT4_CUDA_MAX_M raises the bound); other
-calls the Triton kernels (the decode kernel for M <= 16, GEMM above, or what the config table names). NF4: Triton,
+matmul on CUDA, int4 (env ANVIL_INT4_KERNEL picks: auto | mma | gemv | triton): one fp16 / bf16 row runs the CUDA
+FMA GEMV (engine/kernels/csrc/int4_gemv.cu, M <= 8; env ANVIL_INT4_CUDA_MAX_M raises the bound); calls with
+M <= 64 rows, K and G multiples of 128 and no act-order the tensor-core kernel (int4_mma.cu); other calls the
+Triton kernels (the decode kernel for M <= 16, GEMM above, or what the config table names). NF4: Triton,
 fused for M <= 32, else dequantize + F.linear. Elsewhere the torch reference (dequantize into x.dtype, F.linear).
 """
 
@@ -77,12 +77,13 @@ class Int4LinearMethod(LinearMethod):
 
         shape = x.shape
         x2 = prepare_input(w, x.reshape(-1, shape[-1])).contiguous()
-        if INT4_KERNEL in ("auto", "mma") and ext.int4_mma_supported(x2, self.group_size, w.g_idx):
-            y = ext.int4_mma(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias)
-        elif INT4_KERNEL in ("auto", "gemv") and x2.shape[0] <= INT4_CUDA_MAX_M and ext.int4_gemv_supported(
+        m = x2.shape[0]
+        if INT4_KERNEL in ("auto", "gemv") and m <= INT4_CUDA_MAX_M and ext.int4_gemv_supported(
             x2, self.group_size, w.g_idx
-        ):  # the CUDA GEMV where it beats Triton on the H200 (M = 1: 1.2-1.4x; M = 8: 0.5x)
+        ):  # the FMA GEMV at M = 1 (H200: 1.05-1.5x int4_mma there; 0.25-0.5x Triton / int4_mma at M = 8)
             y = ext.int4_gemv(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias)
+        elif INT4_KERNEL in ("auto", "mma") and ext.int4_mma_supported(x2, self.group_size, w.g_idx):
+            y = ext.int4_mma(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias)
         else:
             y = int4_matmul(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, g_idx=w.g_idx)
         return y.view(*shape[:-1], y.shape[-1])

@@ -9,7 +9,8 @@
 // - A warp owns NT * 8 rows of W; the KS warps of a block split K (iteration it = one 128-column chunk, the
 //   warps take it = warp, warp + KS, ...) and sum through shared memory at the end: no workspace, one kernel.
 // - Per iteration lane (g = lane / 4, t = lane % 4) loads 16 bytes of row 8 nt + g: columns c0 + 32 t .. + 31
-//   (four words), the next iteration's words loaded before this one is used (register double buffer).
+//   (four words); the next iteration's words, scales and zeros are loaded before this one is used (register double
+//   buffer), and for M <= 8 all of an iteration's x before its first MMA.
 // - The K order inside an MMA is ours to choose (the sum does not care), so each lane's own words are its B
 //   fragment: for word i and half h the MMA's k pairs (2t, 2t+1) / (2t+8, 2t+9) are the nibbles (2h, 2h+4) /
 //   (2h+1, 2h+5), and the A fragment is the same columns of x, two byte-permutes of a 16-byte x load.
@@ -61,8 +62,9 @@ __device__ __forceinline__ uint32_t word(const uint4& q, int i) {
   return i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
 }
 
-template <typename T, int MT, int NT, bool HI>  // HI: rows g + 8 of an M tile may be live (M > 8)
-__global__ void __launch_bounds__(kKS * 32) int4_mma_kernel(const T* __restrict__ x,
+// HI: rows g + 8 of an M tile may be live (M > 8); OCC: blocks per SM the registers must allow
+template <typename T, int MT, int NT, bool HI, int OCC>
+__global__ void __launch_bounds__(kKS * 32, OCC) int4_mma_kernel(const T* __restrict__ x,
                                                            const uint32_t* __restrict__ qweight,
                                                            const T* __restrict__ scales,
                                                            const T* __restrict__ zeros,
@@ -100,19 +102,47 @@ __global__ void __launch_bounds__(kKS * 32) int4_mma_kernel(const T* __restrict_
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
 
-  uint4 qn[NT];
-  auto load_q = [&](int it) {
+  // this lane's scale / zero rows (output columns 2t, 2t + 1 of each n8 tile)
+  int soff[NT][2];  // row * NG, or -1 past N (32-bit offsets keep the registers for the pipeline)
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int r = nb + nt * 8 + 2 * t + e;
+      soff[nt][e] = r < n ? r * ng : -1;
+    }
+
+  // the next iteration's words, scales and zeros are loaded before this one is used (register double buffer)
+  uint4 qn[NT];
+  T sn[NT][2], zn[NT][2];
+  auto load_q = [&](int it) {
+    const int grp = (it << 7) / group;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
       qn[nt] = qlive[nt] ? __ldcs(reinterpret_cast<const uint4*>(qrow[nt] + (it << 4))) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        sn[nt][e] = soff[nt][e] >= 0 ? scales[soff[nt][e] + grp] : from_f<T>(0.f);
+        zn[nt][e] = soff[nt][e] >= 0 ? zeros[soff[nt][e] + grp] : from_f<T>(0.f);
+      }
+    }
   };
   if (warp < iters) load_q(warp);
   for (int it = warp; it < iters; it += kKS) {
     uint4 q[NT];
+    float ca[NT][2], cb[NT][2];  // per output column: S * s and (S + z) * s
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) q[nt] = qn[nt];
+    for (int nt = 0; nt < NT; ++nt) {
+      q[nt] = qn[nt];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float s = to_f<T>(sn[nt][e]);
+        ca[nt][e] = MT_::kS * s;
+        cb[nt][e] = fmaf(to_f<T>(zn[nt][e]), s, ca[nt][e]);
+      }
+    }
     if (it + kKS < iters) load_q(it + kKS);
-    const int c0 = it << 7, grp = c0 / group;
+    const int c0 = it << 7;
 
     float d[MT][NT][4], xs[MT][4];
 #pragma unroll
@@ -124,15 +154,24 @@ __global__ void __launch_bounds__(kKS * 32) int4_mma_kernel(const T* __restrict_
 #pragma unroll
         for (int c = 0; c < 4; ++c) d[mt][nt][c] = 0.f;
     }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      uint4 xv[MT][2];
+    constexpr int XI = HI ? 1 : 4;  // M <= 8: all of the iteration's x first (L1 / L2 latency off the MMAs)
+    uint4 xall[XI][MT][2];
+    auto load_x = [&](int i) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-          xv[mt][e] = xlive[mt][e] ? __ldg(reinterpret_cast<const uint4*>(xrow[mt][e] + c0 + 8 * i))
-                                   : make_uint4(0, 0, 0, 0);
+          xall[i % XI][mt][e] = xlive[mt][e] ? __ldg(reinterpret_cast<const uint4*>(xrow[mt][e] + c0 + 8 * i))
+                                             : make_uint4(0, 0, 0, 0);
+    };
+    if (XI == 4) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) load_x(i);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (XI == 1) load_x(i);
+      const uint4 (&xv)[MT][2] = xall[i % XI];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         uint32_t b[NT][2];
@@ -159,22 +198,12 @@ __global__ void __launch_bounds__(kKS * 32) int4_mma_kernel(const T* __restrict_
     }
     // y += s * (S * (d - sum x) - z * sum x) = A * d - B * sum x per output column (W row) of this lane
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      float ca[2], cb[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int r = nb + nt * 8 + 2 * t + e;
-        const int64_t sz = (int64_t)(r < n ? r : 0) * ng + grp;
-        const float s = r < n ? to_f<T>(scales[sz]) : 0.f, z = r < n ? to_f<T>(zeros[sz]) : 0.f;
-        ca[e] = MT_::kS * s;
-        cb[e] = fmaf(z, s, ca[e]);
-      }
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int c = 0; c < 4; ++c)
-          acc[mt][nt][c] = fmaf(ca[c & 1], d[mt][nt][c], fmaf(-cb[c & 1], xs[mt][c], acc[mt][nt][c]));
-    }
+          acc[mt][nt][c] = fmaf(ca[nt][c & 1], d[mt][nt][c], fmaf(-cb[nt][c & 1], xs[mt][c], acc[mt][nt][c]));
   }
 
   // the KS warps' partial sums -> y (one thread per output element of the block's tile)
@@ -199,29 +228,32 @@ __global__ void __launch_bounds__(kKS * 32) int4_mma_kernel(const T* __restrict_
   }
 }
 
-template <typename T, int MT, int NT, bool HI>
+template <typename T, int MT, int NT, bool HI, int OCC = 1>
 cudaError_t launch_cfg(const Int4GemvParams& p, cudaStream_t st) {
   const int blocks = (p.n + NT * 8 - 1) / (NT * 8);
-  int4_mma_kernel<T, MT, NT, HI><<<blocks, kKS * 32, 0, st>>>(
+  int4_mma_kernel<T, MT, NT, HI, OCC><<<blocks, kKS * 32, 0, st>>>(
       static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight), static_cast<const T*>(p.scales),
       static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias), static_cast<T*>(p.y), p.m, p.n, p.k, p.group);
   return cudaGetLastError();
 }
 
+// One M tile: two blocks per SM (<= 128 registers; NT = 4 then spills a little: env ANVIL_INT4_MMA_OCC=1 lets
+// it use ~160 registers at one block per SM instead, a tuning knob like ANVIL_INT4_MMA_NT).
 template <typename T, int NT>
 cudaError_t launch_nt(const Int4GemvParams& p, cudaStream_t st) {
-  if (p.m <= 8) return launch_cfg<T, 1, NT, false>(p, st);
-  if (p.m <= 16) return launch_cfg<T, 1, NT, true>(p, st);
+  const bool occ1 = NT == 4 && env_int("ANVIL_INT4_MMA_OCC", 2) == 1;
+  if (p.m <= 8) return occ1 ? launch_cfg<T, 1, NT, false, 1>(p, st) : launch_cfg<T, 1, NT, false, 2>(p, st);
+  if (p.m <= 16) return occ1 ? launch_cfg<T, 1, NT, true, 1>(p, st) : launch_cfg<T, 1, NT, true, 2>(p, st);
   if (p.m <= 32) return launch_cfg<T, 2, NT, true>(p, st);
   return launch_cfg<T, 4, 2, true>(p, st);  // 64 rows: 2 n8 tiles keep the accumulators in registers
 }
 
-// NT (n8 tiles per warp): 4 when that still gives two blocks per SM, else 2; env ANVIL_INT4_MMA_NT (2 / 4, read
-// per call) overrides it, a tuning knob for benchmarks.
+// NT (n8 tiles per warp): 4 above 16 rows or when N / 32 blocks still give ~1.4 per SM, else 2 (the H200's
+// fastest per shape, results/gpu/int4-h200/); env ANVIL_INT4_MMA_NT (2 / 4, read per call) overrides it.
 template <typename T>
 cudaError_t launch_t(const Int4GemvParams& p, cudaStream_t st) {
   int nt = env_int("ANVIL_INT4_MMA_NT", 0);
-  if (nt != 2 && nt != 4) nt = (p.n + 31) / 32 >= 2 * p.num_sms ? 4 : 2;
+  if (nt != 2 && nt != 4) nt = p.m > 16 || 10 * ((p.n + 31) / 32) >= 14 * p.num_sms ? 4 : 2;
   return nt == 4 ? launch_nt<T, 4>(p, st) : launch_nt<T, 2>(p, st);
 }
 

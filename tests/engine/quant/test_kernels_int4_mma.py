@@ -1,8 +1,8 @@
 """The tensor-core int4 kernel (engine/kernels/csrc/int4_mma.cu) against the float64 product of x and the
 dequantized weights, with the bound of test_kernels_int4.py (2 * |torch same precision - ref64| + a floor), on
 fresh random inputs: the Llama-3-8B shapes and awkward ones (N not a multiple of a block's 16 / 32 rows, one
-128-column iteration, fewer iterations than the block's 8 warps, every M tile shape 1..64, G = 256, bias), both
-n8-tiles-per-warp variants (env ANVIL_INT4_MMA_NT, read per call) and the dispatch of Int4LinearMethod."""
+128-column iteration, fewer iterations than the block's 8 warps, every M tile shape 1..64, G = 256, bias), every
+variant (n8 tiles per warp, env ANVIL_INT4_MMA_NT; blocks per SM, ANVIL_INT4_MMA_OCC; read per call) and the dispatch of Int4LinearMethod."""
 
 from __future__ import annotations
 
@@ -36,11 +36,12 @@ def test_int4_mma_llama_shapes_gpu(n, k, m, dtype):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("nt", ["2", "4"])
+@pytest.mark.parametrize("nt,occ", [("2", "2"), ("4", "2"), ("4", "1")])
 @pytest.mark.parametrize("n,k,group", [(200, 384, 128), (37, 128, 128), (1000, 4096, 256), (4001, 1152, 128),
                                        (8, 2048, 128), (333, 2560, 256)])  # fmt: skip
-def test_int4_mma_awkward_gpu(n, k, group, nt, monkeypatch):
+def test_int4_mma_awkward_gpu(n, k, group, nt, occ, monkeypatch):
     monkeypatch.setenv("ANVIL_INT4_MMA_NT", nt)
+    monkeypatch.setenv("ANVIL_INT4_MMA_OCC", occ)
     for m in M_ALL:
         for dtype in DTYPES:
             mma_case(n=n, k=k, m=m, dtype=dtype, group=group, seed=n + m, bias=m % 2 == 1)
@@ -69,8 +70,8 @@ def test_int4_mma_rejects_bad_input_gpu():
 @pytest.mark.gpu
 @needs_gpu
 def test_int4_linear_method_uses_mma_gpu(monkeypatch):
-    """auto: M <= 64 rows with G = 128 go to int4_mma, M = 65 to Triton, G = 64 to the CUDA GEMV at M = 1; all
-    match the reference."""
+    """auto: one row goes to the CUDA GEMV, 2..64 rows with G = 128 to int4_mma, M = 65 to Triton, G = 64 rows
+    to the GEMV (M = 1) or Triton; all match the reference."""
     from engine.kernels import ext
     from engine.quant import methods
     from engine.quant.int4 import matmul_reference, quantize_rtn
@@ -80,7 +81,7 @@ def test_int4_linear_method_uses_mma_gpu(monkeypatch):
         real = getattr(ext, name)
         monkeypatch.setattr(ext, name, lambda *a, _r=real, _n=name, **kw: calls.append((_n, a[0].shape[0])) or _r(*a, **kw))
     monkeypatch.setattr(methods, "INT4_KERNEL", "auto")
-    for group, ms in ((128, (1, 33, 64, 65)), (64, (1,))):
+    for group, ms in ((128, (1, 2, 33, 64, 65)), (64, (1, 2))):
         w = quantize_rtn(torch.randn(512, 1024) * 0.05, group).to("cuda", torch.bfloat16)
         layer = torch.nn.Module()
         layer.qweight, layer.scales, layer.zeros, layer.bias = w.qweight, w.scales, w.zeros, None
@@ -90,7 +91,7 @@ def test_int4_linear_method_uses_mma_gpu(monkeypatch):
             ref = matmul_reference(x, w).float()
             err = (meth.matmul(layer, x).float() - ref).abs().max().item()
             assert err <= 2e-2 * ref.abs().max().item(), (group, m, err)
-    assert calls == [("int4_mma", 1), ("int4_mma", 33), ("int4_mma", 64), ("int4_gemv", 1)]
+    assert calls == [("int4_gemv", 1), ("int4_mma", 2), ("int4_mma", 33), ("int4_mma", 64), ("int4_gemv", 1)]
 
 
 def test_int4_mma_not_supported_off_gpu():
