@@ -1,7 +1,7 @@
-"""GPU benchmark of the int4 g128 Triton kernels (decode kernel `int4_gemv`, prefill `int4_gemm`), the CUDA int4 GEMV
-(`int4_cuda`, engine/kernels/csrc/int4_gemv.cu, M <= 8), the tensor-core kernel (`int4_mma`, int4_mma.cu, M <= 64;
-`int4_mma_nt2` / `_nt4` / `_nt4_occ1`: its tuning knobs forced) and the NF4 GEMV on Llama-3-8B linear shapes, against bf16
-cuBLAS F.linear on the same shape.
+"""GPU benchmark of the int4 g128 kernels on Llama-3-8B linear shapes, against bf16 cuBLAS F.linear on the same
+shape: Triton (decode kernel `int4_gemv`, GEMM `int4_gemm`), the CUDA FMA GEMV (`int4_cuda`, int4_gemv.cu, M <= 8),
+the tensor-core kernel (`int4_mma`, int4_mma.cu, M <= 64; `int4_mma_nt2` / `_nt4` / `_nt4_occ1`: its tuning knobs
+forced), the prefill path (`int4_dequant`: dequantize + cuBLAS, M > 32) and the NF4 GEMV.
 
     python benchmarks/bench_int4.py --out OUT.json [--iters 200] [--dtype bfloat16] [--shapes qkv,wo,w13,w2]
     python benchmarks/bench_int4.py --sweep --out OUT.json --iters 30 [--budget-s 60] [--configs-out T.json]
@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engine.kernels import ext  # noqa: E402
+from engine.kernels.triton.int4_dequant import int4_dequantize  # noqa: E402
 from engine.kernels.triton.int4_gemm import GemmConfig, gemm_config, int4_gemm  # noqa: E402
 from engine.kernels.triton.int4_gemv import GemvConfig, gemv_config, int4_gemv, pick_split  # noqa: E402
 from engine.kernels.triton.nf4_gemv import nf4_gemv  # noqa: E402
@@ -261,6 +262,8 @@ class Bench:
                 add("int4_mma" + label, None, lambda qw, s, z, nt=nt, occ=occ: _with_env(
                     {"ANVIL_INT4_MMA_NT": nt, "ANVIL_INT4_MMA_OCC": occ}, ext.int4_mma, x, qw, s, z, G))
         add("int4_gemm", None, lambda qw, s, z: int4_gemm(x, qw, s, z, G))
+        if m > 32:  # the prefill path: dequantize (Triton) + cuBLAS
+            add("int4_dequant", None, lambda qw, s, z: F.linear(x, int4_dequantize(qw, s, z, G, None, dt)))
         if self.sweep:
             for base in SWEEP_GEMV:
                 if (not base.dot and m > 1) or (base.dot and m > base.block_m):

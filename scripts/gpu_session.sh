@@ -121,7 +121,7 @@ int4-mma)  # the tensor-core int4 kernel (engine/kernels/csrc/int4_mma.cu): buil
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/engine/quant/test_kernels_int4_mma.py \
     tests/engine/quant/test_kernels_int4.py -k "mma or uses_cuda" 2>&1 | tail -15 > "$out/int4-mma-tests.log"
-  timeout 150 python3 benchmarks/bench_int4.py --ms 1,8,16,32,64 --no-nf4 --iters 50 --out "$out/int4-kernels-mma.json" \
+  timeout 150 python3 benchmarks/bench_int4.py --ms ${INT4_MS:-1,8,16,32,64} --no-nf4 --iters 50 --out "$out/int4-kernels-mma.json" \
     2>&1 | grep -vE "^\s*$" | tail -80 > "$out/int4-kernels-mma.log"
   ;;
 int4-mma-suite)  # the int4 (RTN g128) model of suites/gpu-int4.toml through the engine core (int4_mma for M <= 64)

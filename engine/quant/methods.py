@@ -5,7 +5,8 @@ buffers instead of a `weight` parameter; their names are the checkpoint names be
 
 matmul on CUDA, int4 (env ANVIL_INT4_KERNEL picks: auto | mma | gemv | triton): one fp16 / bf16 row runs the CUDA
 FMA GEMV (engine/kernels/csrc/int4_gemv.cu, M <= 8; env ANVIL_INT4_CUDA_MAX_M raises the bound); calls with
-M <= 64 rows, K and G multiples of 128 and no act-order the tensor-core kernel (int4_mma.cu); other calls the
+M <= 64 rows, K and G multiples of 128 and no act-order the tensor-core kernel (int4_mma.cu); calls above
+ANVIL_INT4_DEQUANT_M = 64 rows (prefill) dequantize into x.dtype (Triton) and run cuBLAS; other calls the
 Triton kernels (the decode kernel for M <= 16, GEMM above, or what the config table names). NF4: Triton,
 fused for M <= 32, else dequantize + F.linear. Elsewhere the torch reference (dequantize into x.dtype, F.linear).
 """
@@ -28,6 +29,7 @@ except ImportError:  # pragma: no cover - only before the restructure lands
 
 INT4_KERNEL = os.environ.get("ANVIL_INT4_KERNEL", "auto")  # auto (mma, then gemv, then triton) | mma | gemv | triton
 INT4_CUDA_MAX_M = int(os.environ.get("ANVIL_INT4_CUDA_MAX_M", "1"))  # rows up to which the CUDA GEMV runs (<= 8)
+INT4_DEQUANT_M = int(os.environ.get("ANVIL_INT4_DEQUANT_M", "64"))  # above this many rows: dequantize + F.linear
 
 
 def _buffer_bytes(layer) -> int:
@@ -84,6 +86,11 @@ class Int4LinearMethod(LinearMethod):
             y = ext.int4_gemv(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias)
         elif INT4_KERNEL in ("auto", "mma") and ext.int4_mma_supported(x2, self.group_size, w.g_idx):
             y = ext.int4_mma(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias)
+        elif INT4_KERNEL != "triton" and m > INT4_DEQUANT_M:  # prefill: compute bound, cuBLAS on the dense weight
+            from engine.kernels.triton.int4_dequant import int4_dequantize
+
+            dense = int4_dequantize(w.qweight, w.scales, w.zeros, self.group_size, w.g_idx, x2.dtype)
+            y = F.linear(x2, dense, layer.bias)
         else:
             y = int4_matmul(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, g_idx=w.g_idx)
         return y.view(*shape[:-1], y.shape[-1])

@@ -39,7 +39,7 @@ def run_case(
     config: list | dict | None = None,
 ) -> tuple[float, float]:
     """(error, bound) of one kernel call on fresh random inputs. kind: int4_gemv | int4_gemm | int4_matmul |
-    int4_cuda | int4_mma | nf4_gemv; config: the launcher's config (GemvConfig / GemmConfig fields as a list or dict; None: default)."""
+    int4_cuda | int4_mma | int4_dequant | nf4_gemv; config: the launcher's config (GemvConfig / GemmConfig fields as a list or dict; None: default)."""
     from engine.kernels.triton.int4_gemm import int4_gemm, int4_matmul
     from engine.kernels.triton.int4_gemv import int4_gemv
     from engine.kernels.triton.nf4_gemv import nf4_gemv
@@ -63,6 +63,10 @@ def run_case(
         p.g_idx = (torch.arange(k) // group)[torch.argsort(perm)].to(device, torch.int32)
     if kind == "int4_matmul":
         out = int4_matmul(x, p.qweight, p.scales, p.zeros, group, bias=b, g_idx=p.g_idx)
+    elif kind == "int4_dequant":  # engine/kernels/triton/int4_dequant.py, then F.linear (the prefill path)
+        from engine.kernels.triton.int4_dequant import int4_dequantize
+
+        out = F.linear(x, int4_dequantize(p.qweight, p.scales, p.zeros, group, p.g_idx, x.dtype), b)
     elif kind in ("int4_cuda", "int4_mma"):  # engine/kernels/csrc/int4_gemv.cu / int4_mma.cu (CUDA only)
         from engine.kernels import ext
 

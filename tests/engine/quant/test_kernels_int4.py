@@ -61,6 +61,11 @@ CPU_CASES = (
         for kd, m, c in (("int4_gemv", 1, FMA[1]), ("int4_gemv", 5, DOT[0]), ("int4_gemm", 17, GEMM[1]))
     ]
     + [dict(kind="int4_matmul", n=200, k=640, m=m, dtype="float32", seed=m) for m in (1, 13, 40)]
+    + [  # dequantize + F.linear (prefill): N / K not multiples of the tile, G 32 / 128, act-order, fp16 rounding
+        dict(kind="int4_dequant", n=n, k=k, m=70, dtype=d, group=gr, act_order=ao, bias=True, seed=n)
+        for n, k, gr, d, ao in ((200, 640, 128, "float32", False), (37, 96, 32, "float16", False),
+                                (200, 384, 128, "float32", True))  # fmt: skip
+    ]
     + [
         dict(kind="nf4_gemv", n=200, k=320, m=m, dtype=d, seed=m, config=c, bias=m == 3)
         for d in CPU_DTYPES

@@ -70,8 +70,8 @@ def test_int4_mma_rejects_bad_input_gpu():
 @pytest.mark.gpu
 @needs_gpu
 def test_int4_linear_method_uses_mma_gpu(monkeypatch):
-    """auto: one row goes to the CUDA GEMV, 2..64 rows with G = 128 to int4_mma, M = 65 to Triton, G = 64 rows
-    to the GEMV (M = 1) or Triton; all match the reference."""
+    """auto: one row goes to the CUDA GEMV, 2..64 rows with G = 128 to int4_mma, more to dequantize + cuBLAS;
+    with G = 64: the GEMV at M = 1, Triton at M = 2, dequantize + cuBLAS at 300; all match the reference."""
     from engine.kernels import ext
     from engine.quant import methods
     from engine.quant.int4 import matmul_reference, quantize_rtn
@@ -81,7 +81,12 @@ def test_int4_linear_method_uses_mma_gpu(monkeypatch):
         real = getattr(ext, name)
         monkeypatch.setattr(ext, name, lambda *a, _r=real, _n=name, **kw: calls.append((_n, a[0].shape[0])) or _r(*a, **kw))
     monkeypatch.setattr(methods, "INT4_KERNEL", "auto")
-    for group, ms in ((128, (1, 2, 33, 64, 65)), (64, (1, 2))):
+    from engine.kernels.triton import int4_dequant
+
+    real_dq = int4_dequant.int4_dequantize
+    monkeypatch.setattr(int4_dequant, "int4_dequantize",
+                        lambda *a, **kw: calls.append(("dequant", a[0].shape[0])) or real_dq(*a, **kw))  # fmt: skip
+    for group, ms in ((128, (1, 2, 33, 64, 65)), (64, (1, 2, 300))):
         w = quantize_rtn(torch.randn(512, 1024) * 0.05, group).to("cuda", torch.bfloat16)
         layer = torch.nn.Module()
         layer.qweight, layer.scales, layer.zeros, layer.bias = w.qweight, w.scales, w.zeros, None
@@ -91,7 +96,8 @@ def test_int4_linear_method_uses_mma_gpu(monkeypatch):
             ref = matmul_reference(x, w).float()
             err = (meth.matmul(layer, x).float() - ref).abs().max().item()
             assert err <= 2e-2 * ref.abs().max().item(), (group, m, err)
-    assert calls == [("int4_gemv", 1), ("int4_mma", 2), ("int4_mma", 33), ("int4_mma", 64), ("int4_gemv", 1)]
+    assert calls == [("int4_gemv", 1), ("int4_mma", 2), ("int4_mma", 33), ("int4_mma", 64), ("dequant", 512),
+                     ("int4_gemv", 1), ("dequant", 512)]
 
 
 def test_int4_mma_not_supported_off_gpu():
