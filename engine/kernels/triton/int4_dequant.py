@@ -3,8 +3,9 @@ float32 and rounded once to the output dtype (the torch reference's rounding), f
 tensor-core kernel's 64 rows a call is compute bound, and dequantize + cuBLAS beats a fused dequant GEMM that
 re-expands every weight tile for every M tile (H200, w13 at M = 64: the Triton GEMM 0.93 ms).
 
-One program per [BLOCK_N, BLOCK_W] tile of words; nibble j of word w is column 8w + j, stored with stride 8
-(the L2 merges the eight strided stores of a tile into full lines). act-order (g_idx) reads each column's group.
+One program per [BLOCK_N, BLOCK_W] tile of words; nibble j of word w is column 8w + j: the eight nibble planes are
+joined (tl.join) into [BLOCK_N, 8 * BLOCK_W] natural-order columns and stored contiguously. act-order (g_idx)
+reads each column's group and stores each plane with stride 8.
 """
 
 from __future__ import annotations
@@ -25,16 +26,35 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, gi_ptr, w_ptr, N, K, KW, NG, G: tl.con
         sz = offs_n[:, None] * NG + ((offs_w * 8) // G)[None, :]
         s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
-    for j in tl.static_range(8):
-        col = offs_w * 8 + j
-        q = ((qw >> (4 * j)) & 0xF).to(tl.float32)
-        if HAS_GIDX:
+    if HAS_GIDX:  # per column: the group of column 8w + j, stored with stride 8
+        for j in tl.static_range(8):
+            col = offs_w * 8 + j
             g = tl.load(gi_ptr + col, mask=offs_w < KW, other=0)
             sz = offs_n[:, None] * NG + g[None, :]
             s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
-        w = (q - z) * s
-        tl.store(w_ptr + offs_n[:, None] * K + col[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+            w = (((qw >> (4 * j)) & 0xF).to(tl.float32) - z) * s
+            tl.store(w_ptr + offs_n[:, None] * K + col[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+    else:  # the eight nibbles joined into [BLOCK_N, BLOCK_W, 8] = [BLOCK_N, 8 * BLOCK_W] columns: contiguous stores
+        v0 = _deq(qw, 0, s, z)
+        v1 = _deq(qw, 1, s, z)
+        v2 = _deq(qw, 2, s, z)
+        v3 = _deq(qw, 3, s, z)
+        v4 = _deq(qw, 4, s, z)
+        v5 = _deq(qw, 5, s, z)
+        v6 = _deq(qw, 6, s, z)
+        v7 = _deq(qw, 7, s, z)
+        # tl.join appends the new axis last, so a tree's leaf order is the bit-reverse of the flat index
+        w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+        w = tl.reshape(w, [BLOCK_N, BLOCK_W * 8])
+        col = tl.program_id(1) * BLOCK_W * 8 + tl.arange(0, BLOCK_W * 8)
+        cmask = (offs_n < N)[:, None] & (col < K)[None, :]
+        tl.store(w_ptr + offs_n[:, None] * K + col[None, :], w.to(w_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _deq(qw, j: tl.constexpr, s, z):
+    return (((qw >> (4 * j)) & 0xF).to(tl.float32) - z) * s
 
 
 def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -50,7 +70,7 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     if g_idx is not None:
         assert g_idx.dtype == torch.int32 and g_idx.shape == (k,) and g_idx.is_contiguous(), "g_idx: int32 [K]"
     w = torch.empty(n, k, device=qweight.device, dtype=dtype or scales.dtype)
-    bn, bw = 32, 64
+    bn, bw = 16, 64
     _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(kw, bw))](
         qweight, scales, zeros, qweight if g_idx is None else g_idx, w, n, k, kw, k // group_size, G=group_size,
         HAS_GIDX=g_idx is not None, BLOCK_N=bn, BLOCK_W=bw, num_warps=4,
