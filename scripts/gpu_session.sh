@@ -12,6 +12,14 @@ poisson_suite() {  # /tmp/poisson.toml: the Poisson scenarios of suites/serving-
   python3 -c "t=open('suites/serving-gpu.toml').read(); h, *sc = t.split('[[scenarios]]'); \
 open('/tmp/poisson.toml', 'w').write('[[scenarios]]'.join([h] + [x for x in sc if 'request_rate' in x]))"
 }
+int4_suite() {  # the int4 (RTN g128) model of suites/gpu-int4.toml alone through `bench run` (timeout $1 s)
+  python3 -c "t=open('suites/gpu-int4.toml').read(); h, *ms = t.split('[[models]]'); sc = ms[-1].split('[[scenarios]]'); \
+open('/tmp/int4-rtn.toml', 'w').write('[[models]]'.join([h.replace('gpu-int4', 'gpu-int4-rtn'), ms[0]]) + \
+'[[scenarios]]' + sc[1])"
+  timeout "$1" python3 -m harness run /tmp/int4-rtn.toml --out /tmp/int4-run 2>&1 | tail -20 > "$out/int4-suite.log"
+  cp /tmp/int4-run/records.jsonl "$out/int4-records.jsonl" 2>/dev/null
+  cp /tmp/int4-run/table.md "$out/int4-table.md" 2>/dev/null
+}
 case "$part" in
 kernels)  # the kernels' GPU tests, the prefill-attention and int4 sweeps, a profile of continuous batching
   timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine/quant 2>&1 | tail -15 > "$out/int4-gpu-tests.log"
@@ -110,12 +118,7 @@ int4-cuda)  # the CUDA int4 GEMV (engine/kernels/csrc/int4_gemv.cu): its GPU tes
 uses_cuda" 2>&1 | tail -12 > "$out/int4-cuda-tests.log"
   timeout 120 python3 benchmarks/bench_int4.py --out "$out/int4-kernels.json" --iters 50 2>&1 | tail -45 \
     > "$out/int4-kernels.log"
-  python3 -c "t=open('suites/gpu-int4.toml').read(); h, *ms = t.split('[[models]]'); sc = ms[-1].split('[[scenarios]]'); \
-open('/tmp/int4-rtn.toml', 'w').write('[[models]]'.join([h.replace('gpu-int4', 'gpu-int4-rtn'), ms[0]]) + \
-'[[scenarios]]' + sc[1])"
-  timeout 300 python3 -m harness run /tmp/int4-rtn.toml --out /tmp/int4-run 2>&1 | tail -20 > "$out/int4-suite.log"
-  cp /tmp/int4-run/records.jsonl "$out/int4-records.jsonl" 2>/dev/null
-  cp /tmp/int4-run/table.md "$out/int4-table.md" 2>/dev/null
+  int4_suite 300
   ;;
 int4-mma)  # the tensor-core int4 kernel (engine/kernels/csrc/int4_mma.cu): build, its GPU tests, the kernel benchmark
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
@@ -125,12 +128,7 @@ int4-mma)  # the tensor-core int4 kernel (engine/kernels/csrc/int4_mma.cu): buil
     2>&1 | grep -vE "^\s*$" | tail -80 > "$out/int4-kernels-mma.log"
   ;;
 int4-mma-suite)  # the int4 (RTN g128) model of suites/gpu-int4.toml through the engine core (int4_mma for M <= 64)
-  python3 -c "t=open('suites/gpu-int4.toml').read(); h, *ms = t.split('[[models]]'); sc = ms[-1].split('[[scenarios]]'); \
-open('/tmp/int4-rtn.toml', 'w').write('[[models]]'.join([h.replace('gpu-int4', 'gpu-int4-rtn'), ms[0]]) + \
-'[[scenarios]]' + sc[1])"
-  timeout 400 python3 -m harness run /tmp/int4-rtn.toml --out /tmp/int4-run 2>&1 | tail -20 > "$out/int4-suite.log"
-  cp /tmp/int4-run/records.jsonl "$out/int4-records.jsonl" 2>/dev/null
-  cp /tmp/int4-run/table.md "$out/int4-table.md" 2>/dev/null
+  int4_suite 400
   ;;
 int4-profile)  # the CUDA int4 GEMV at M = 1: rows per warp 2 / 4 / 8 (ANVIL_INT4_GEMV_R), then ncu on w13 (default R)
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
