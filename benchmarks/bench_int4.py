@@ -1,6 +1,6 @@
 """GPU benchmark of the int4 g128 kernels on Llama-3-8B linear shapes, against bf16 cuBLAS F.linear on the same
 shape: Triton (decode kernel `int4_gemv`, GEMM `int4_gemm`), the CUDA FMA GEMV (`int4_cuda`, int4_gemv.cu, M <= 8),
-the tensor-core kernel (`int4_mma`, int4_mma.cu, M <= 64; `int4_mma_nt2` / `_nt4` / `_nt4_occ1`: its tuning knobs
+the tensor-core kernel (`int4_mma`, int4_mma.cu, M <= 64; `int4_mma_nt2` / `_nt4` / `_nt4_occ1` / `_bps1|2|4`: its tuning knobs
 forced), the prefill path (`int4_dequant`: dequantize + cuBLAS, M > 32) and the NF4 GEMV.
 
     python benchmarks/bench_int4.py --out OUT.json [--iters 200] [--dtype bfloat16] [--shapes qkv,wo,w13,w2]
@@ -256,11 +256,13 @@ class Bench:
         if self.cuda and ext.int4_gemv_supported(x, G, None):  # the CUDA GEMV (M <= 8), beside the Triton kernels
             add("int4_cuda", None, lambda qw, s, z: ext.int4_gemv(x, qw, s, z, G))
         if self.cuda and ext.int4_mma_supported(x, G, None):  # the tensor-core kernel (M <= 64), its NT variants
-            variants = [("", "", "")] + ([("_nt2", "2", "2"), ("_nt4", "4", "2")] if m <= 32 else [])
-            variants += [("_nt4_occ1", "4", "1")] if m <= 16 else []
-            for label, nt, occ in variants:
-                add("int4_mma" + label, None, lambda qw, s, z, nt=nt, occ=occ: _with_env(
-                    {"ANVIL_INT4_MMA_NT": nt, "ANVIL_INT4_MMA_OCC": occ}, ext.int4_mma, x, qw, s, z, G))
+            variants = [("", "", "", "")] + ([("_nt2", "2", "2", ""), ("_nt4", "4", "2", "")] if m <= 32 else [])
+            variants += [("_nt4_occ1", "4", "1", "")] if m <= 16 else []
+            variants += [("_bps1", "", "", "1"), ("_bps2", "", "", "2"), ("_bps4", "", "", "4")]
+            for label, nt, occ, bps in variants:
+                env = {"ANVIL_INT4_MMA_NT": nt, "ANVIL_INT4_MMA_OCC": occ, "ANVIL_INT4_MMA_BLOCKS_PER_SM": bps}
+                add("int4_mma" + label, None,
+                    lambda qw, s, z, env=env: _with_env(env, ext.int4_mma, x, qw, s, z, G))  # fmt: skip
         add("int4_gemm", None, lambda qw, s, z: int4_gemm(x, qw, s, z, G))
         if m > 32:  # the prefill path: dequantize (Triton) + cuBLAS
             add("int4_dequant", None, lambda qw, s, z: F.linear(x, int4_dequantize(qw, s, z, G, None, dt)))

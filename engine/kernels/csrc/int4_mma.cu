@@ -6,8 +6,9 @@
 // Why: the FMA GEMV (int4_gemv.cu) is bound by instruction issue (ncu: 0.73 issued warps per scheduler at 33%
 // DRAM), two thirds of it the multiply-adds and the x work per nibble. Here mma.sync m16n8k16 does the
 // multiply-add (Marlin's way), so a nibble costs under one ALU instruction, and M = 1..16 cost the same.
-// - A warp owns NT * 8 rows of W; the KS warps of a block split K (iteration it = one 128-column chunk, the
-//   warps take it = warp, warp + KS, ...) and sum through shared memory at the end: no workspace, one kernel.
+// - A warp owns NT * 8 rows of W (a tile); the KS warps of a block split K (iteration it = one 128-column chunk,
+//   the warps take it = warp, warp + KS, ...) and sum through shared memory: no workspace, one kernel. One block
+//   per tile, or (env ANVIL_INT4_MMA_BLOCKS_PER_SM = b, read per call) b blocks per SM that loop over the tiles.
 // - Per iteration lane (g = lane / 4, t = lane % 4) loads 16 bytes of row 8 nt + g: columns c0 + 32 t .. + 31
 //   (four words); the next iteration's words, scales and zeros are loaded before this one is used (register double
 //   buffer), and for M <= 8 all of an iteration's x before its first MMA.
@@ -20,6 +21,8 @@
 //   y += s * (S * (d - sum x) - z * sum x), in fp32.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <algorithm>
 
 #include "common.cuh"
 
@@ -73,17 +76,7 @@ __global__ void __launch_bounds__(kKS * 32, OCC) int4_mma_kernel(const T* __rest
                                                            int k, int group) {
   using MT_ = MmaType<T>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int nb = blockIdx.x * (NT * 8);
-  const int kw = k >> 3, ng = k / group, iters = k >> 7;
-
-  const uint32_t* qrow[NT];
-  bool qlive[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int r = nb + nt * 8 + g;
-    qlive[nt] = r < n;
-    qrow[nt] = qweight + (int64_t)(qlive[nt] ? r : 0) * kw + 4 * t;
-  }
+  const int kw = k >> 3, ng = k / group, iters = k >> 7, tiles = (n + NT * 8 - 1) / (NT * 8);
   const T* xrow[MT][2];
   bool xlive[MT][2];
 #pragma unroll
@@ -95,6 +88,30 @@ __global__ void __launch_bounds__(kKS * 32, OCC) int4_mma_kernel(const T* __rest
       xrow[mt][e] = x + (int64_t)(xlive[mt][e] ? r : 0) * k + 32 * t;
     }
 
+  // A block runs tiles blockIdx.x, + gridDim.x, ... (NT * 8 rows each); the next (tile, iteration)'s words, scales
+  // and zeros are loaded before this one is used (register double buffer), across tile boundaries too.
+  uint4 qn[NT];
+  T sn[NT][2], zn[NT][2];
+  auto load_q = [&](int tile, int it) {
+    const int grp = (it << 7) / group, rb = tile * (NT * 8);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int r = rb + nt * 8 + g;
+      qn[nt] = r < n ? __ldcs(reinterpret_cast<const uint4*>(qweight + (int64_t)r * kw + 4 * t + (it << 4)))
+                     : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {  // this lane's output columns 2t, 2t + 1 of each n8 tile
+        const int rs = rb + nt * 8 + 2 * t + e;
+        sn[nt][e] = rs < n ? scales[rs * ng + grp] : from_f<T>(0.f);
+        zn[nt][e] = rs < n ? zeros[rs * ng + grp] : from_f<T>(0.f);
+      }
+    }
+  };
+  constexpr int E = MT * NT * 4;
+  __shared__ float red[kKS][E][32];
+  if (blockIdx.x < tiles && warp < iters) load_q(blockIdx.x, warp);
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  const int nb = tile * (NT * 8);
   float acc[MT][NT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -102,33 +119,6 @@ __global__ void __launch_bounds__(kKS * 32, OCC) int4_mma_kernel(const T* __rest
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
-
-  // this lane's scale / zero rows (output columns 2t, 2t + 1 of each n8 tile)
-  int soff[NT][2];  // row * NG, or -1 past N (32-bit offsets keep the registers for the pipeline)
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int r = nb + nt * 8 + 2 * t + e;
-      soff[nt][e] = r < n ? r * ng : -1;
-    }
-
-  // the next iteration's words, scales and zeros are loaded before this one is used (register double buffer)
-  uint4 qn[NT];
-  T sn[NT][2], zn[NT][2];
-  auto load_q = [&](int it) {
-    const int grp = (it << 7) / group;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      qn[nt] = qlive[nt] ? __ldcs(reinterpret_cast<const uint4*>(qrow[nt] + (it << 4))) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        sn[nt][e] = soff[nt][e] >= 0 ? scales[soff[nt][e] + grp] : from_f<T>(0.f);
-        zn[nt][e] = soff[nt][e] >= 0 ? zeros[soff[nt][e] + grp] : from_f<T>(0.f);
-      }
-    }
-  };
-  if (warp < iters) load_q(warp);
   for (int it = warp; it < iters; it += kKS) {
     uint4 q[NT];
     float ca[NT][2], cb[NT][2];  // per output column: S * s and (S + z) * s
@@ -142,7 +132,8 @@ __global__ void __launch_bounds__(kKS * 32, OCC) int4_mma_kernel(const T* __rest
         cb[nt][e] = fmaf(to_f<T>(zn[nt][e]), s, ca[nt][e]);
       }
     }
-    if (it + kKS < iters) load_q(it + kKS);
+    if (it + kKS < iters) load_q(tile, it + kKS);
+    else if (tile + gridDim.x < tiles) load_q(tile + gridDim.x, warp);
     const int c0 = it << 7;
 
     float d[MT][NT][4], xs[MT][4];
@@ -207,9 +198,7 @@ __global__ void __launch_bounds__(kKS * 32, OCC) int4_mma_kernel(const T* __rest
           acc[mt][nt][c] = fmaf(ca[nt][c & 1], d[mt][nt][c], fmaf(-cb[nt][c & 1], xs[mt][c], acc[mt][nt][c]));
   }
 
-  // the KS warps' partial sums -> y (one thread per output element of the block's tile)
-  constexpr int E = MT * NT * 4;
-  __shared__ float red[kKS][E][32];
+  // the KS warps' partial sums -> y (one thread per output element of the tile)
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -227,11 +216,14 @@ __global__ void __launch_bounds__(kKS * 32, OCC) int4_mma_kernel(const T* __rest
     if (bias) v += to_f<T>(bias[col]);
     y[(int64_t)row * n + col] = from_f<T>(v);
   }
+  __syncthreads();  // red is rewritten by the next tile
+  }
 }
 
 template <typename T, int MT, int NT, bool HI, int OCC = 1>
 cudaError_t launch_cfg(const Int4GemvParams& p, cudaStream_t st) {
-  const int blocks = (p.n + NT * 8 - 1) / (NT * 8);
+  const int tiles = (p.n + NT * 8 - 1) / (NT * 8), per_sm = env_int("ANVIL_INT4_MMA_BLOCKS_PER_SM", 0);
+  const int blocks = per_sm > 0 ? std::min(tiles, per_sm * p.num_sms) : tiles;
   int4_mma_kernel<T, MT, NT, HI, OCC><<<blocks, kKS * 32, 0, st>>>(
       static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight), static_cast<const T*>(p.scales),
       static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias), static_cast<T*>(p.y), p.m, p.n, p.k, p.group);

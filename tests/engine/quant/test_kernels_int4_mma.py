@@ -2,7 +2,8 @@
 dequantized weights, with the bound of test_kernels_int4.py (2 * |torch same precision - ref64| + a floor), on
 fresh random inputs: the Llama-3-8B shapes and awkward ones (N not a multiple of a block's 16 / 32 rows, one
 128-column iteration, fewer iterations than the block's 8 warps, every M tile shape 1..64, G = 256, bias), every
-variant (n8 tiles per warp, env ANVIL_INT4_MMA_NT; blocks per SM, ANVIL_INT4_MMA_OCC; read per call) and the dispatch of Int4LinearMethod."""
+variant (n8 tiles per warp, env ANVIL_INT4_MMA_NT; registers for blocks per SM, ANVIL_INT4_MMA_OCC;
+persistent blocks, ANVIL_INT4_MMA_BLOCKS_PER_SM; read per call) and the dispatch of Int4LinearMethod."""
 
 from __future__ import annotations
 
@@ -36,12 +37,16 @@ def test_int4_mma_llama_shapes_gpu(n, k, m, dtype):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("nt,occ", [("2", "2"), ("4", "2"), ("4", "1")])
+@pytest.mark.parametrize("nt,occ,bps", [("2", "2", "0"), ("4", "2", "0"), ("4", "1", "0"), ("2", "2", "1"),
+                                         ("4", "1", "2")])  # fmt: skip
 @pytest.mark.parametrize("n,k,group", [(200, 384, 128), (37, 128, 128), (1000, 4096, 256), (4001, 1152, 128),
-                                       (8, 2048, 128), (333, 2560, 256)])  # fmt: skip
-def test_int4_mma_awkward_gpu(n, k, group, nt, occ, monkeypatch):
+                                       (8, 2048, 128), (333, 2560, 256), (8200, 256, 128)])  # fmt: skip
+def test_int4_mma_awkward_gpu(n, k, group, nt, occ, bps, monkeypatch):
+    """bps > 0: that many blocks per SM loop over the tiles (N 4001 / 8200: several tiles per block, and at
+    K = 256 warps with no iteration that still join each tile's reduction)."""
     monkeypatch.setenv("ANVIL_INT4_MMA_NT", nt)
     monkeypatch.setenv("ANVIL_INT4_MMA_OCC", occ)
+    monkeypatch.setenv("ANVIL_INT4_MMA_BLOCKS_PER_SM", bps)
     for m in M_ALL:
         for dtype in DTYPES:
             mma_case(n=n, k=k, m=m, dtype=dtype, group=group, seed=n + m, bias=m % 2 == 1)
