@@ -166,13 +166,14 @@ cudaError_t launch_mr(const Int4GemvParams& p, cudaStream_t st) {
   return cudaGetLastError();
 }
 
-// Rows per warp: at M = 1, 2 up to N = 8,192 and 8 above (the H200's fastest per Llama-3-8B shape,
-// results/gpu/int4-h200/int4-cuda-r*.json), 4 for M = 2, else 2; env ANVIL_INT4_GEMV_R (2 / 4 / 8, read per
-// call) overrides it at M = 1, a tuning knob for benchmarks.
+// Rows per warp: 4 for M <= 2, else 2; env ANVIL_INT4_GEMV_R (2 / 4 / 8, read per call) overrides it at M = 1, a
+// tuning knob for benchmarks (per shape, 2 up to N = 8,192 and 8 above was 7% faster on the H200 at the kernel
+// level, results/gpu/int4-h200/int4-cuda-r*.json; not the default until the engine run and the awkward-size tests
+// of every R have run on a GPU).
 template <typename T, int M>
 cudaError_t launch_m(const Int4GemvParams& p, cudaStream_t st) {
   if constexpr (M == 1) {
-    const int r = env_int("ANVIL_INT4_GEMV_R", p.n <= 8192 ? 2 : 8);
+    const int r = env_int("ANVIL_INT4_GEMV_R", 4);
     if (r == 2) return launch_mr<T, 1, 2>(p, st);
     if (r == 8) return launch_mr<T, 1, 8>(p, st);
   }
