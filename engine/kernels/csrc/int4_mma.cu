@@ -111,112 +111,112 @@ __global__ void __launch_bounds__(kKS * 32, OCC) int4_mma_kernel(const T* __rest
   __shared__ float red[kKS][E][32];
   if (blockIdx.x < tiles && warp < iters) load_q(blockIdx.x, warp);
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-  const int nb = tile * (NT * 8);
-  float acc[MT][NT][4];
+    const int nb = tile * (NT * 8);
+    float acc[MT][NT][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
-  for (int it = warp; it < iters; it += kKS) {
-    uint4 q[NT];
-    float ca[NT][2], cb[NT][2];  // per output column: S * s and (S + z) * s
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      q[nt] = qn[nt];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float s = to_f<T>(sn[nt][e]);
-        ca[nt][e] = MT_::kS * s;
-        cb[nt][e] = fmaf(to_f<T>(zn[nt][e]), s, ca[nt][e]);
-      }
-    }
-    if (it + kKS < iters) load_q(tile, it + kKS);
-    else if (tile + gridDim.x < tiles) load_q(tile + gridDim.x, warp);
-    const int c0 = it << 7;
-
-    float d[MT][NT][4], xs[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) xs[mt][c] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) d[mt][nt][c] = 0.f;
-    }
-    constexpr int XI = HI ? 1 : 4;  // M <= 8: all of the iteration's x first (L1 / L2 latency off the MMAs)
-    uint4 xall[XI][MT][2];
-    auto load_x = [&](int i) {
+        for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
+    for (int it = warp; it < iters; it += kKS) {
+      uint4 q[NT];
+      float ca[NT][2], cb[NT][2];  // per output column: S * s and (S + z) * s
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+      for (int nt = 0; nt < NT; ++nt) {
+        q[nt] = qn[nt];
 #pragma unroll
-        for (int e = 0; e < 2; ++e)
-          xall[i % XI][mt][e] = xlive[mt][e] ? __ldg(reinterpret_cast<const uint4*>(xrow[mt][e] + c0 + 8 * i))
-                                             : make_uint4(0, 0, 0, 0);
-    };
-    if (XI == 4) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) load_x(i);
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (XI == 1) load_x(i);
-      const uint4 (&xv)[MT][2] = xall[i % XI];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint32_t b[NT][2];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const uint32_t w = word(q[nt], i);
-          b[nt][0] = h == 0 ? unit_pair<T, 0>(w) : unit_pair<T, 2>(w);  // columns (2h, 2h + 4)
-          b[nt][1] = h == 0 ? unit_pair<T, 1>(w) : unit_pair<T, 3>(w);  // columns (2h + 1, 2h + 5)
-        }
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          uint32_t a[4];
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {  // x pairs (x[c], x[c + 1]): lo = columns (2h, 2h + 1), hi = (2h + 4, 2h + 5)
-            const uint32_t lo = h == 0 ? xv[mt][e].x : xv[mt][e].y, hi = h == 0 ? xv[mt][e].z : xv[mt][e].w;
-            a[e] = __byte_perm(lo, hi, 0x5410);      // (x[2h], x[2h + 4])
-            a[e + 2] = __byte_perm(lo, hi, 0x7632);  // (x[2h + 1], x[2h + 5])
-          }
-          MT_::mma(xs[mt], a, MT_::kOne, MT_::kOne);
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) MT_::mma(d[mt][nt], a, b[nt][0], b[nt][1]);
+        for (int e = 0; e < 2; ++e) {
+          const float s = to_f<T>(sn[nt][e]);
+          ca[nt][e] = MT_::kS * s;
+          cb[nt][e] = fmaf(to_f<T>(zn[nt][e]), s, ca[nt][e]);
         }
       }
-    }
-    // y += s * (S * (d - sum x) - z * sum x) = A * d - B * sum x per output column (W row) of this lane
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          acc[mt][nt][c] = fmaf(ca[nt][c & 1], d[mt][nt][c], fmaf(-cb[nt][c & 1], xs[mt][c], acc[mt][nt][c]));
-  }
+      if (it + kKS < iters) load_q(tile, it + kKS);
+      else if (tile + gridDim.x < tiles) load_q(tile + gridDim.x, warp);
+      const int c0 = it << 7;
 
-  // the KS warps' partial sums -> y (one thread per output element of the tile)
+      float d[MT][NT][4], xs[MT][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+        for (int c = 0; c < 4; ++c) xs[mt][c] = 0.f;
 #pragma unroll
-      for (int c = 0; c < 4; ++c) red[warp][(mt * NT + nt) * 4 + c][lane] = acc[mt][nt][c];
-  __syncthreads();
-  for (int f = threadIdx.x; f < E * 32; f += kKS * 32) {
-    const int e = f >> 5, l = f & 31, c = e & 3, nt = (e >> 2) % NT, mt = (e >> 2) / NT;
-    const int row = mt * 16 + (l >> 2) + 8 * (c >> 1), col = nb + nt * 8 + 2 * (l & 3) + (c & 1);
-    if (row >= m || col >= n) continue;
-    float v = 0.f;
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int w = 0; w < kKS; ++w) v += red[w][e][l];
-    if (bias) v += to_f<T>(bias[col]);
-    y[(int64_t)row * n + col] = from_f<T>(v);
-  }
-  __syncthreads();  // red is rewritten by the next tile
+          for (int c = 0; c < 4; ++c) d[mt][nt][c] = 0.f;
+      }
+      constexpr int XI = HI ? 1 : 4;  // M <= 8: all of the iteration's x first (L1 / L2 latency off the MMAs)
+      uint4 xall[XI][MT][2];
+      auto load_x = [&](int i) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            xall[i % XI][mt][e] = xlive[mt][e] ? __ldg(reinterpret_cast<const uint4*>(xrow[mt][e] + c0 + 8 * i))
+                                               : make_uint4(0, 0, 0, 0);
+      };
+      if (XI == 4) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) load_x(i);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (XI == 1) load_x(i);
+        const uint4 (&xv)[MT][2] = xall[i % XI];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          uint32_t b[NT][2];
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const uint32_t w = word(q[nt], i);
+            b[nt][0] = h == 0 ? unit_pair<T, 0>(w) : unit_pair<T, 2>(w);  // columns (2h, 2h + 4)
+            b[nt][1] = h == 0 ? unit_pair<T, 1>(w) : unit_pair<T, 3>(w);  // columns (2h + 1, 2h + 5)
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            uint32_t a[4];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {  // x pairs (x[c], x[c + 1]): lo = columns (2h, 2h + 1), hi = (2h + 4, 2h + 5)
+              const uint32_t lo = h == 0 ? xv[mt][e].x : xv[mt][e].y, hi = h == 0 ? xv[mt][e].z : xv[mt][e].w;
+              a[e] = __byte_perm(lo, hi, 0x5410);      // (x[2h], x[2h + 4])
+              a[e + 2] = __byte_perm(lo, hi, 0x7632);  // (x[2h + 1], x[2h + 5])
+            }
+            MT_::mma(xs[mt], a, MT_::kOne, MT_::kOne);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) MT_::mma(d[mt][nt], a, b[nt][0], b[nt][1]);
+          }
+        }
+      }
+      // y += s * (S * (d - sum x) - z * sum x) = A * d - B * sum x per output column (W row) of this lane
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            acc[mt][nt][c] = fmaf(ca[nt][c & 1], d[mt][nt][c], fmaf(-cb[nt][c & 1], xs[mt][c], acc[mt][nt][c]));
+    }
+
+    // the KS warps' partial sums -> y (one thread per output element of the tile)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) red[warp][(mt * NT + nt) * 4 + c][lane] = acc[mt][nt][c];
+    __syncthreads();
+    for (int f = threadIdx.x; f < E * 32; f += kKS * 32) {
+      const int e = f >> 5, l = f & 31, c = e & 3, nt = (e >> 2) % NT, mt = (e >> 2) / NT;
+      const int row = mt * 16 + (l >> 2) + 8 * (c >> 1), col = nb + nt * 8 + 2 * (l & 3) + (c & 1);
+      if (row >= m || col >= n) continue;
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < kKS; ++w) v += red[w][e][l];
+      if (bias) v += to_f<T>(bias[col]);
+      y[(int64_t)row * n + col] = from_f<T>(v);
+    }
+    __syncthreads();  // red is rewritten by the next tile
   }
 }
 
