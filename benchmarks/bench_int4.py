@@ -1,7 +1,7 @@
 """GPU benchmark of the int4 g128 kernels on Llama-3-8B linear shapes, against bf16 cuBLAS F.linear on the same
 shape: Triton (decode kernel `int4_gemv`, GEMM `int4_gemm`), the CUDA FMA GEMV (`int4_cuda`, int4_gemv.cu, M <= 8),
-the tensor-core kernel (`int4_mma`, int4_mma.cu, M <= 64; `int4_mma_nt2` / `_nt4` / `_nt4_occ1` / `_bps1|2|4`: its tuning knobs
-forced), the prefill path (`int4_dequant`: dequantize + cuBLAS, M > 32) and the NF4 GEMV.
+the tensor-core kernel (`int4_mma`, int4_mma.cu, M <= 64; `int4_mma_nt2` / `_nt4` / `_nt4_occ1` / `_bps1|2|4`:
+its tuning knobs forced), the prefill path (`int4_dequant`: dequantize + cuBLAS, M > 32) and the NF4 GEMV.
 
     python benchmarks/bench_int4.py --out OUT.json [--iters 200] [--dtype bfloat16] [--shapes qkv,wo,w13,w2]
     python benchmarks/bench_int4.py --sweep --out OUT.json --iters 30 [--budget-s 60] [--configs-out T.json]

@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - only before the restructure lands
     Linear, LinearMethod = None, object
 
 
-INT4_KERNEL = os.environ.get("ANVIL_INT4_KERNEL", "auto")  # auto (mma, then gemv, then triton) | mma | gemv | triton
+INT4_KERNEL = os.environ.get("ANVIL_INT4_KERNEL", "auto")  # auto (by rows, see above) | mma | gemv | triton
 INT4_CUDA_MAX_M = int(os.environ.get("ANVIL_INT4_CUDA_MAX_M", "1"))  # rows up to which the CUDA GEMV runs (<= 8)
 INT4_DEQUANT_M = int(os.environ.get("ANVIL_INT4_DEQUANT_M", "64"))  # above this many rows: dequantize + F.linear
 

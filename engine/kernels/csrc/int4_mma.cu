@@ -234,9 +234,12 @@ cudaError_t launch_cfg(const Int4GemvParams& p, cudaStream_t st) {
 // it use ~160 registers at one block per SM instead, a tuning knob like ANVIL_INT4_MMA_NT).
 template <typename T, int NT>
 cudaError_t launch_nt(const Int4GemvParams& p, cudaStream_t st) {
-  const bool occ1 = NT == 4 && env_int("ANVIL_INT4_MMA_OCC", 2) == 1;
-  if (p.m <= 8) return occ1 ? launch_cfg<T, 1, NT, false, 1>(p, st) : launch_cfg<T, 1, NT, false, 2>(p, st);
-  if (p.m <= 16) return occ1 ? launch_cfg<T, 1, NT, true, 1>(p, st) : launch_cfg<T, 1, NT, true, 2>(p, st);
+  if constexpr (NT == 4) {
+    if (p.m <= 16 && env_int("ANVIL_INT4_MMA_OCC", 2) == 1)
+      return p.m <= 8 ? launch_cfg<T, 1, 4, false, 1>(p, st) : launch_cfg<T, 1, 4, true, 1>(p, st);
+  }
+  if (p.m <= 8) return launch_cfg<T, 1, NT, false, 2>(p, st);
+  if (p.m <= 16) return launch_cfg<T, 1, NT, true, 2>(p, st);
   if (p.m <= 32) return launch_cfg<T, 2, NT, true>(p, st);
   return launch_cfg<T, 4, 2, true>(p, st);  // 64 rows: 2 n8 tiles keep the accumulators in registers
 }

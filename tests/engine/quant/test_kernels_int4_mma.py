@@ -67,7 +67,7 @@ def test_int4_mma_rejects_bad_input_gpu():
     p64 = quantize_rtn(torch.randn(64, 256) * 0.05, 64).to("cuda", torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"group size \(64\) must be multiples of 128"):
         ext.int4_mma(x[:2], p64.qweight, p64.scales, p64.zeros, 64)
-    assert not ext.int4_mma_supported(x, 128, None)  # M = 65: the Triton GEMM
+    assert not ext.int4_mma_supported(x, 128, None)  # M = 65: dequantize + cuBLAS
     assert ext.int4_mma_supported(x[:64], 128, None)
     assert not ext.int4_mma_supported(x[:64], 64, None) and not ext.int4_mma_supported(x[:64], 128, p.qweight[0])
 
