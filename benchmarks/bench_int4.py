@@ -1,7 +1,8 @@
 """GPU benchmark of the int4 g128 kernels on Llama-3-8B linear shapes, against bf16 cuBLAS F.linear on the same
-shape: Triton (decode kernel `int4_gemv`, GEMM `int4_gemm`), the CUDA FMA GEMV (`int4_cuda`, int4_gemv.cu, M <= 8),
-the tensor-core kernel (`int4_mma`, int4_mma.cu, M <= 64; `int4_mma_nt2` / `_nt4` / `_nt4_occ1` / `_bps1|2|4`:
-its tuning knobs forced), the prefill path (`int4_dequant`: dequantize + cuBLAS, M > 32) and the NF4 GEMV.
+shape: Triton (decode kernel `int4_gemv`, GEMM `int4_gemm`), the CUDA FMA GEMV (`int4_cuda`, int4_gemv.cu, M <= 8;
+`int4_cuda_rR_pP` at M = 1: R rows per warp x P load stages forced), the tensor-core kernel (`int4_mma`,
+int4_mma.cu, M <= 64; `int4_mma_nt2` / `_nt4` / `_nt4_occ1` / `_bps1|2|4`: its tuning knobs forced),
+the prefill path (`int4_dequant`: dequantize + cuBLAS, M > 32) and the NF4 GEMV.
 
     python benchmarks/bench_int4.py --out OUT.json [--iters 200] [--dtype bfloat16] [--shapes qkv,wo,w13,w2]
     python benchmarks/bench_int4.py --sweep --out OUT.json --iters 30 [--budget-s 60] [--configs-out T.json]
@@ -255,6 +256,10 @@ class Bench:
             add("int4_gemv", None, lambda qw, s, z: int4_gemv(x, qw, s, z, G))
         if self.cuda and ext.int4_gemv_supported(x, G, None):  # the CUDA GEMV (M <= 8), beside the Triton kernels
             add("int4_cuda", None, lambda qw, s, z: ext.int4_gemv(x, qw, s, z, G))
+            for r, p in [(r, p) for r in (2, 4, 8) for p in (1, 2, 4) if (r, p) != (8, 4)] if m == 1 else []:
+                env = {"ANVIL_INT4_GEMV_R": str(r), "ANVIL_INT4_GEMV_P": str(p)}  # rows per warp x stages
+                add(f"int4_cuda_r{r}_p{p}", None,
+                    lambda qw, s, z, env=env: _with_env(env, ext.int4_gemv, x, qw, s, z, G))  # fmt: skip
         if self.cuda and ext.int4_mma_supported(x, G, None):  # the tensor-core kernel (M <= 64), its NT variants
             variants = [("", "", "", "")] + ([("_nt2", "2", "2", ""), ("_nt4", "4", "2", "")] if m <= 32 else [])
             variants += [("_nt4_occ1", "4", "1", "")] if m <= 16 else []

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -126,6 +126,16 @@ int4-mma)  # the tensor-core int4 kernel (engine/kernels/csrc/int4_mma.cu): buil
     tests/engine/quant/test_kernels_int4.py -k "mma or uses_cuda" 2>&1 | tail -15 > "$out/int4-mma-tests.log"
   timeout 150 python3 benchmarks/bench_int4.py --ms ${INT4_MS:-1,8,16,32,64} --no-nf4 --iters 50 --out "$out/int4-kernels-mma.json" \
     2>&1 | grep -vE "^\s*$" | tail -80 > "$out/int4-kernels-mma.log"
+  ;;
+int4-stages)  # the CUDA int4 GEMV's load stages at M = 1, the fused residual and PDL: GPU tests (every R x P),
+  # the kernel rows, the int4 model through the engine
+  python3 -m engine.kernels.build > "$out/build.log" 2>&1
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/engine/quant/test_kernels_int4_fused.py \
+    tests/engine/quant/test_kernels_int4.py tests/engine/quant/test_kernels_int4_mma.py -k "cuda_gemv or uses_cuda or mma \
+or fused or residual or pdl or dispatch" 2>&1 | tail -12 > "$out/int4-cuda-tests.log"
+  timeout 90 python3 benchmarks/bench_int4.py --ms 1 --no-nf4 --iters 50 --out "$out/int4-kernels-stages.json" 2>&1 \
+    | grep -E "int4_cuda|int4_mma |bf16" > "$out/int4-kernels-stages.log"
+  int4_suite 300
   ;;
 int4-mma-suite)  # the int4 (RTN g128) model of suites/gpu-int4.toml through the engine core (int4_mma for M <= 64)
   int4_suite 400

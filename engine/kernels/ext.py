@@ -49,11 +49,11 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake(lib + "int4_gemv")
-    def _(x, qweight, scales, zeros, group_size, bias):
+    def _(x, qweight, scales, zeros, group_size, bias, residual=None):
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
     @torch.library.register_fake(lib + "int4_mma")
-    def _(x, qweight, scales, zeros, group_size, bias):
+    def _(x, qweight, scales, zeros, group_size, bias, residual=None):
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
@@ -204,10 +204,12 @@ def int4_gemv_supported(x: torch.Tensor, group_size: int, g_idx: torch.Tensor | 
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-              bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+              bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """y [M, N] = x [M <= 8, K] @ ((q - z) * s)^T (+ bias) for Anvil's packed int4 (engine/quant/int4.py):
-    qweight int32 [N, K/8], scales / zeros [N, K/G] in x.dtype (fp16 / bf16). engine/kernels/csrc/int4_gemv.cu."""
-    return _ops().int4_gemv(x, qweight, scales, zeros, int(group_size), bias)
+    qweight int32 [N, K/8], scales / zeros [N, K/G] in x.dtype (fp16 / bf16); with `residual` [M, N] the rounded
+    product plus residual (one rounding more, as `residual + y` in x.dtype). engine/kernels/csrc/int4_gemv.cu; on
+    sm_90 a PDL launch (ANVIL_PDL=0: plain)."""
+    return _ops().int4_gemv(x, qweight, scales, zeros, int(group_size), bias, residual)
 
 
 INT4_MMA_MAX_M = 64  # anvil::kInt4MmaMaxM
@@ -223,7 +225,7 @@ def int4_mma_supported(x: torch.Tensor, group_size: int, g_idx: torch.Tensor | N
 
 
 def int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-             bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """int4_gemv's contract on the tensor cores (mma.sync m16n8k16, fp32 accumulation): x [M <= 64, K], K and G
-    multiples of 128. engine/kernels/csrc/int4_mma.cu."""
-    return _ops().int4_mma(x, qweight, scales, zeros, int(group_size), bias)
+             bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """int4_gemv's contract (residual included) on the tensor cores (mma.sync m16n8k16, fp32 accumulation):
+    x [M <= 64, K], K and G multiples of 128. engine/kernels/csrc/int4_mma.cu."""
+    return _ops().int4_mma(x, qweight, scales, zeros, int(group_size), bias, residual)

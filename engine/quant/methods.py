@@ -18,6 +18,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from engine import ops
 from engine.quant.int4 import Int4Weight, matmul_reference, prepare_input
 from engine.quant.nf4 import NF4Weight, code_table, dequantize_nf4
 
@@ -70,22 +71,36 @@ class Int4LinearMethod(LinearMethod):
                           layer.g_idx if self.has_g_idx else None,
                           layer.in_scale if self.has_in_scale else None)
 
-    def matmul(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer, x, norm=None, act=False, residual=None):
+        """The base class's composition, with the residual add fused into the CUDA kernels' epilogue."""
+        if norm is not None:
+            x = ops.rms_norm(x, norm.weight, norm.eps)
+        if act:
+            x = ops.silu_and_mul(x)
+        return self.matmul(layer, x, residual)
+
+    def matmul(self, layer, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """W @ x (+ bias) (+ residual, added to the product rounded to x.dtype)."""
         w = self.weight(layer)
         if not x.is_cuda:
-            return matmul_reference(x, w, layer.bias)
+            y = matmul_reference(x, w, layer.bias)
+            return y if residual is None else residual + y
         from engine.kernels import ext
         from engine.kernels.triton.int4_gemm import int4_matmul  # decode kernel for small M, GEMM above
 
         shape = x.shape
         x2 = prepare_input(w, x.reshape(-1, shape[-1])).contiguous()
         m = x2.shape[0]
+        r2 = None if residual is None else residual.reshape(m, -1)
+        fuse = r2 is not None and r2.dtype == x2.dtype and r2.is_contiguous() and r2.shape[1] == w.qweight.shape[0]
         if INT4_KERNEL in ("auto", "gemv") and m <= INT4_CUDA_MAX_M and ext.int4_gemv_supported(
             x2, self.group_size, w.g_idx
         ):  # the FMA GEMV at M = 1 (H200: 1.05-1.5x int4_mma there; 0.25-0.5x Triton / int4_mma at M = 8)
-            y = ext.int4_gemv(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias)
+            y = ext.int4_gemv(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, r2 if fuse else None)
+            r2 = None if fuse else r2
         elif INT4_KERNEL in ("auto", "mma") and ext.int4_mma_supported(x2, self.group_size, w.g_idx):
-            y = ext.int4_mma(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias)
+            y = ext.int4_mma(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, r2 if fuse else None)
+            r2 = None if fuse else r2
         elif INT4_KERNEL != "triton" and m > INT4_DEQUANT_M:  # prefill: compute bound, cuBLAS on the dense weight
             from engine.kernels.triton.int4_dequant import int4_dequantize
 
@@ -93,6 +108,8 @@ class Int4LinearMethod(LinearMethod):
             y = F.linear(x2, dense, layer.bias)
         else:
             y = int4_matmul(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, g_idx=w.g_idx)
+        if r2 is not None:
+            y = r2 + y
         return y.view(*shape[:-1], y.shape[-1])
 
     def weight_bytes(self, layer) -> int:

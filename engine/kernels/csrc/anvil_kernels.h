@@ -91,10 +91,12 @@ struct Int4GemvParams {
   const void* qweight;
   const void* scales;
   const void* zeros;
-  const void* bias;  // [N] or nullptr
+  const void* bias;      // [N] or nullptr
+  const void* residual;  // [M, N] added to the rounded product (y = round(x W^T + b) + r, HF's order) or nullptr
   void* y;
   int m, n, k, group;
   int num_sms;  // the device's SM count (int4_mma's tile choice)
+  int pdl;      // launch with programmatic dependent launch (sm_90+; the kernel waits before reading x)
 };
 cudaError_t launch_int4_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st);
 

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "anvil_kernels.h"
@@ -48,6 +49,18 @@ void ok(cudaError_t err, const char* what) {
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// PDL launches: sm_90+ and not disabled by ANVIL_PDL=0 (the switch of the Triton kernels' PDL too).
+bool pdl_supported(int device) {
+  static int cache[64] = {0};  // 0 unknown, 1 no, 2 yes
+  if (device < 64 && cache[device]) return cache[device] == 2;
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  const char* e = std::getenv("ANVIL_PDL");
+  const bool yes = major >= 9 && !(e && std::string(e) == "0");
+  if (device < 64) cache[device] = yes ? 2 : 1;
+  return yes;
+}
 
 int num_sms(int device) {
   static int cache[64] = {0};
@@ -283,8 +296,8 @@ void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, con
 // The checks and the launch shared by int4_gemv (FMA, 1 <= M <= 8, K / G multiples of 32) and int4_mma (tensor
 // cores, 1 <= M <= 64, K / G multiples of 128).
 at::Tensor int4_call(const char* name, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias, int max_m,
-                     int64_t align,
+                     const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& residual, int max_m, int64_t align, bool pdl,
                      cudaError_t (*launch)(const anvil::Int4GemvParams&, anvil::DType, cudaStream_t)) {
   const std::string op = std::string("anvil.") + name;
   check_cuda(x, "x");
@@ -310,29 +323,40 @@ at::Tensor int4_call(const char* name, const at::Tensor& x, const at::Tensor& qw
     check_same(x, *bias, "x", "bias");
     TORCH_CHECK(bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == n, op, ": bias [N] expected");
   }
+  if (residual) {
+    check_same(x, *residual, "x", "residual");
+    TORCH_CHECK(residual->is_contiguous() && residual->dim() == 2 && residual->size(0) == m &&
+                    residual->size(1) == n,
+                op, ": residual must be contiguous [M, N] = [", std::to_string(m), ", ", std::to_string(n), "], got ",
+                shape_str(*residual));
+  }
   TORCH_CHECK(aligned16(x) && aligned16(qweight), op, ": x and qweight must be 16-byte aligned");
   const at::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({m, n}, x.options());
   anvil::Int4GemvParams p{};
   p.x = x.data_ptr(); p.qweight = qweight.data_ptr(); p.scales = scales.data_ptr(); p.zeros = zeros.data_ptr();
   p.bias = bias ? bias->data_ptr() : nullptr;
+  p.residual = residual ? residual->data_ptr() : nullptr;
   p.y = y.data_ptr();
   p.m = (int)m; p.n = (int)n; p.k = (int)k; p.group = (int)group_size;
   p.num_sms = num_sms(x.get_device());
+  p.pdl = pdl && pdl_supported(x.get_device());
   ok(launch(p, dtype_of(x), at::cuda::getCurrentCUDAStream()), name);
   return y;
 }
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                     int64_t group_size, const c10::optional<at::Tensor>& bias) {
-  return int4_call("int4_gemv", x, qweight, scales, zeros, group_size, bias, anvil::kInt4GemvMaxM, 32,
-                   anvil::launch_int4_gemv);
+                     int64_t group_size, const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& residual) {
+  return int4_call("int4_gemv", x, qweight, scales, zeros, group_size, bias, residual, anvil::kInt4GemvMaxM, 32,
+                   true, anvil::launch_int4_gemv);
 }
 
 at::Tensor int4_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                    int64_t group_size, const c10::optional<at::Tensor>& bias) {
-  return int4_call("int4_mma", x, qweight, scales, zeros, group_size, bias, anvil::kInt4MmaMaxM, 128,
-                   anvil::launch_int4_mma);
+                    int64_t group_size, const c10::optional<at::Tensor>& bias,
+                    const c10::optional<at::Tensor>& residual) {
+  return int4_call("int4_mma", x, qweight, scales, zeros, group_size, bias, residual, anvil::kInt4MmaMaxM, 128,
+                   false, anvil::launch_int4_mma);
 }
 
 }  // namespace
@@ -347,8 +371,10 @@ TORCH_LIBRARY(anvil, m) {
       "Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, int window) -> Tensor");
   m.def("write_kv(Tensor! k_cache, Tensor! v_cache, Tensor k, Tensor v, Tensor batch_idx, Tensor positions) -> ()");
-  m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor");
-  m.def("int4_mma(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor");
+  m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias, "
+        "Tensor? residual=None) -> Tensor");
+  m.def("int4_mma(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias, "
+        "Tensor? residual=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anvil, CUDA, m) {

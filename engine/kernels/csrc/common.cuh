@@ -41,6 +41,39 @@ inline int env_int(const char* name, int fallback) {
     constexpr static bool NAME = false; return __VA_ARGS__();            \
   }()
 
+// Programmatic dependent launch (sm_90+; no-ops before and when the kernel was launched without it): `pdl_wait`
+// blocks until the previous kernel on the stream has completed and its writes are visible (call it before
+// reading what an earlier kernel wrote, or writing what it reads); `pdl_launch_dependents` lets the next PDL
+// kernel start early (call it after the wait, as the Triton kernels do: engine/kernels/triton/pdl.py).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// A launch, with the programmatic-stream-serialization attribute when `pdl` (the kernel may start while the
+// previous one finishes; it must call pdl_wait before touching that kernel's data).
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), int blocks, int threads, size_t smem, cudaStream_t st, bool pdl,
+                          Args... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
 template <typename T> __device__ __forceinline__ float to_f(T x);
 template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }

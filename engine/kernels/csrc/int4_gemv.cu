@@ -5,8 +5,9 @@
 // Decode reads W once: the kernel is built to keep many weight bytes in flight and to spend few ALU instructions
 // per nibble (the int4 -> float unpack, not the FMA, is what limits int4 GEMVs).
 // - A warp owns R consecutive rows and all of K: per iteration lane l reads 16 bytes (32 nibbles = 32 columns of
-//   one group, as G % 32 == 0) of each of its R rows, covering 1,024 columns per warp; the next iteration's words
-//   are loaded before this one is multiplied (register double buffer). One shuffle reduction at the end; no
+//   one group, as G % 32 == 0) of each of its R rows, covering 1,024 columns per warp; the words, scales and zeros
+//   of P iterations are in flight (a ring of P register stages, refilled as each is used; P = 1 is a double
+//   buffer). At M = 1 (decode) the row count and the depth are chosen per shape (int4_gemv_rp). One shuffle reduction at the end; no
 //   split-K, no workspace, no second kernel.
 // - Unpack without int -> float conversions: a nibble moved to bits 16..19 of a word and OR-ed with 0x43000000
 //   is the float 128 + q; one at bits 12..15 with 0x45000000 is 2048 + q (exact). Per 8-nibble word: 4 shifts and
@@ -60,13 +61,14 @@ __device__ __forceinline__ void load_x8(const T* __restrict__ p, float (&x)[8]) 
   x[0] = a.x; x[1] = a.y; x[2] = b.x; x[3] = b.y; x[4] = c.x; x[5] = c.y; x[6] = d.x; x[7] = d.y;
 }
 
-template <typename T, int M, int R>
+template <typename T, int M, int R, int P>
 __global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(const T* __restrict__ x,
                                                                 const uint32_t* __restrict__ qweight,
                                                                 const T* __restrict__ scales,
                                                                 const T* __restrict__ zeros,
-                                                                const T* __restrict__ bias, T* __restrict__ y, int n,
-                                                                int k, int group) {
+                                                                const T* __restrict__ bias,
+                                                                const T* __restrict__ residual, T* __restrict__ y,
+                                                                int n, int k, int group) {
   const int lane = threadIdx.x & 31;
   const int n0 = (blockIdx.x * kWarps + (threadIdx.x >> 5)) * R;
   if (n0 >= n) return;
@@ -81,25 +83,40 @@ __global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(const T* __restr
 #pragma unroll
   for (int r = 0; r < R; ++r) live[r] = n0 + r < n;
 
-  uint4 qn[R];
-  auto load_q = [&](int it) {
+  // P stages of (words, scale, zero) per row: iteration it lives in stage it % P and is loaded P iterations
+  // before it is used, so P * R 16-byte loads (and their scales / zeros) are in flight per lane.
+  uint4 qst[P][R];
+  T sst[P][R], zst[P][R];
+  auto load = [&](int it, uint4 (&q)[R], T (&s)[R], T (&z)[R]) {
     const int c = (it << 10) + (lane << 5);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      qn[r] = make_uint4(0, 0, 0, 0);
-      if (live[r] && c < k)
-        qn[r] = __ldcs(reinterpret_cast<const uint4*>(qweight + (int64_t)(n0 + r) * kw + (c >> 3)));
+      q[r] = make_uint4(0, 0, 0, 0);
+      s[r] = z[r] = from_f<T>(0.f);
+      if (live[r] && it < iters && c < k) {
+        q[r] = __ldcs(reinterpret_cast<const uint4*>(qweight + (int64_t)(n0 + r) * kw + (c >> 3)));
+        const int64_t sz = (int64_t)(n0 + r) * ng + c / group;
+        s[r] = __ldg(scales + sz);
+        z[r] = __ldg(zeros + sz);
+      }
     }
   };
-  load_q(0);
-  for (int it = 0; it < iters; ++it) {
-    uint4 q[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) q[r] = qn[r];
+  for (int p = 0; p < P; ++p) load(p, qst[p], sst[p], zst[p]);
+  pdl_wait();  // the weights above are constants; x (and the residual, y) belong to the previous kernels
+  pdl_launch_dependents();
+  for (int it0 = 0; it0 < iters; it0 += P) {
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int it = it0 + p;
+    if (it >= iters) break;
+    uint4 q[R];
+    T sv[R], zv[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) q[r] = qst[p][r], sv[r] = sst[p][r], zv[r] = zst[p][r];
+    if (it + P < iters) load(it + P, qst[p], sst[p], zst[p]);
     const int c = (it << 10) + (lane << 5);
-    if (it + 1 < iters) load_q(it + 1);
     if (c >= k) continue;  // the tail iteration's idle lanes (nothing loaded for them either)
-    const int g = c / group;
     float acc[R][M], xs[M], base[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) xs[m] = base[m] = 0.f;
@@ -131,11 +148,11 @@ __global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(const T* __restr
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (!live[r]) continue;
-      const int64_t sz = (int64_t)(n0 + r) * ng + g;
-      const float s = to_f<T>(scales[sz]), z = to_f<T>(zeros[sz]);
+      const float s = to_f<T>(sv[r]), z = to_f<T>(zv[r]);
 #pragma unroll
       for (int m = 0; m < M; ++m) yacc[r][m] += s * ((acc[r][m] - base[m]) - z * xs[m]);
     }
+  }
   }
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -152,32 +169,57 @@ __global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(const T* __restr
       if (!live[r]) continue;
       const float b = bias ? to_f<T>(bias[n0 + r]) : 0.f;
 #pragma unroll
-      for (int m = 0; m < M; ++m) y[(int64_t)m * n + n0 + r] = from_f<T>(yacc[r][m] + b);
+      for (int m = 0; m < M; ++m) {
+        const int64_t o = (int64_t)m * n + n0 + r;
+        const float v = yacc[r][m] + b;
+        y[o] = from_f<T>(residual ? round_to<T>(v) + to_f<T>(residual[o]) : v);
+      }
     }
   }
 }
 
-template <typename T, int M, int R>
-cudaError_t launch_mr(const Int4GemvParams& p, cudaStream_t st) {
+template <typename T, int M, int R, int P>
+cudaError_t launch_mrp(const Int4GemvParams& p, cudaStream_t st) {
   const int blocks = (p.n + kWarps * R - 1) / (kWarps * R);
-  int4_gemv_kernel<T, M, R><<<blocks, kWarps * 32, 0, st>>>(
-      static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight), static_cast<const T*>(p.scales),
-      static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias), static_cast<T*>(p.y), p.n, p.k, p.group);
-  return cudaGetLastError();
+  return launch_kernel(int4_gemv_kernel<T, M, R, P>, blocks, kWarps * 32, 0, st, p.pdl != 0,
+                       static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight),
+                       static_cast<const T*>(p.scales), static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias),
+                       static_cast<const T*>(p.residual), static_cast<T*>(p.y), p.n, p.k, p.group);
 }
 
-// Rows per warp: 4 for M <= 2, else 2; env ANVIL_INT4_GEMV_R (2 / 4 / 8, read per call) overrides it at M = 1, a
-// tuning knob for benchmarks (per shape, 2 up to N = 8,192 and 8 above was 7% faster on the H200 at the kernel
-// level, results/gpu/int4-h200/int4-cuda-r*.json; not the default until the engine run and the awkward-size tests
-// of every R have run on a GPU).
+// The M = 1 default per shape: R = 2 up to N = 8,192 rows, else 8 (more rows per warp when there are many
+// warps); P stages so that R * P >= 8 loads are in flight per lane, at most the iterations there are.
+void int4_gemv_rp(int n, int k, int* r, int* stages) {
+  *r = n <= 8192 ? 2 : 8;
+  const int iters = (k + 1023) / 1024, want = *r == 2 ? 4 : 2;
+  *stages = iters >= want ? want : (iters >= 2 ? 2 : 1);
+}
+
+template <typename T, int R>
+cudaError_t launch_r1(const Int4GemvParams& p, int stages, cudaStream_t st) {
+  if constexpr (R < 8) {  // R = 8 with 4 stages spills (255 registers): it runs 2
+    if (stages >= 4) return launch_mrp<T, 1, R, 4>(p, st);
+  }
+  if (stages >= 2) return launch_mrp<T, 1, R, 2>(p, st);
+  return launch_mrp<T, 1, R, 1>(p, st);
+}
+
+// M = 1 (decode; M = 2..64 go to int4_mma in the engine): R rows per warp and P stages of loads in flight.
+// Defaults: see int4_gemv_rp; env ANVIL_INT4_GEMV_R (2 / 4 / 8) and ANVIL_INT4_GEMV_P (1 / 2 / 4), read per call,
+// override them (tuning knobs for benchmarks/bench_int4.py). M = 2..8: R = 4 for M = 2, else 2; P = 1.
 template <typename T, int M>
 cudaError_t launch_m(const Int4GemvParams& p, cudaStream_t st) {
   if constexpr (M == 1) {
-    const int r = env_int("ANVIL_INT4_GEMV_R", 4);
-    if (r == 2) return launch_mr<T, 1, 2>(p, st);
-    if (r == 8) return launch_mr<T, 1, 8>(p, st);
+    int r, stages;
+    int4_gemv_rp(p.n, p.k, &r, &stages);
+    r = env_int("ANVIL_INT4_GEMV_R", r);
+    stages = env_int("ANVIL_INT4_GEMV_P", stages);
+    if (r == 2) return launch_r1<T, 2>(p, stages, st);
+    if (r == 8) return launch_r1<T, 8>(p, stages, st);
+    return launch_r1<T, 4>(p, stages, st);
+  } else {
+    return launch_mrp<T, M, (M <= 2 ? 4 : 2), 1>(p, st);
   }
-  return launch_mr<T, M, (M <= 2 ? 4 : 2)>(p, st);
 }
 
 template <typename T>

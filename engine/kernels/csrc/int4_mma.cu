@@ -72,8 +72,9 @@ __global__ void __launch_bounds__(kKS * 32, OCC) int4_mma_kernel(const T* __rest
                                                            const uint32_t* __restrict__ qweight,
                                                            const T* __restrict__ scales,
                                                            const T* __restrict__ zeros,
-                                                           const T* __restrict__ bias, T* __restrict__ y, int m, int n,
-                                                           int k, int group) {
+                                                           const T* __restrict__ bias,
+                                                           const T* __restrict__ residual, T* __restrict__ y,
+                                                           int m, int n, int k, int group) {
   using MT_ = MmaType<T>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kw = k >> 3, ng = k / group, iters = k >> 7, tiles = (n + NT * 8 - 1) / (NT * 8);
@@ -214,7 +215,8 @@ __global__ void __launch_bounds__(kKS * 32, OCC) int4_mma_kernel(const T* __rest
 #pragma unroll
       for (int w = 0; w < kKS; ++w) v += red[w][e][l];
       if (bias) v += to_f<T>(bias[col]);
-      y[(int64_t)row * n + col] = from_f<T>(v);
+      const int64_t o = (int64_t)row * n + col;
+      y[o] = from_f<T>(residual ? round_to<T>(v) + to_f<T>(residual[o]) : v);
     }
     __syncthreads();  // red is rewritten by the next tile
   }
@@ -226,7 +228,8 @@ cudaError_t launch_cfg(const Int4GemvParams& p, cudaStream_t st) {
   const int blocks = per_sm > 0 ? std::min(tiles, per_sm * p.num_sms) : tiles;
   int4_mma_kernel<T, MT, NT, HI, OCC><<<blocks, kKS * 32, 0, st>>>(
       static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight), static_cast<const T*>(p.scales),
-      static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias), static_cast<T*>(p.y), p.m, p.n, p.k, p.group);
+      static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias), static_cast<const T*>(p.residual),
+      static_cast<T*>(p.y), p.m, p.n, p.k, p.group);
   return cudaGetLastError();
 }
 

@@ -259,13 +259,16 @@ def test_int4_cuda_gemv_gpu(n, k, m, dtype):
 @needs_ext
 @pytest.mark.parametrize("m", [1, 4, 7, 8])
 @pytest.mark.parametrize("n,k,group", [(200, 384, 128), (1000, 4096, 64), (37, 1056, 32), (333, 2560, 256),
-                                       (9, 32, 32), (4001, 3072, 128)])  # fmt: skip
+                                       (9, 32, 32), (4001, 3072, 128), (77, 5152, 32)])  # fmt: skip
 def test_int4_cuda_gemv_awkward_gpu(n, k, group, m, monkeypatch):
     """N not a multiple of the rows per block, K not a multiple of the 1,024 columns a warp covers per
-    iteration (a tail iteration with idle lanes), every group size the kernel takes, bias; at M = 1 every rows-per-
-    warp variant (ANVIL_INT4_GEMV_R 2 / 4 / 8)."""
-    for r in ("2", "4", "8") if m == 1 else ("",):
+    iteration (a tail iteration with idle lanes) nor of the stages in flight (K = 2,560: 3 iterations; 5,152: 6),
+    every group size the kernel takes, bias; at M = 1 the per-shape default and every rows-per-warp x stages
+    variant (ANVIL_INT4_GEMV_R 2 / 4 / 8 x ANVIL_INT4_GEMV_P 1 / 2 / 4)."""
+    variants = [("", "")] + ([(r, p) for r in ("2", "4", "8") for p in ("1", "2", "4")] if m == 1 else [])
+    for r, p in variants:
         monkeypatch.setenv("ANVIL_INT4_GEMV_R", r)
+        monkeypatch.setenv("ANVIL_INT4_GEMV_P", p)
         for dtype in GPU_DTYPES:
             gpu_case(kind="int4_cuda", n=n, k=k, m=m, dtype=dtype, group=group, seed=n + m, bias=True)
 
