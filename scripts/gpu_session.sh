@@ -128,14 +128,13 @@ int4-mma)  # the tensor-core int4 kernel (engine/kernels/csrc/int4_mma.cu): buil
     2>&1 | grep -vE "^\s*$" | tail -80 > "$out/int4-kernels-mma.log"
   ;;
 int4-stages)  # the CUDA int4 GEMV's load stages at M = 1, the fused residual and PDL: GPU tests (every R x P),
-  # the kernel rows, the int4 model through the engine
+  # the kernel rows (then int4-mma-suite: the int4 model through the engine)
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/engine/quant/test_kernels_int4_fused.py \
     tests/engine/quant/test_kernels_int4.py tests/engine/quant/test_kernels_int4_mma.py -k "cuda_gemv or uses_cuda or mma \
 or fused or residual or pdl or dispatch" 2>&1 | tail -12 > "$out/int4-cuda-tests.log"
   timeout 90 python3 benchmarks/bench_int4.py --ms 1 --no-nf4 --iters 50 --out "$out/int4-kernels-stages.json" 2>&1 \
     | grep -E "int4_cuda|int4_mma |bf16" > "$out/int4-kernels-stages.log"
-  int4_suite 300
   ;;
 int4-mma-suite)  # the int4 (RTN g128) model of suites/gpu-int4.toml through the engine core (int4_mma for M <= 64)
   int4_suite 400

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/peers_gpu.sh decode|serve OUT_DIR      on the lent GPU, after the vLLM kit is installed
+# usage: bash scripts/peers_gpu.sh decode|serve|serve-vllm|decode-sglang|serve-sglang OUT_DIR      on the lent GPU, after the vLLM kit is installed
 # (../shared/tools/vllm-kit: carry .vk/part* to /tmp/vk, then `eval "$(sh /tmp/vk/reassemble.sh)"`).
 #   decode: suites/gpu-decode-peers.toml (anvil, vLLM, HF in one run)
 #   serve-vllm: only the `vllm serve` half of serve
@@ -30,6 +30,31 @@ serve|serve-vllm)  # serve-vllm: vLLM's server only (anvil's ran in an earlier c
   echo "vllm ready after $(( $(date +%s) - t0 )) s" | tee "$out/vllm-startup.txt"
   timeout 300 python3 -m harness run suites/serving-gpu.toml --out "$out/vllm-run" > "$out/vllm.log" 2>&1
   kill -TERM $pid; wait $pid 2>/dev/null
+  ;;
+decode-sglang|serve-sglang)  # SGLang 0.5.11 (scripts/sglang-kit: carry .sk/part* to /tmp/sk, `sh /tmp/sk/reassemble.sh`
+  # installs it into /tmp/ssite once; it stays while the machine is warm). decode-sglang: suites/gpu-decode-sglang.toml
+  # (anvil and SGLang in one run); serve-sglang: `sglang.launch_server` of the synthetic Llama-3-8B (load_format dummy,
+  # its default radix cache on, as vLLM's prefix cache was) under suites/serving-gpu.toml, as serve-vllm does.
+  [ -d /tmp/ssite ] || { echo "SGLang kit not installed (/tmp/ssite): run /tmp/sk/reassemble.sh first" >&2; exit 2; }
+  eval "$(sh scripts/sglang-kit/reassemble.sh --exports)"
+  python3 -c "import sglang, torch; print('sglang', sglang.__version__, 'torch', torch.__version__)" \
+    > "$out/versions.txt" 2>&1
+  if [ "$part" = decode-sglang ]; then
+    timeout 560 python3 -m harness run suites/gpu-decode-sglang.toml --out /tmp/sglang-run 2>&1 | tail -30 \
+      > "$out/decode.log"
+    cp /tmp/sglang-run/records.jsonl /tmp/sglang-run/table.md "$out/" 2>/dev/null
+  else
+    dir=$(python3 -c "from adapters.vllm import synthetic_model_dir; print(synthetic_model_dir('llama-3-8b', 'bfloat16', '/tmp/vsyn'))")
+    t0=$(date +%s)
+    python3 -m sglang.launch_server --model-path "$dir" --tokenizer-path "$dir" --load-format dummy \
+      --dtype bfloat16 --host 127.0.0.1 --port 8000 --context-length 4096 --random-seed 0 \
+      --served-model-name synthetic:llama-3-8b > "$out/sglang-server.log" 2>&1 &
+    pid=$!
+    python3 scripts/wait_http.py http://127.0.0.1:8000/health "$pid" 400
+    echo "sglang ready after $(( $(date +%s) - t0 )) s" | tee "$out/sglang-startup.txt"
+    timeout 330 python3 -m harness run suites/serving-gpu.toml --out "$out/sglang-run" > "$out/sglang.log" 2>&1
+    kill -TERM $pid; wait $pid 2>/dev/null
+  fi
   ;;
 *)
   echo "unknown part $part" >&2
