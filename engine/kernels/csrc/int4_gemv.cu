@@ -14,7 +14,8 @@
 //   8 lop3 (and + or in one instruction), then 8 FMAs into an accumulator that starts at -sum_j base_j x_j, so it
 //   ends at sum_j q_j x_j. The zero and the scale are applied once per row and group:
 //   y += s * (sum q x - z * sum x). The bases (128 / 2048) keep fp32 rounding far below bf16's.
-// - x is read through the read-only cache (it is tiny and stays in L1 / L2), 16 bytes at a time.
+// - x is read 16 bytes at a time with coherent, L1-cached loads (ld.global.ca: it is tiny and stays in L1 / L2;
+//   not the non-coherent path, as under PDL the kernel starts before the kernel that writes x has finished).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -56,7 +57,7 @@ __device__ __forceinline__ void unpack8(uint32_t w, float (&f)[8]) {
 
 template <typename T>
 __device__ __forceinline__ void load_x8(const T* __restrict__ p, float (&x)[8]) {
-  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint4 v = __ldca(reinterpret_cast<const uint4*>(p));
   const float2 a = Pair<T>::f2(v.x), b = Pair<T>::f2(v.y), c = Pair<T>::f2(v.z), d = Pair<T>::f2(v.w);
   x[0] = a.x; x[1] = a.y; x[2] = b.x; x[3] = b.y; x[4] = c.x; x[5] = c.y; x[6] = d.x; x[7] = d.y;
 }
@@ -172,7 +173,7 @@ __global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(const T* __restr
       for (int m = 0; m < M; ++m) {
         const int64_t o = (int64_t)m * n + n0 + r;
         const float v = yacc[r][m] + b;
-        y[o] = from_f<T>(residual ? round_to<T>(v) + to_f<T>(residual[o]) : v);
+        y[o] = from_f<T>(residual ? round_to<T>(v) + to_f<T>(__ldca(residual + o)) : v);
       }
     }
   }
