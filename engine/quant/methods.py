@@ -33,6 +33,13 @@ INT4_CUDA_MAX_M = int(os.environ.get("ANVIL_INT4_CUDA_MAX_M", "1"))  # rows up t
 INT4_DEQUANT_M = int(os.environ.get("ANVIL_INT4_DEQUANT_M", "64"))  # above this many rows: dequantize + F.linear
 
 
+def _pdl_prologues() -> bool:
+    """Whether the Triton PDL kernels are on (sm_90+, ANVIL_PDL not 0): engine/kernels/triton/pdl.py."""
+    from engine.kernels.triton import pdl
+
+    return pdl.ENABLED
+
+
 def _buffer_bytes(layer) -> int:
     tensors = list(layer.buffers(recurse=False)) + list(layer.parameters(recurse=False))
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -72,11 +79,23 @@ class Int4LinearMethod(LinearMethod):
                           layer.in_scale if self.has_in_scale else None)
 
     def apply(self, layer, x, norm=None, act=False, residual=None):
-        """The base class's composition, with the residual add fused into the CUDA kernels' epilogue."""
-        if norm is not None:
-            x = ops.rms_norm(x, norm.weight, norm.eps)
-        if act:
-            x = ops.silu_and_mul(x)
+        """The base class's composition, with the residual add fused into the CUDA kernels' epilogue. On sm_90
+        the prologues run the Triton PDL kernels (engine/kernels/triton/fused.py: they let the int4 GEMV start,
+        and load its first weights, while they run); elsewhere engine.ops."""
+        if (norm is not None or act) and x.is_cuda and _pdl_prologues():
+            from engine.kernels.triton import fused
+
+            x2 = x.reshape(-1, x.shape[-1])
+            if norm is not None:
+                x2 = fused.rms_norm(x2, norm.weight, norm.eps)[0]
+            if act:
+                x2 = fused.silu_and_mul(x2)
+            x = x2.view(*x.shape[:-1], x2.shape[-1])
+        else:
+            if norm is not None:
+                x = ops.rms_norm(x, norm.weight, norm.eps)
+            if act:
+                x = ops.silu_and_mul(x)
         return self.matmul(layer, x, residual)
 
     def matmul(self, layer, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -130,6 +130,28 @@ def test_int4_linear_method_fuses_residual_gpu(monkeypatch):
 
 @pytest.mark.gpu
 @needs_gpu
+def test_int4_apply_prologues_gpu():
+    """apply's norm / SwiGLU prologues on the GPU (the Triton PDL kernels on sm_90) == engine.ops' composition,
+    up to the last bit of the rms (another reduction order), at M = 1 and 5."""
+    from engine import ops
+    from engine.model.layers.norm import RMSNorm
+
+    w, g = _weights(384, 1024, 128, torch.bfloat16, 5)
+    layer, meth = _layer(w), methods.Int4LinearMethod(128)
+    norm = RMSNorm(1024, 1e-5).to("cuda", torch.bfloat16)
+    norm.weight.copy_(torch.randn(1024, generator=g))
+    for m in (1, 5):
+        x = torch.randn(m, 1024, generator=g).to("cuda", torch.bfloat16)
+        r = torch.randn(m, 384, generator=g).to("cuda", torch.bfloat16)
+        want = r + meth.matmul(layer, ops.rms_norm(x, norm.weight, norm.eps))
+        got = meth.apply(layer, x, norm=norm, residual=r)
+        assert (got.float() - want.float()).abs().max().item() <= 2e-2 * want.float().abs().max().item(), m
+        x2 = torch.randn(m, 2048, generator=g).to("cuda", torch.bfloat16)
+        assert torch.equal(meth.apply(layer, x2, act=True), meth.matmul(layer, ops.silu_and_mul(x2))), m
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int4_gemv_pdl_in_cuda_graph_gpu(dtype, monkeypatch):
     """A graph of [Triton PDL rms_norm -> int4_gemv -> int4_gemv (+ residual)]: x of each GEMV is written by the
