@@ -132,7 +132,7 @@ def test_int4_linear_method_fuses_residual_gpu(monkeypatch):
 @needs_gpu
 def test_int4_apply_prologues_gpu():
     """apply's norm / SwiGLU prologues on the GPU (the Triton PDL kernels on sm_90) == engine.ops' composition,
-    up to the last bit of the rms (another reduction order), at M = 1 and 5."""
+    up to last bits (another reduction order for the rms, another exp), at M = 1 and 5."""
     from engine import ops
     from engine.model.layers.norm import RMSNorm
 
@@ -147,7 +147,9 @@ def test_int4_apply_prologues_gpu():
         got = meth.apply(layer, x, norm=norm, residual=r)
         assert (got.float() - want.float()).abs().max().item() <= 2e-2 * want.float().abs().max().item(), m
         x2 = torch.randn(m, 2048, generator=g).to("cuda", torch.bfloat16)
-        assert torch.equal(meth.apply(layer, x2, act=True), meth.matmul(layer, ops.silu_and_mul(x2))), m
+        want = meth.matmul(layer, ops.silu_and_mul(x2)).float()  # exp may differ in the last bit between the two
+        got = meth.apply(layer, x2, act=True).float()
+        assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item(), m
 
 
 @pytest.mark.gpu
