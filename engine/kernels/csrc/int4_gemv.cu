@@ -7,8 +7,10 @@
 // - A warp owns R consecutive rows and all of K: per iteration lane l reads 16 bytes (32 nibbles = 32 columns of
 //   one group, as G % 32 == 0) of each of its R rows, covering 1,024 columns per warp; the words, scales and zeros
 //   of P iterations are in flight (a ring of P register stages, refilled as each is used; P = 1 is a double
-//   buffer). At M = 1 (decode) the row count and the depth are chosen per shape (int4_gemv_rp). One shuffle reduction at the end; no
-//   split-K, no workspace, no second kernel.
+//   buffer). At M = 1 (decode) the row count and the depth are chosen per shape (int4_gemv_rp). One shuffle
+//   reduction at the end; no split-K, no workspace, no second kernel.
+// - Epilogue: + bias, + residual (rounded product + r, HF's order). On sm_90 the launch is a PDL one: the first
+//   stages of weights are loaded before griddepcontrol.wait, while the previous kernel finishes.
 // - Unpack without int -> float conversions: a nibble moved to bits 16..19 of a word and OR-ed with 0x43000000
 //   is the float 128 + q; one at bits 12..15 with 0x45000000 is 2048 + q (exact). Per 8-nibble word: 4 shifts and
 //   8 lop3 (and + or in one instruction), then 8 FMAs into an accumulator that starts at -sum_j base_j x_j, so it
@@ -188,12 +190,14 @@ cudaError_t launch_mrp(const Int4GemvParams& p, cudaStream_t st) {
                        static_cast<const T*>(p.residual), static_cast<T*>(p.y), p.n, p.k, p.group);
 }
 
-// The M = 1 default per shape: R = 2 up to N = 8,192 rows, else 8 (more rows per warp when there are many
-// warps); P stages so that R * P >= 8 loads are in flight per lane, at most the iterations there are.
+// The M = 1 default per shape, from the H200 sweep of every R x P (results/gpu/int4-h200/
+// int4-kernels-stages-aea7397.json, µs): up to N = 4,096 rows R = 2 with 4 stages (wo 6.0, w2 18.3; R = 4, P = 1:
+// 6.9 / 22.2), above R = 4 with 1 (qkv 8.3, w13 31.5; R = 8, P = 2: 10.6 / 40.7). Deeper stages gain little:
+// the kernel is bound by instruction issue (the unpack), not by the loads in flight.
 void int4_gemv_rp(int n, int k, int* r, int* stages) {
-  *r = n <= 8192 ? 2 : 8;
-  const int iters = (k + 1023) / 1024, want = *r == 2 ? 4 : 2;
-  *stages = iters >= want ? want : (iters >= 2 ? 2 : 1);
+  (void)k;
+  *r = n <= 4096 ? 2 : 4;
+  *stages = n <= 4096 ? 4 : 1;
 }
 
 template <typename T, int R>
