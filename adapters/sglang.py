@@ -13,6 +13,11 @@ SGLang starts its scheduler and detokenizer in subprocesses; the harness's worke
 Synthetic models ('synthetic:<preset>') use the folder the vLLM adapter writes (adapters.vllm.synthetic_model_dir:
 the preset's config.json + a word-level tokenizer.json) with load_format="dummy".
 
+Checked against 0.5.11's source (2026-12-03): `sampling_seed` only takes effect with enable_deterministic_inference
+(pass it in `extra`); the default Hopper attention backend (fa3) takes fp16 / bf16 only, so float32 models get
+attention_backend="triton" unless `extra` names one; a scheduler that fails at start-up kills its host process (the
+harness's worker: the cell is recorded as failed), and Engine.shutdown() ends every child of that process.
+
 Options (opts): mem_fraction_static, context_length, max_running_requests, tensor_parallel_size (1), seed (0),
 disable_cuda_graph (False), enable_prefix_caching (False: radix cache off, every request pays its own prefill),
 cache_dir (synthetic model folders), extra (dict of further sglang.Engine keyword arguments).
@@ -61,6 +66,8 @@ def llm_kwargs(model: ModelSpec, opts: dict[str, Any]) -> dict[str, Any]:
     for key in ("context_length", "max_running_requests"):
         if opts.get(key) is not None:
             kw[key] = int(opts[key])
+    if model.dtype == "float32":  # fa3 (the Hopper default) has no fp32 kernels
+        kw["attention_backend"] = "triton"
     kw.update(opts.get("extra") or {})
     return kw
 

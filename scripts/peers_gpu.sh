@@ -31,12 +31,15 @@ serve|serve-vllm)  # serve-vllm: vLLM's server only (anvil's ran in an earlier c
   timeout 300 python3 -m harness run suites/serving-gpu.toml --out "$out/vllm-run" > "$out/vllm.log" 2>&1
   kill -TERM $pid; wait $pid 2>/dev/null
   ;;
-decode-sglang|serve-sglang)  # SGLang 0.5.11 (scripts/sglang-kit: carry .sk/part* to /tmp/sk, `sh /tmp/sk/reassemble.sh`
-  # installs it into /tmp/ssite once; it stays while the machine is warm). decode-sglang: suites/gpu-decode-sglang.toml
+decode-sglang|serve-sglang)  # SGLang 0.5.11 (scripts/sglang-kit: carry .sk/part* to /tmp/sk; the first of these parts
+  # runs /tmp/sk/reassemble.sh, which installs it into /tmp/ssite; it stays while the machine is warm). decode-sglang: suites/gpu-decode-sglang.toml
   # (anvil and SGLang in one run); serve-sglang: `sglang.launch_server` of the synthetic Llama-3-8B (load_format dummy,
   # its default radix cache on, as vLLM's prefix cache was) under suites/serving-gpu.toml, as serve-vllm does.
-  [ -d /tmp/ssite ] || { echo "SGLang kit not installed (/tmp/ssite): run /tmp/sk/reassemble.sh first" >&2; exit 2; }
-  eval "$(sh scripts/sglang-kit/reassemble.sh --exports)"
+  if [ ! -s /tmp/sk/exports.sh ]; then  # the first call after the last part arrived: install, keep the exports
+    sh /tmp/sk/reassemble.sh > /tmp/sk/exports.sh.new 2> "$out/sglang-install.log" && mv /tmp/sk/exports.sh.new \
+      /tmp/sk/exports.sh || { echo "SGLang kit install failed: $out/sglang-install.log" >&2; exit 2; }
+  fi
+  . /tmp/sk/exports.sh
   python3 -c "import sglang, torch; print('sglang', sglang.__version__, 'torch', torch.__version__)" \
     > "$out/versions.txt" 2>&1
   if [ "$part" = decode-sglang ]; then

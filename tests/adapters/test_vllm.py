@@ -211,6 +211,12 @@ def test_sglang_synthetic_model_and_streamed_generate(monkeypatch, tmp_path):
     kw = ad.llm.kw
     assert kw["model_path"] == folder and kw["tokenizer_path"] == folder and kw["load_format"] == "dummy"
     assert kw["dtype"] == "bfloat16" and kw["context_length"] == 4096 and kw["disable_radix_cache"] is True
+    assert "attention_backend" not in kw  # SGLang's default (fa3 on Hopper) for bf16
+    fp32 = SGLangAdapter.llm_kwargs(ModelSpec("synthetic:llama-3-8b", None, device="cuda"), {"cache_dir": str(tmp_path)})
+    assert fp32["dtype"] == "float32" and fp32["attention_backend"] == "triton"  # fa3 has no fp32 kernels
+    extra = {"cache_dir": str(tmp_path), "extra": {"attention_backend": "flashinfer"}}
+    assert SGLangAdapter.llm_kwargs(ModelSpec("synthetic:llama-3-8b", None, device="cuda"), extra)[
+        "attention_backend"] == "flashinfer"  # fmt: skip
     assert (tmp_path / "llama-3-8b-bfloat16" / "tokenizer.json").is_file()
     res = ad.generate([GenRequest([5], 5), GenRequest(list(range(20)), 3), GenRequest([10, 11], 2)])
     assert res[0].output_ids == [5, 6, 7, 8, 9] and res[0].finish_reason == "length" and len(res[0].token_times) == 5
