@@ -2,9 +2,10 @@
 # Build the SGLang 0.5.11 carry kit for the lent GPU (Python 3.12, torch 2.11.0+cu130): download the wheels in
 # wheels.txt, re-store them uncompressed (same files, same RECORD; ZIP_STORED) so that xz can squeeze the CUDA
 # binaries (sglang-kernel's flash_ops.so deflates to 261 MiB, xz takes it far lower), add libnuma.so.1 (a NEEDED
-# library of sgl_kernel's common_ops that a plain image may lack), tar + xz the lot and split it into 58 MiB parts
-# under DEST (default .sk, keep it ignored by git). Carry one part per device call (copy it to /tmp/sk there), and in
-# the last call run reassemble.sh. Set SK_WHEEL_CACHE to a folder of already-downloaded wheels to skip re-downloading.
+# library of sgl_kernel's common_ops that a plain image may lack), tar + xz the lot and split it into parts of
+# SK_PART_SIZE (default 13M: the working tree takes ~49 of the 64 MiB a device call carries) under DEST (default
+# .sk, keep it ignored by git). Carry one part per device call (copy it to /tmp/sk there), then the last part with
+# skit.tar.xz.sha256 and run scripts/peers_gpu.sh decode-sglang / serve-sglang (it runs reassemble.sh once). Set SK_WHEEL_CACHE to a folder of already-downloaded wheels to skip re-downloading.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd); dest=${1:-.sk}; mkdir -p "$dest/whl"
 if [ -n "${SK_WHEEL_CACHE:-}" ]; then cp -n "$SK_WHEEL_CACHE"/*.whl "$dest/whl/" 2>/dev/null || true; fi
@@ -47,6 +48,6 @@ for f in sorted(os.listdir(src)):
                 shutil.copyfileobj(r, w, 1 << 20)
 PY
 ( cd "$dest" && rm -f part* skit.tar.xz* && tar -C stage -cf - whl lib | xz -T0 -9 > skit.tar.xz \
-  && sha256sum skit.tar.xz > skit.tar.xz.sha256 && split -b 58M skit.tar.xz part && rm -rf skit.tar.xz stage )
+  && sha256sum skit.tar.xz > skit.tar.xz.sha256 && split -b "${SK_PART_SIZE:-13M}" skit.tar.xz part && rm -rf skit.tar.xz stage )
 cp "$here/reassemble.sh" "$dest/"
 ls -la "$dest"
