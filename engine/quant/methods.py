@@ -7,7 +7,9 @@ matmul on CUDA, int4 (env ANVIL_INT4_KERNEL picks: auto | mma | gemv | triton): 
 FMA GEMV (engine/kernels/csrc/int4_gemv.cu, M <= 8; env ANVIL_INT4_CUDA_MAX_M raises the bound); calls with
 M <= 64 rows, K and G multiples of 128 and no act-order the tensor-core kernel (int4_mma.cu); calls above
 ANVIL_INT4_DEQUANT_M = 64 rows (prefill) dequantize into x.dtype (Triton) and run cuBLAS; other calls the
-Triton kernels (the decode kernel for M <= 16, GEMM above, or what the config table names). NF4: Triton,
+Triton kernels (the decode kernel for M <= 16, GEMM above, or what the config table names). The CUDA kernels add
+a Linear's residual in their epilogue (Int4LinearMethod.apply); on sm_90 its norm / SwiGLU prologues run on the Triton
+PDL kernels, so the GEMV (a PDL launch) loads its first weights while they run. NF4: Triton,
 fused for M <= 32, else dequantize + F.linear. Elsewhere the torch reference (dequantize into x.dtype, F.linear).
 """
 
