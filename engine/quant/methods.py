@@ -113,23 +113,21 @@ class Int4LinearMethod(LinearMethod):
         x2 = prepare_input(w, x.reshape(-1, shape[-1])).contiguous()
         m = x2.shape[0]
         r2 = None if residual is None else residual.reshape(m, -1)
-        fuse = r2 is not None and r2.dtype == x2.dtype and r2.is_contiguous() and r2.shape[1] == w.qweight.shape[0]
+        fused = r2 if r2 is not None and r2.dtype == x2.dtype and r2.is_contiguous() else None  # for the CUDA kernels
         if INT4_KERNEL in ("auto", "gemv") and m <= INT4_CUDA_MAX_M and ext.int4_gemv_supported(
             x2, self.group_size, w.g_idx
         ):  # the FMA GEMV at M = 1 (H200: 1.05-1.5x int4_mma there; 0.25-0.5x Triton / int4_mma at M = 8)
-            y = ext.int4_gemv(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, r2 if fuse else None)
-            r2 = None if fuse else r2
+            y = ext.int4_gemv(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, fused)
         elif INT4_KERNEL in ("auto", "mma") and ext.int4_mma_supported(x2, self.group_size, w.g_idx):
-            y = ext.int4_mma(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, r2 if fuse else None)
-            r2 = None if fuse else r2
+            y = ext.int4_mma(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, fused)
         elif INT4_KERNEL != "triton" and m > INT4_DEQUANT_M:  # prefill: compute bound, cuBLAS on the dense weight
             from engine.kernels.triton.int4_dequant import int4_dequantize
 
             dense = int4_dequantize(w.qweight, w.scales, w.zeros, self.group_size, w.g_idx, x2.dtype)
-            y = F.linear(x2, dense, layer.bias)
+            y, fused = F.linear(x2, dense, layer.bias), None
         else:
-            y = int4_matmul(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, g_idx=w.g_idx)
-        if r2 is not None:
+            y, fused = int4_matmul(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, g_idx=w.g_idx), None
+        if r2 is not None and fused is None:  # the kernel did not add it
             y = r2 + y
         return y.view(*shape[:-1], y.shape[-1])
 

@@ -87,6 +87,13 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 // Round-trip through T: what torch does when an op's result is stored in T.
 template <typename T> __device__ __forceinline__ float round_to(float x) { return to_f<T>(from_f<T>(x)); }
 
+// An output element v (fp32) stored as T, plus a residual when one is given: round(v) + r, rounded again (HF's
+// order: the product in T, then the add in T). r is read with a coherent load (it may come from a PDL predecessor).
+template <typename T>
+__device__ __forceinline__ T out_with_residual(float v, const T* __restrict__ residual, int64_t o) {
+  return from_f<T>(residual ? round_to<T>(v) + to_f<T>(__ldca(residual + o)) : v);
+}
+
 // 16 bytes of T, read/written with one vector instruction.
 template <typename T>
 struct alignas(16) Vec16 {

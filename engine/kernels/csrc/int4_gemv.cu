@@ -174,8 +174,7 @@ __global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(const T* __restr
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         const int64_t o = (int64_t)m * n + n0 + r;
-        const float v = yacc[r][m] + b;
-        y[o] = from_f<T>(residual ? round_to<T>(v) + to_f<T>(__ldca(residual + o)) : v);
+        y[o] = out_with_residual<T>(yacc[r][m] + b, residual, o);
       }
     }
   }

@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kKS * 32, OCC) int4_mma_kernel(const T* __rest
       for (int w = 0; w < kKS; ++w) v += red[w][e][l];
       if (bias) v += to_f<T>(bias[col]);
       const int64_t o = (int64_t)row * n + col;
-      y[o] = from_f<T>(residual ? round_to<T>(v) + to_f<T>(residual[o]) : v);
+      y[o] = out_with_residual<T>(v, residual, o);
     }
     __syncthreads();  // red is rewritten by the next tile
   }

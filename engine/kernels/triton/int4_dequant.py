@@ -33,7 +33,7 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, gi_ptr, w_ptr, N, K, KW, NG, G: tl.con
             sz = offs_n[:, None] * NG + g[None, :]
             s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
-            w = (((qw >> (4 * j)) & 0xF).to(tl.float32) - z) * s
+            w = _deq(qw, j, s, z)
             tl.store(w_ptr + offs_n[:, None] * K + col[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
     else:  # the eight nibbles joined into [BLOCK_N, BLOCK_W, 8] = [BLOCK_N, 8 * BLOCK_W] columns: contiguous stores
         v0 = _deq(qw, 0, s, z)
