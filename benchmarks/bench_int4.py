@@ -1,6 +1,7 @@
 """GPU benchmark of the int4 g128 kernels on Llama-3-8B linear shapes, against bf16 cuBLAS F.linear on the same
-shape: Triton (decode kernel `int4_gemv`, GEMM `int4_gemm`), the CUDA FMA GEMV (`int4_cuda`, int4_gemv.cu, M <= 8;
-`int4_cuda_rR_pP` at M = 1: R rows per warp x P load stages forced), the tensor-core kernel (`int4_mma`,
+shape: Triton (decode kernel `int4_gemv`, GEMM `int4_gemm`), the CUDA GEMV (`int4_cuda`, M <= 8: int4_tc_gemv.cu's
+tensor-core path for K, G multiples of 128, `int4_cuda_fma` the FMA kernel of int4_gemv.cu forced, and at M = 1 / 8
+`int4_tc_rR_ksS_pP`: R 16-row tiles per warp x S warps splitting K x P load stages forced), the tensor-core kernel (`int4_mma`,
 int4_mma.cu, M <= 64; `int4_mma_nt2` / `_nt4` / `_nt4_occ1` / `_bps1|2|4`: its tuning knobs forced),
 the prefill path (`int4_dequant`: dequantize + cuBLAS, M > 32) and the NF4 GEMV.
 
@@ -256,10 +257,11 @@ class Bench:
             add("int4_gemv", None, lambda qw, s, z: int4_gemv(x, qw, s, z, G))
         if self.cuda and ext.int4_gemv_supported(x, G, None):  # the CUDA GEMV (M <= 8), beside the Triton kernels
             add("int4_cuda", None, lambda qw, s, z: ext.int4_gemv(x, qw, s, z, G))
-            for r, p in [(r, p) for r in (2, 4, 8) for p in (1, 2, 4) if (r, p) != (8, 4)] if m == 1 else []:
-                env = {"ANVIL_INT4_GEMV_R": str(r), "ANVIL_INT4_GEMV_P": str(p)}  # rows per warp x stages
-                add(f"int4_cuda_r{r}_p{p}", None,
-                    lambda qw, s, z, env=env: _with_env(env, ext.int4_gemv, x, qw, s, z, G))  # fmt: skip
+            variants = [("int4_cuda_fma", {"ANVIL_INT4_GEMV_TC": "0"})]  # the FMA kernel beside the tensor-core path
+            variants += [(f"int4_tc_r{r}_ks{ks}_p{p}", {"ANVIL_INT4_TC_R": str(r), "ANVIL_INT4_TC_KS": str(ks),
+                          "ANVIL_INT4_TC_P": str(p)}) for r in (1, 2) for ks in (2, 4, 8) for p in (2, 4)]  # fmt: skip
+            for label, env in variants if m in (1, 8) else variants[:1]:
+                add(label, None, lambda qw, s, z, env=env: _with_env(env, ext.int4_gemv, x, qw, s, z, G))
         if self.cuda and ext.int4_mma_supported(x, G, None):  # the tensor-core kernel (M <= 64), its NT variants
             variants = [("", "", "", "")] + ([("_nt2", "2", "2", ""), ("_nt4", "4", "2", "")] if m <= 32 else [])
             variants += [("_nt4_occ1", "4", "1", "")] if m <= 16 else []
@@ -329,7 +331,7 @@ def best_configs(rows: list[dict]) -> list[dict]:
     rows. A default row (config None) wins as its resolved heuristic config."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        if r["status"] != "ok" or r["kernel"].startswith(("bf16_cublas", "int4_cuda", "int4_mma")):  # Triton configs
+        if r["status"] != "ok" or r["kernel"].startswith(("bf16_cublas", "int4_cuda", "int4_tc", "int4_mma")):  # Triton configs
             continue
         fmt = "nf4" if r["kernel"] == "nf4_gemv" else "int4"
         key = (fmt, r["M"], r["N"], r["K"])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -135,6 +135,15 @@ int4-stages)  # the CUDA int4 GEMV's load stages at M = 1, the fused residual an
 or fused or residual or pdl or dispatch" 2>&1 | tail -12 > "$out/int4-cuda-tests.log"
   timeout 90 python3 benchmarks/bench_int4.py --ms 1 --no-nf4 --iters 50 --out "$out/int4-kernels-stages.json" 2>&1 \
     | grep -E "int4_cuda|int4_mma |bf16" > "$out/int4-kernels-stages.log"
+  ;;
+int4-tc)  # int4_gemv's tensor-core path (int4_tc_gemv.cu): the kernel rows at M = 1 / 8 (every R x KS x P, the FMA
+  # kernel and int4_mma beside it), then its GPU tests and the FMA kernel's (then int4-mma-suite: the model)
+  python3 -m engine.kernels.build > "$out/build.log" 2>&1
+  timeout 220 python3 benchmarks/bench_int4.py --ms 1,8 --no-nf4 --iters 50 --out "$out/int4-kernels-tc.json" 2>&1 \
+    | grep -E "int4_cuda|int4_tc|int4_mma |bf16" > "$out/int4-kernels-tc.log"
+  timeout 280 python3 -m pytest -q -p no:cacheprovider tests/engine/quant/test_kernels_int4_tc.py \
+    tests/engine/quant/test_kernels_int4_fused.py tests/engine/quant/test_kernels_int4.py -k "tc or cuda_gemv or \
+uses_cuda or fused or residual or pdl" 2>&1 | tail -15 > "$out/int4-tc-tests.log"
   ;;
 int4-mma-suite)  # the int4 (RTN g128) model of suites/gpu-int4.toml through the engine core (int4_mma for M <= 64)
   int4_suite 400

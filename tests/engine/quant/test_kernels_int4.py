@@ -251,7 +251,9 @@ needs_ext = pytest.mark.skipif(
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("n,k", GPU_SHAPES)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
-def test_int4_cuda_gemv_gpu(n, k, m, dtype):
+@pytest.mark.parametrize("tc", ["1", "0"])  # K, G multiples of 128: the tensor-core path, or the FMA kernel forced
+def test_int4_cuda_gemv_gpu(n, k, m, dtype, tc, monkeypatch):
+    monkeypatch.setenv("ANVIL_INT4_GEMV_TC", tc)
     gpu_case(kind="int4_cuda", n=n, k=k, m=m, dtype=dtype, seed=m, bias=m == 3)
 
 
@@ -265,6 +267,7 @@ def test_int4_cuda_gemv_awkward_gpu(n, k, group, m, monkeypatch):
     iteration (a tail iteration with idle lanes) nor of the stages in flight (K = 2,560: 3 iterations; 5,152: 6),
     every group size the kernel takes, bias; at M = 1 the per-shape default and every rows-per-warp x stages
     variant (ANVIL_INT4_GEMV_R 2 / 4 / 8 x ANVIL_INT4_GEMV_P 1 / 2 / 4)."""
+    monkeypatch.setenv("ANVIL_INT4_GEMV_TC", "0")  # the FMA kernel at every shape (test_kernels_int4_tc.py: the other)
     variants = [("", "")] + ([(r, p) for r in ("2", "4", "8") for p in ("1", "2", "4")] if m == 1 else [])
     for r, p in variants:
         monkeypatch.setenv("ANVIL_INT4_GEMV_R", r)

@@ -69,6 +69,7 @@ def test_int4_gemv_residual_bit_exact_gpu(n, k, group, m, dtype, monkeypatch):
     bias = torch.randn(n, generator=g).to("cuda", dtype)
     x = torch.randn(m, k, generator=g).to("cuda", dtype)
     r = torch.randn(m, n, generator=g).to("cuda", dtype) * 4
+    monkeypatch.setenv("ANVIL_INT4_GEMV_TC", "0")  # the FMA kernel (test_kernels_int4_tc.py: the tensor-core path)
     variants = [("", "")] + ([(a, b) for a in ("2", "4", "8") for b in ("1", "2", "4")] if m == 1 else [])
     for rows, stages in variants:
         monkeypatch.setenv("ANVIL_INT4_GEMV_R", rows)
@@ -173,8 +174,10 @@ def test_int4_gemv_pdl_in_cuda_graph_gpu(dtype, monkeypatch):
         y = ext.int4_gemv(x, w1.qweight, w1.scales, w1.zeros, 128)
         return ext.int4_gemv(y, w2.qweight, w2.scales, w2.zeros, 128, None, y)
 
-    for stages in ("1", "4"):
+    for tc, stages in (("0", "1"), ("0", "4"), ("1", "2"), ("1", "4")):  # the FMA kernel, the tensor-core path
+        monkeypatch.setenv("ANVIL_INT4_GEMV_TC", tc)
         monkeypatch.setenv("ANVIL_INT4_GEMV_P", stages)
+        monkeypatch.setenv("ANVIL_INT4_TC_P", stages)
         chain()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -184,4 +187,4 @@ def test_int4_gemv_pdl_in_cuda_graph_gpu(dtype, monkeypatch):
             h.copy_(torch.randn(1, k, generator=g).to("cuda", dtype) * (i + 1))
             graph.replay()
             want = chain()
-            assert torch.equal(out, want), (stages, i)
+            assert torch.equal(out, want), (tc, stages, i)
