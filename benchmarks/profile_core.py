@@ -3,6 +3,7 @@ for batch-1 decode (CUDA graphs on and off) and for a continuous-batching run, w
 time (a host-bound run shows GPU idle). Public APIs only. Writes one JSON.
 
   python benchmarks/profile_core.py --out results/gpu/core-h200/profile.json [--parts b1,cb,host] [--cb-requests 128]
+      [--quant rtn|nf4]
 
 host: a cProfile of the host side of the continuous-batching run (where a host-bound step spends its time).
 """
@@ -155,9 +156,15 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--parts", default="b1,cb")
     ap.add_argument("--cb-requests", type=int, default=128)
+    ap.add_argument("--quant", default=None, choices=["rtn", "nf4"], help="quantize the Linears first (int4 g128 / NF4)")
     args = ap.parse_args()
     lm = synthetic(args.preset, "bfloat16", "cuda", seed=0)
-    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset}
+    if args.quant:
+        from engine.quant import quantize_model
+
+        quantize_model(lm.model, args.quant)
+    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset,
+                 "quant": args.quant}  # fmt: skip
     for part in args.parts.split(","):
         try:
             if part == "b1":
