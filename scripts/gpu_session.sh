@@ -142,8 +142,8 @@ int4-tc)  # int4_gemv's tensor-core path (int4_tc_gemv.cu): the kernel rows at M
   timeout 220 python3 benchmarks/bench_int4.py --ms 1,8 --no-nf4 --iters 50 --out "$out/int4-kernels-tc.json" 2>&1 \
     | grep -E "int4_cuda|int4_tc|int4_mma |bf16" > "$out/int4-kernels-tc.log"
   timeout 280 python3 -m pytest -q -p no:cacheprovider tests/engine/quant/test_kernels_int4_tc.py \
-    tests/engine/quant/test_kernels_int4_fused.py tests/engine/quant/test_kernels_int4.py -k "tc or cuda_gemv or \
-uses_cuda or fused or residual or pdl" 2>&1 | tail -15 > "$out/int4-tc-tests.log"
+    tests/engine/quant/test_kernels_int4_fused.py tests/engine/quant/test_kernels_int4.py -k "${INT4_TC_TESTS:-tc or \
+cuda_gemv or uses_cuda or fused or residual or pdl}" 2>&1 | tail -15 > "$out/int4-tc-tests.log"
   ;;
 int4-mma-suite)  # the int4 (RTN g128) model of suites/gpu-int4.toml through the engine core (int4_mma for M <= 64)
   int4_suite 400
