@@ -4,7 +4,8 @@ buffers instead of a `weight` parameter; their names are the checkpoint names be
 (`layers.0.attention.wqkv.qweight`, ...).
 
 matmul on CUDA, int4 (env ANVIL_INT4_KERNEL picks: auto | mma | gemv | triton): one fp16 / bf16 row runs the CUDA
-FMA GEMV (engine/kernels/csrc/int4_gemv.cu, M <= 8; env ANVIL_INT4_CUDA_MAX_M raises the bound); calls with
+GEMV (`ext.int4_gemv`, M <= 8: its tensor-core path int4_tc_gemv.cu when K, G are multiples of 128 and K / G is
+even, else the FMA kernel int4_gemv.cu; env ANVIL_INT4_CUDA_MAX_M raises the bound); calls with
 M <= 64 rows, K and G multiples of 128 and no act-order the tensor-core kernel (int4_mma.cu); calls above
 ANVIL_INT4_DEQUANT_M = 64 rows (prefill) dequantize into x.dtype (Triton) and run cuBLAS; other calls the
 Triton kernels (the decode kernel for M <= 16, GEMM above, or what the config table names). The CUDA kernels add
@@ -116,7 +117,7 @@ class Int4LinearMethod(LinearMethod):
         fused = r2 if r2 is not None and r2.dtype == x2.dtype and r2.is_contiguous() else None  # for the CUDA kernels
         if INT4_KERNEL in ("auto", "gemv") and m <= INT4_CUDA_MAX_M and ext.int4_gemv_supported(
             x2, self.group_size, w.g_idx
-        ):  # the FMA GEMV at M = 1 (H200: 1.05-1.5x int4_mma there; 0.25-0.5x Triton / int4_mma at M = 8)
+        ):  # the CUDA GEMV at M = 1 (see the module docstring)
             y = ext.int4_gemv(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, fused)
         elif INT4_KERNEL in ("auto", "mma") and ext.int4_mma_supported(x2, self.group_size, w.g_idx):
             y = ext.int4_mma(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, fused)
