@@ -259,7 +259,7 @@ class Bench:
             add("int4_cuda", None, lambda qw, s, z: ext.int4_gemv(x, qw, s, z, G))
             variants = [("int4_cuda_fma", {"ANVIL_INT4_GEMV_TC": "0"})]  # the FMA kernel beside the tensor-core path
             variants += [(f"int4_tc_r{r}_ks{ks}_p{p}", {"ANVIL_INT4_TC_R": str(r), "ANVIL_INT4_TC_KS": str(ks),
-                          "ANVIL_INT4_TC_P": str(p)}) for r in (1, 2) for ks in (4, 8) for p in (4, 8)]  # fmt: skip
+                          "ANVIL_INT4_TC_P": str(p)}) for r in (1, 2) for ks in (2, 4, 8) for p in (2, 4)]  # fmt: skip
             for label, env in variants if m in (1, 8) else variants[:1]:
                 add(label, None, lambda qw, s, z, env=env: _with_env(env, ext.int4_gemv, x, qw, s, z, G))
         if self.cuda and ext.int4_mma_supported(x, G, None):  # the tensor-core kernel (M <= 64), its NT variants

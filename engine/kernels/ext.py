@@ -207,7 +207,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
               bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """y [M, N] = x [M <= 8, K] @ ((q - z) * s)^T (+ bias) for Anvil's packed int4 (engine/quant/int4.py):
     qweight int32 [N, K/8], scales / zeros [N, K/G] in x.dtype (fp16 / bf16); with `residual` [M, N] the rounded
-    product plus residual (one rounding more, as `residual + y` in x.dtype). K, G multiples of 128 and K / G even:
+    product plus residual (one rounding more, as `residual + y` in x.dtype). K, G multiples of 128:
     the tensor-core kernel engine/kernels/csrc/int4_tc_gemv.cu (ANVIL_INT4_GEMV_TC=0: the FMA kernel), else the
     FMA kernel engine/kernels/csrc/int4_gemv.cu; on sm_90 a PDL launch (ANVIL_PDL=0: plain)."""
     return _ops().int4_gemv(x, qweight, scales, zeros, int(group_size), bias, residual)

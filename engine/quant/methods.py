@@ -4,8 +4,7 @@ buffers instead of a `weight` parameter; their names are the checkpoint names be
 (`layers.0.attention.wqkv.qweight`, ...).
 
 matmul on CUDA, int4 (env ANVIL_INT4_KERNEL picks: auto | mma | gemv | triton): one fp16 / bf16 row runs the CUDA
-GEMV (`ext.int4_gemv`, M <= 8: its tensor-core path int4_tc_gemv.cu when K, G are multiples of 128 and K / G is
-even, else the FMA kernel int4_gemv.cu; env ANVIL_INT4_CUDA_MAX_M raises the bound); calls with
+GEMV (`ext.int4_gemv`, M <= 8: its tensor-core path int4_tc_gemv.cu when K, G are multiples of 128, else the FMA kernel int4_gemv.cu; env ANVIL_INT4_CUDA_MAX_M raises the bound); calls with
 M <= 64 rows, K and G multiples of 128 and no act-order the tensor-core kernel (int4_mma.cu); calls above
 ANVIL_INT4_DEQUANT_M = 64 rows (prefill) dequantize into x.dtype (Triton) and run cuBLAS; other calls the
 Triton kernels (the decode kernel for M <= 16, GEMM above, or what the config table names). The CUDA kernels add

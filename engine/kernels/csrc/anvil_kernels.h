@@ -99,7 +99,7 @@ struct Int4GemvParams {
   int pdl;      // launch with programmatic dependent launch (sm_90+; the kernel waits before reading x)
 };
 cudaError_t launch_int4_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st);
-// int4_gemv's tensor-core path (int4_tc_gemv.cu) for K % 128 == 0, G % 128 == 0 and K / G even, which launch_int4_gemv takes
+// int4_gemv's tensor-core path (int4_tc_gemv.cu) for K % 128 == 0 and G % 128 == 0, which launch_int4_gemv takes
 // unless env ANVIL_INT4_GEMV_TC=0 (then the FMA kernel of int4_gemv.cu runs every shape)
 cudaError_t launch_int4_tc_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st);
 

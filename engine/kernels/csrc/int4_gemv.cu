@@ -246,7 +246,7 @@ cudaError_t launch_t(const Int4GemvParams& p, cudaStream_t st) {
 cudaError_t launch_int4_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st) {
   if (p.m < 1 || p.m > kInt4GemvMaxM || p.k % 32 != 0 || p.group % 32 != 0 || p.k % p.group != 0)
     return cudaErrorInvalidValue;
-  if (p.k % 128 == 0 && p.group % 128 == 0 && (p.k / p.group) % 2 == 0 && env_int("ANVIL_INT4_GEMV_TC", 1) != 0)
+  if (p.k % 128 == 0 && p.group % 128 == 0 && env_int("ANVIL_INT4_GEMV_TC", 1) != 0)
     return launch_int4_tc_gemv(p, dt, st);
   return ANVIL_HALF_SWITCH(dt, T, [&] { return launch_t<T>(p, st); });
 }

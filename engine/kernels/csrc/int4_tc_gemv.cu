@@ -1,23 +1,23 @@
 // Int4 (group-wise asymmetric) decode GEMV on the tensor cores: y[M, N] = x[M, K] @ W^T (+ bias) (+ residual),
 // 1 <= M <= 8, W in Anvil's packed format (engine/quant/int4.py: qweight int32 [N, K/8], nibble j of word w =
-// column 8w + j; scales / zeros [N, K/G] in x's dtype), K % 128 == 0, G % 128 == 0, K / G even. int4_gemv's path
-// for those shapes (launch_int4_gemv; env ANVIL_INT4_GEMV_TC=0 keeps the FMA kernel).
+// column 8w + j; scales / zeros [N, K/G] in x's dtype), K % 128 == 0, G % 128 == 0. int4_gemv's path for those
+// shapes (launch_int4_gemv; env ANVIL_INT4_GEMV_TC=0 keeps the FMA kernel).
 //
-// Why: the FMA GEMV spends ~25 ALU instructions per 8 nibbles and is bound by issue (ncu: 0.73 issued warps per
-// scheduler at 33% of DRAM). A first version of this kernel with a third of those instructions and its loads in a
-// register ring (as the FMA kernel's) was barely faster (w13 28.7 vs 31.4 µs, results/gpu/int4-h200/
-// int4-kernels-tc-7013384.json), and deeper rings did not help: loads into registers are tracked by a handful of
-// scoreboards per warp, so waiting for the oldest stage waits for younger ones too. Here the loads are cp.async
-// copies into shared memory (commit groups; wait_group P - 1), so P - 1 stages are really in flight.
-// - W is the A operand of mma.m16n8k16 (16 rows x 16 columns: 256 nibbles per MMA), the batch the B operand's 8
-//   columns (lane g = lane / 4 carries x row min(g, M - 1): one x load serves every M <= 8).
-// - Lane (g, t = lane % 4) of a warp copies, per 128-column chunk and 16-row tile, 16 bytes of rows g and g + 8
-//   (columns 32 t .. 32 t + 31) and the 4-byte pairs of scales / zeros holding their group; the K order inside an
-//   MMA is ours to choose, so those words are its A fragments as they are (int4tc::unit_pair: one lop3 per nibble
-//   pair) and its B fragments two byte-permutes of x.
+// Why: the FMA GEMV spends ~25 ALU instructions per 8 nibbles (unpack, 8 FMAs, its share of the x work) and is
+// bound by issue (ncu: 0.73 issued warps per scheduler at 33% of DRAM); int4_mma (W as the MMA's B operand, one
+// register double buffer) spends few ALU instructions but keeps too few bytes in flight at M = 1. This kernel
+// needs about a third of the FMA kernel's instructions, yet is only 1.08-1.13x faster (H200): with 3x fewer
+// instructions the time barely moved, so neither issue nor (P = 4 vs 2) loads in flight bound it now. A version
+// with cp.async copies into a shared-memory ring (P - 1 stages in flight, no register scoreboards) was slower
+// still (w13 36-45 µs, int4-kernels-tc-48f7472.json). Here:
+// - W is the A operand of mma.m16n8k16 (16 rows x 16 columns: 256 nibbles per MMA, twice int4_mma's), the batch
+//   the B operand's 8 columns (lane g = lane / 4 carries x row min(g, M - 1): one x load serves every M <= 8).
+// - Lane (g, t = lane % 4) of a warp reads, per 128-column chunk and 16-row tile, 16 bytes of rows g and g + 8
+//   (columns 32 t .. 32 t + 31); the K order inside an MMA is ours to choose, so those words are its A fragments
+//   as they are (int4tc::unit_pair: one lop3 per nibble pair) and its B fragments two byte-permutes of x.
 // - R tiles per warp, KS warps per block split the chunks (c = warp, warp + KS, ...) and sum through shared memory;
-//   each warp has its own ring of P stages (TcStage), the first P - 1 issued before griddepcontrol.wait under PDL
-//   (sm_90), x read after it.
+//   P stages of words / scales / zeros in flight per lane (a register ring, refilled as each is used), the first
+//   ones loaded before griddepcontrol.wait under PDL (sm_90), x after it.
 // - Values: the MMA sums d = sum (1 + q / S) x, an MMA against ones sum x; per group y += S s d - (S + z) s sum x
 //   in fp32 (int4_mma.cu's algebra), then + bias, + residual (out_with_residual: HF's rounding order).
 #include <cuda_bf16.h>
@@ -35,20 +35,6 @@ using int4tc::MmaType;
 using int4tc::unit_pair;
 using int4tc::word;
 
-// One warp's load stage: what each lane copies for itself (16 bytes of rows g and g + 8 of each tile; the aligned
-// pairs of scales and zeros that hold its group), so a lane reads back only its own copies: no warp sync.
-template <int R>
-struct TcStage {
-  uint4 q[R][2][32];
-  uint32_t s[R][2][32], z[R][2][32];
-};
-
-template <typename T>
-__device__ __forceinline__ float half_of(uint32_t pair, bool hi) {
-  const uint16_t b = static_cast<uint16_t>(hi ? pair >> 16 : pair & 0xFFFFu);
-  return to_f<T>(*reinterpret_cast<const T*>(&b));
-}
-
 template <typename T, int R, int KS, int P>
 __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restrict__ x,
                                                                const uint32_t* __restrict__ qweight,
@@ -58,11 +44,9 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
                                                                const T* __restrict__ residual, T* __restrict__ y,
                                                                int m, int n, int k, int group) {
   using MT_ = MmaType<T>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kw = k >> 3, ng = k / group, chunks = k >> 7, nb = blockIdx.x * (16 * R);
   const int nj = (chunks - warp + KS - 1) / KS;  // this warp's chunks: warp + KS * j, j < nj
-  TcStage<R>* ring = reinterpret_cast<TcStage<R>*>(smem_raw) + warp * P;
   const uint32_t* qrow[R][2];
   const T* srow[R][2];
   const T* zrow[R][2];
@@ -77,24 +61,25 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
     }
   const T* xr = x + (int64_t)min(g, m - 1) * k + 32 * t;
 
-  // chunk j's copies into stage j % P, one commit group per chunk (an empty one past the end keeps the count)
-  auto issue = [&](int j) {
-    if (j < nj) {
-      TcStage<R>& st = ring[j % P];
-      const int c = warp + KS * j, gp = ((c << 7) / group) & ~1;
+  uint4 qs[P][R][2];
+  T ss[P][R][2], zs[P][R][2];
+  auto load = [&](int j, uint4 (&q)[R][2], T (&s)[R][2], T (&z)[R][2]) {
+    const int c = warp + KS * j, grp = (c << 7) / group;
 #pragma unroll
-      for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          cp_async16(&st.q[r][e][lane], qrow[r][e] + (c << 4));
-          cp_async4(&st.s[r][e][lane], srow[r][e] + gp);
-          cp_async4(&st.z[r][e][lane], zrow[r][e] + gp);
+      for (int e = 0; e < 2; ++e) {
+        q[r][e] = make_uint4(0, 0, 0, 0);
+        s[r][e] = z[r][e] = from_f<T>(0.f);
+        if (j < nj) {
+          q[r][e] = __ldcs(reinterpret_cast<const uint4*>(qrow[r][e] + (c << 4)));
+          s[r][e] = __ldg(srow[r][e] + grp);
+          z[r][e] = __ldg(zrow[r][e] + grp);
         }
-    }
-    cp_async_commit();
+      }
   };
 #pragma unroll
-  for (int p = 0; p < P - 1; ++p) issue(p);
+  for (int p = 0; p < P; ++p) load(p, qs[p], ss[p], zs[p]);
   pdl_wait();  // the weights are constants; x (and the residual, y) belong to the previous kernels
   pdl_launch_dependents();
 
@@ -104,58 +89,59 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[r][c] = 0.f;
   const uint32_t ones[4] = {MT_::kOne, MT_::kOne, MT_::kOne, MT_::kOne};
-  for (int j = 0; j < nj; ++j) {
-    const int c0 = (warp + KS * j) << 7;
-    const bool hi = ((c0 / group) & 1) != 0;
-    uint4 xv[4];
+  for (int j0 = 0; j0 < nj; j0 += P) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) xv[i] = __ldca(reinterpret_cast<const uint4*>(xr + c0 + 8 * i));
-    issue(j + P - 1);
-    cp_async_wait<P - 1>();  // chunk j has landed
-    const TcStage<R>& st = ring[j % P];
-    uint4 q[R][2];
-    float ca[R][2], cb[R][2];  // per A row: S * s and (S + z) * s
+    for (int p = 0; p < P; ++p) {
+      const int j = j0 + p;
+      if (j >= nj) break;
+      const int c0 = (warp + KS * j) << 7;
+      uint4 xv[4];
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) xv[i] = __ldca(reinterpret_cast<const uint4*>(xr + c0 + 8 * i));
+      uint4 q[R][2];
+      float ca[R][2], cb[R][2];  // per A row: S * s and (S + z) * s
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        q[r][e] = st.q[r][e][lane];
-        const float s = half_of<T>(st.s[r][e][lane], hi);
-        ca[r][e] = MT_::kS * s;
-        cb[r][e] = fmaf(half_of<T>(st.z[r][e][lane], hi), s, ca[r][e]);
-      }
-
-    float d[R][4], xs[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) d[r][c] = 0.f;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        // B: x pairs (x[2h], x[2h + 4]) at k slots (2t, 2t + 1), (x[2h + 1], x[2h + 5]) at (2t + 8, 2t + 9)
-        const uint32_t lo = h == 0 ? xv[i].x : xv[i].y, hi2 = h == 0 ? xv[i].z : xv[i].w;
-        const uint32_t b0 = __byte_perm(lo, hi2, 0x5410), b1 = __byte_perm(lo, hi2, 0x7632);
-        MT_::mma(xs, ones, b0, b1);
-#pragma unroll
-        for (int r = 0; r < R; ++r) {  // A: the same columns of rows g (a0, a2) and g + 8 (a1, a3)
-          const uint32_t wg = word(q[r][0], i), w8 = word(q[r][1], i);
-          const uint32_t a[4] = {h == 0 ? unit_pair<T, 0>(wg) : unit_pair<T, 2>(wg),
-                                 h == 0 ? unit_pair<T, 0>(w8) : unit_pair<T, 2>(w8),
-                                 h == 0 ? unit_pair<T, 1>(wg) : unit_pair<T, 3>(wg),
-                                 h == 0 ? unit_pair<T, 1>(w8) : unit_pair<T, 3>(w8)};
-          MT_::mma(d[r], a, b0, b1);
+        for (int e = 0; e < 2; ++e) {
+          q[r][e] = qs[p][r][e];
+          const float s = to_f<T>(ss[p][r][e]);
+          ca[r][e] = MT_::kS * s;
+          cb[r][e] = fmaf(to_f<T>(zs[p][r][e]), s, ca[r][e]);
         }
-      }
-    // d[r][c]: row 16 r + g + 8 (c >> 1), batch row 2t + (c & 1); xs[c]: sum x of batch row 2t + (c & 1)
+      load(j + P, qs[p], ss[p], zs[p]);
+
+      float d[R][4], xs[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int c = 0; c < 4; ++c)
-        acc[r][c] = fmaf(ca[r][c >> 1], d[r][c], fmaf(-cb[r][c >> 1], xs[c & 1], acc[r][c]));
+        for (int c = 0; c < 4; ++c) d[r][c] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // B: x pairs (x[2h], x[2h + 4]) at k slots (2t, 2t + 1), (x[2h + 1], x[2h + 5]) at (2t + 8, 2t + 9)
+          const uint32_t lo = h == 0 ? xv[i].x : xv[i].y, hi = h == 0 ? xv[i].z : xv[i].w;
+          const uint32_t b0 = __byte_perm(lo, hi, 0x5410), b1 = __byte_perm(lo, hi, 0x7632);
+          MT_::mma(xs, ones, b0, b1);
+#pragma unroll
+          for (int r = 0; r < R; ++r) {  // A: the same columns of rows g (a0, a2) and g + 8 (a1, a3)
+            const uint32_t wg = word(q[r][0], i), w8 = word(q[r][1], i);
+            const uint32_t a[4] = {h == 0 ? unit_pair<T, 0>(wg) : unit_pair<T, 2>(wg),
+                                   h == 0 ? unit_pair<T, 0>(w8) : unit_pair<T, 2>(w8),
+                                   h == 0 ? unit_pair<T, 1>(wg) : unit_pair<T, 3>(wg),
+                                   h == 0 ? unit_pair<T, 1>(w8) : unit_pair<T, 3>(w8)};
+            MT_::mma(d[r], a, b0, b1);
+          }
+        }
+      // d[r][c]: row 16 r + g + 8 (c >> 1), batch row 2t + (c & 1); xs[c]: sum x of batch row 2t + (c & 1)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          acc[r][c] = fmaf(ca[r][c >> 1], d[r][c], fmaf(-cb[r][c >> 1], xs[c & 1], acc[r][c]));
+    }
   }
-  cp_async_wait<0>();
 
   __shared__ float red[KS][R * 4][32];
 #pragma unroll
@@ -179,11 +165,7 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
 template <typename T, int R, int KS, int P>
 cudaError_t launch_cfg(const Int4GemvParams& p, cudaStream_t st) {
   const int blocks = (p.n + 16 * R - 1) / (16 * R);
-  constexpr size_t smem = sizeof(TcStage<R>) * P * KS;
-  static const cudaError_t attr = cudaFuncSetAttribute(int4_tc_gemv_kernel<T, R, KS, P>,
-                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (attr != cudaSuccess) return attr;
-  return launch_kernel(int4_tc_gemv_kernel<T, R, KS, P>, blocks, KS * 32, smem, st, p.pdl != 0,
+  return launch_kernel(int4_tc_gemv_kernel<T, R, KS, P>, blocks, KS * 32, 0, st, p.pdl != 0,
                        static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight),
                        static_cast<const T*>(p.scales), static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias),
                        static_cast<const T*>(p.residual), static_cast<T*>(p.y), p.m, p.n, p.k, p.group);
@@ -191,29 +173,33 @@ cudaError_t launch_cfg(const Int4GemvParams& p, cudaStream_t st) {
 
 template <typename T, int R, int KS>
 cudaError_t launch_p(const Int4GemvParams& p, int stages, cudaStream_t st) {
-  return stages >= 8 ? launch_cfg<T, R, KS, 8>(p, st) : launch_cfg<T, R, KS, 4>(p, st);
+  return stages >= 4 ? launch_cfg<T, R, KS, 4>(p, st) : launch_cfg<T, R, KS, 2>(p, st);
 }
 
 template <typename T, int R>
 cudaError_t launch_ks(const Int4GemvParams& p, int ks, int stages, cudaStream_t st) {
-  return ks <= 4 ? launch_p<T, R, 4>(p, stages, st) : launch_p<T, R, 8>(p, stages, st);
+  if (ks <= 2) return launch_p<T, R, 2>(p, stages, st);
+  if (ks <= 4) return launch_p<T, R, 4>(p, stages, st);
+  return launch_p<T, R, 8>(p, stages, st);
 }
 
 }  // namespace
 
 // The default per shape: R tiles of 16 rows per warp, KS warps per block, P stages (see int4_tc_gemv_plan's use).
+// From the H200 sweep of every R x KS x P at M = 1 (results/gpu/int4-h200/int4-kernels-tc-7013384.json, µs): up to
+// N = 4,096 rows R = 1, KS = 8, P = 4 (wo 5.5, w2 16.2; the FMA kernel 6.0 / 18.3), above R = 2, KS = 8, P = 2
+// (qkv 7.7, w13 28.7; FMA 8.3 / 31.4). Fewer warps per block (KS = 2) are 1.2-2.9x slower.
 void int4_tc_gemv_plan(int n, int k, int* r, int* ks, int* stages) {
   (void)k;
-  *r = n > 8192 ? 2 : 1;
+  *r = n > 4096 ? 2 : 1;
   *ks = 8;
-  *stages = n > 8192 ? 4 : 8;
+  *stages = n > 4096 ? 2 : 4;
 }
 
-// Env ANVIL_INT4_TC_R (1 / 2), ANVIL_INT4_TC_KS (4 / 8) and ANVIL_INT4_TC_P (4 / 8), read per call, override the
-// plan (tuning knobs for benchmarks/bench_int4.py). Shared memory: KS * P * R * 1.5 KB per block.
+// Env ANVIL_INT4_TC_R (1 / 2), ANVIL_INT4_TC_KS (2 / 4 / 8) and ANVIL_INT4_TC_P (2 / 4), read per call, override
+// the plan (tuning knobs for benchmarks/bench_int4.py).
 cudaError_t launch_int4_tc_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st) {
-  if (p.m < 1 || p.m > kInt4GemvMaxM || p.k % 128 != 0 || p.group % 128 != 0 || p.k % p.group != 0 ||
-      (p.k / p.group) % 2 != 0)
+  if (p.m < 1 || p.m > kInt4GemvMaxM || p.k % 128 != 0 || p.group % 128 != 0 || p.k % p.group != 0)
     return cudaErrorInvalidValue;
   int r, ks, stages;
   int4_tc_gemv_plan(p.n, p.k, &r, &ks, &stages);
