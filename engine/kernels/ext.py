@@ -203,6 +203,12 @@ def int4_gemv_supported(x: torch.Tensor, group_size: int, g_idx: torch.Tensor | 
             and k % 32 == 0 and group_size % 32 == 0 and is_available())  # fmt: skip
 
 
+def int4_gemv_tensor_cores(k: int, group_size: int) -> bool:
+    """Whether `int4_gemv` runs its tensor-core path (int4_tc_gemv.cu) for this K and group size: both multiples of
+    128 and ANVIL_INT4_GEMV_TC not 0 (else the FMA kernel, int4_gemv.cu)."""
+    return k % 128 == 0 and group_size % 128 == 0 and os.environ.get("ANVIL_INT4_GEMV_TC", "1") != "0"
+
+
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """y [M, N] = x [M <= 8, K] @ ((q - z) * s)^T (+ bias) for Anvil's packed int4 (engine/quant/int4.py):

@@ -3,8 +3,9 @@ format of engine/quant/int4.py) and `NF4LinearMethod` (engine/quant/nf4.py). A L
 buffers instead of a `weight` parameter; their names are the checkpoint names below the layer's prefix
 (`layers.0.attention.wqkv.qweight`, ...).
 
-matmul on CUDA, int4 (env ANVIL_INT4_KERNEL picks: auto | mma | gemv | triton): one fp16 / bf16 row runs the CUDA
-GEMV (`ext.int4_gemv`, M <= 8: its tensor-core path int4_tc_gemv.cu when K, G are multiples of 128, else the FMA kernel int4_gemv.cu; env ANVIL_INT4_CUDA_MAX_M raises the bound); calls with
+matmul on CUDA, int4 (env ANVIL_INT4_KERNEL picks: auto | mma | gemv | triton): fp16 / bf16 calls run the CUDA
+GEMV (`ext.int4_gemv`) for one row, and for up to ANVIL_INT4_CUDA_MAX_M = 8 rows where it takes its tensor-core
+path (int4_tc_gemv.cu: K, G multiples of 128; else its FMA kernel int4_gemv.cu, slow above one row); other calls with
 M <= 64 rows, K and G multiples of 128 and no act-order the tensor-core kernel (int4_mma.cu); calls above
 ANVIL_INT4_DEQUANT_M = 64 rows (prefill) dequantize into x.dtype (Triton) and run cuBLAS; other calls the
 Triton kernels (the decode kernel for M <= 16, GEMM above, or what the config table names). The CUDA kernels add
@@ -31,7 +32,7 @@ except ImportError:  # pragma: no cover - only before the restructure lands
 
 
 INT4_KERNEL = os.environ.get("ANVIL_INT4_KERNEL", "auto")  # auto (by rows, see above) | mma | gemv | triton
-INT4_CUDA_MAX_M = int(os.environ.get("ANVIL_INT4_CUDA_MAX_M", "1"))  # rows up to which the CUDA GEMV runs (<= 8)
+INT4_CUDA_MAX_M = int(os.environ.get("ANVIL_INT4_CUDA_MAX_M", "8"))  # rows up to which the CUDA GEMV runs (<= 8)
 INT4_DEQUANT_M = int(os.environ.get("ANVIL_INT4_DEQUANT_M", "64"))  # above this many rows: dequantize + F.linear
 
 
@@ -114,9 +115,10 @@ class Int4LinearMethod(LinearMethod):
         m = x2.shape[0]
         r2 = None if residual is None else residual.reshape(m, -1)
         fused = r2 if r2 is not None and r2.dtype == x2.dtype and r2.is_contiguous() else None  # for the CUDA kernels
-        if INT4_KERNEL in ("auto", "gemv") and m <= INT4_CUDA_MAX_M and ext.int4_gemv_supported(
-            x2, self.group_size, w.g_idx
-        ):  # the CUDA GEMV at M = 1 (see the module docstring)
+        if (INT4_KERNEL in ("auto", "gemv") and m <= INT4_CUDA_MAX_M
+                and (m == 1 or INT4_KERNEL == "gemv" or ext.int4_gemv_tensor_cores(x2.shape[1], self.group_size))
+                and ext.int4_gemv_supported(x2, self.group_size, w.g_idx)):  # fmt: skip
+            # the CUDA GEMV: one row, or up to 8 on its tensor-core path (the FMA kernel is slow above one row)
             y = ext.int4_gemv(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, fused)
         elif INT4_KERNEL in ("auto", "mma") and ext.int4_mma_supported(x2, self.group_size, w.g_idx):
             y = ext.int4_mma(x2, w.qweight, w.scales, w.zeros, self.group_size, layer.bias, fused)

@@ -310,7 +310,7 @@ def test_int4_linear_method_uses_cuda_gemv_gpu(monkeypatch):
     real = ext.int4_gemv
     monkeypatch.setattr(ext, "int4_gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
     monkeypatch.setattr(methods, "INT4_CUDA_MAX_M", 8)
-    monkeypatch.setattr(methods, "INT4_KERNEL", "gemv")  # auto would send all of these to int4_mma
+    monkeypatch.setattr(methods, "INT4_KERNEL", "gemv")  # forced (auto sends 9.. rows to int4_mma)
     for m in (1, 8, 9, 40):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
         ref = matmul_reference(x, w).float()

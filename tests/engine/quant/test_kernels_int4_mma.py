@@ -75,8 +75,9 @@ def test_int4_mma_rejects_bad_input_gpu():
 @pytest.mark.gpu
 @needs_gpu
 def test_int4_linear_method_uses_mma_gpu(monkeypatch):
-    """auto: one row goes to the CUDA GEMV, 2..64 rows with G = 128 to int4_mma, more to dequantize + cuBLAS;
-    with G = 64: the GEMV at M = 1, Triton at M = 2, dequantize + cuBLAS at 300; all match the reference."""
+    """auto: up to 8 rows with G = 128 go to the CUDA GEMV (its tensor-core path), 9..64 to int4_mma, more to
+    dequantize + cuBLAS; with G = 64: the GEMV (FMA kernel) at M = 1, Triton at M = 2, dequantize + cuBLAS at 300;
+    all match the reference."""
     from engine.kernels import ext
     from engine.quant import methods
     from engine.quant.int4 import matmul_reference, quantize_rtn
@@ -91,7 +92,7 @@ def test_int4_linear_method_uses_mma_gpu(monkeypatch):
     real_dq = int4_dequant.int4_dequantize
     monkeypatch.setattr(int4_dequant, "int4_dequantize",
                         lambda *a, **kw: calls.append(("dequant", a[0].shape[0])) or real_dq(*a, **kw))  # fmt: skip
-    for group, ms in ((128, (1, 2, 33, 64, 65)), (64, (1, 2, 300))):
+    for group, ms in ((128, (1, 2, 8, 9, 33, 64, 65)), (64, (1, 2, 300))):
         w = quantize_rtn(torch.randn(512, 1024) * 0.05, group).to("cuda", torch.bfloat16)
         layer = torch.nn.Module()
         layer.qweight, layer.scales, layer.zeros, layer.bias = w.qweight, w.scales, w.zeros, None
@@ -101,8 +102,8 @@ def test_int4_linear_method_uses_mma_gpu(monkeypatch):
             ref = matmul_reference(x, w).float()
             err = (meth.matmul(layer, x).float() - ref).abs().max().item()
             assert err <= 2e-2 * ref.abs().max().item(), (group, m, err)
-    assert calls == [("int4_gemv", 1), ("int4_mma", 2), ("int4_mma", 33), ("int4_mma", 64), ("dequant", 512),
-                     ("int4_gemv", 1), ("dequant", 512)]
+    assert calls == [("int4_gemv", 1), ("int4_gemv", 2), ("int4_gemv", 8), ("int4_mma", 9), ("int4_mma", 33),
+                     ("int4_mma", 64), ("dequant", 512), ("int4_gemv", 1), ("dequant", 512)]
 
 
 def test_int4_mma_not_supported_off_gpu():
