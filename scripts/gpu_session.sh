@@ -16,6 +16,7 @@ int4_suite() {  # the int4 (RTN g128) model of suites/gpu-int4.toml alone throug
   python3 -c "t=open('suites/gpu-int4.toml').read(); h, *ms = t.split('[[models]]'); sc = ms[-1].split('[[scenarios]]'); \
 open('/tmp/int4-rtn.toml', 'w').write('[[models]]'.join([h.replace('gpu-int4', 'gpu-int4-rtn'), ms[0]]) + \
 '[[scenarios]]' + sc[1])"
+  rm -rf /tmp/int4-run  # a second run on the same machine (another env) starts clean
   timeout "$1" python3 -m harness run /tmp/int4-rtn.toml --out /tmp/int4-run 2>&1 | tail -20 > "$out/int4-suite.log"
   cp /tmp/int4-run/records.jsonl "$out/int4-records.jsonl" 2>/dev/null
   cp /tmp/int4-run/table.md "$out/int4-table.md" 2>/dev/null
