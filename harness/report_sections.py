@@ -14,6 +14,7 @@ from typing import Any
 
 from harness.plots import _plt
 from harness.report_build import SCALAR, _names, env_of, num, prov, text_env
+from harness.report_int4 import history_blocks, is_kernel_file, newest_run
 from harness.results import Record, load_records
 
 HARDWARE = "hardware/h100-h200.json"
@@ -337,11 +338,15 @@ def int4(ctx: Ctx) -> list[tuple]:
     files = ctx.find(r"int4|quant|awq|gptq|nf4")
     out = [] if files else [ctx.not_measured("int4 kernels and accuracy", "results/gpu/int4-h200.json "
                                              "(benchmarks/bench_int4.py), results/cpu/quant-tiny.json (scripts/quant_eval.py)")]
+    kern = {rel: d for rel in files if rel.endswith(".json") and is_kernel_file(d := ctx.json(rel))}
+    last, older = newest_run(kern)  # kernel files of earlier runs: one summary row each
     for rel in files:
         data = ctx.json(rel) if rel.endswith(".json") else None
         rows = data.get("rows") if isinstance(data, dict) else None
+        if rel in older:
+            continue
         out.append(("h", 3, f"`{rel}`"))
-        if not (rows and isinstance(rows[0], dict) and {"kernel", "M", "speedup_vs_dense"} <= set(rows[0])):
+        if rel not in kern:
             out += shown(ctx, rel)
             continue
         sweep, rows = [r for r in rows if "[" in r["kernel"]], [r for r in rows if "[" not in r["kernel"]]  # --sweep configs
@@ -353,7 +358,7 @@ def int4(ctx: Ctx) -> list[tuple]:
                 lines(ctx, f"int4-{Path(rel).stem}.png", f"int4 / NF4 kernels vs dense bf16 ({rel})",
                       {k: [(r["M"], r["speedup_vs_dense"]) for r in g] for k, g in groups.items()},
                       "M (tokens in the batch)", "speed-up vs bf16 cuBLAS", log="x", one=True)]
-    return out
+    return out + history_blocks(kern, older, last)
 
 
 def speculative(ctx: Ctx) -> list[tuple]:

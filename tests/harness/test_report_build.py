@@ -153,3 +153,24 @@ def test_markdown_subset_to_html():
                       ("code", "mermaid", "x-->y")]
     page = rb.to_html(blocks, "t")
     assert "<code>a&lt;b</code>" in page and "<strong>bold</strong>" in page and "<li>one cont</li>" in page
+
+
+def test_int4_history_shows_the_newest_run_in_full_and_earlier_runs_as_rows():
+    from harness.report_int4 import history_blocks, is_kernel_file, newest_run
+
+    def run(commit, date, w13_ms):
+        rows = [{"shape": "w13", "N": 28672, "K": 4096, "M": m, "kernel": k, "median_ms": t, "speedup_vs_dense": 1.0,
+                 "status": "ok"} for m, k, t in ((1, "int4_cuda", w13_ms), (1, "int4_mma", 9.0), (1, "bf16_cublas", 0.001),
+                                                (8, "int4_cuda", 0.002))]  # fmt: skip
+        return {"rows": rows, "env": {"commit": commit, "date": date}}
+
+    kern = {"a.json": run("old1", "2026-12-01T10:00", 0.0314), "b.json": run("new", "2026-12-03T10:00", 0.0287),
+            "c.json": run("new", "2026-12-03T09:00", 0.03), "d.json": run("old2", "2026-12-02T10:00", 0.05)}
+    assert all(is_kernel_file(d) for d in kern.values()) and not is_kernel_file({"rows": [{"engine": "x"}]})
+    last, older = newest_run(kern)
+    assert (last, older) == ("new", ["a.json", "d.json"])  # every file of the newest run stays in full
+    (_, _, head), (_, text), (_, cols, rows) = history_blocks(kern, older, last)
+    assert head == "Earlier int4 kernel runs" and "newest run (new)" in text and cols[-1] == "fastest at M = 1 (µs)"
+    # M = 1 only, bf16 cuBLAS left out, the fastest int4 kernel per shape
+    assert rows == [["`a.json`", "old1", "2026-12-01", 4, "w13 31.4"], ["`d.json`", "old2", "2026-12-02", 4, "w13 50.0"]]
+    assert history_blocks(kern, [], last) == [] and newest_run({}) == ("", [])
