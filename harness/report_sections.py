@@ -14,7 +14,7 @@ from typing import Any
 
 from harness.plots import _plt
 from harness.report_build import SCALAR, _names, env_of, num, prov, text_env
-from harness.report_int4 import history_blocks, is_kernel_file, newest_run
+from harness.report_int4 import int4  # noqa: F401  (section 6 lives there; report_build looks sections up here)
 from harness.results import Record, load_records
 
 HARDWARE = "hardware/h100-h200.json"
@@ -332,33 +332,6 @@ def batching(ctx: Ctx) -> list[tuple]:
             ("table", ["device", "model", "dtype", "requests", "prompt", "output", "continuous tok/s", "static tok/s",
                        "static batch", "speed-up", "preemptions"], rows), *provs,
             ctx.plot("batching.png", "Continuous vs static batching (output tok/s)", draw, (4 * len(bars), 3.4), len(bars))]
-
-
-def int4(ctx: Ctx) -> list[tuple]:
-    files = ctx.find(r"int4|quant|awq|gptq|nf4")
-    out = [] if files else [ctx.not_measured("int4 kernels and accuracy", "results/gpu/int4-h200.json "
-                                             "(benchmarks/bench_int4.py), results/cpu/quant-tiny.json (scripts/quant_eval.py)")]
-    kern = {rel: d for rel in files if rel.endswith(".json") and is_kernel_file(d := ctx.json(rel))}
-    last, older = newest_run(kern)  # kernel files of earlier runs: one summary row each
-    for rel in files:
-        data = ctx.json(rel) if rel.endswith(".json") else None
-        rows = data.get("rows") if isinstance(data, dict) else None
-        if rel in older:
-            continue
-        out.append(("h", 3, f"`{rel}`"))
-        if rel not in kern:
-            out += shown(ctx, rel)
-            continue
-        sweep, rows = [r for r in rows if "[" in r["kernel"]], [r for r in rows if "[" not in r["kernel"]]  # --sweep configs
-        out += [("p", f"The defaults below; {len(sweep)} rows of launch-config sweeps are in the file.")] if sweep else []
-        groups = _group([r for r in rows if r["kernel"] != "bf16_cublas"], lambda r: f"{r['shape']} {r['kernel']}")
-        out += [("table", ["shape", "N", "K", "M", "kernel", "ms", "GB/s", "x bf16 dense", "max rel err"],
-                 [[r["shape"], r["N"], r["K"], r["M"], r["kernel"], num(r["median_ms"], 4), num(r["gb_s"]),
-                   ratio(r["speedup_vs_dense"], 1), f"{r['max_rel_err']:.1e}"] for r in rows]), prov(env_of(data), rel),
-                lines(ctx, f"int4-{Path(rel).stem}.png", f"int4 / NF4 kernels vs dense bf16 ({rel})",
-                      {k: [(r["M"], r["speedup_vs_dense"]) for r in g] for k, g in groups.items()},
-                      "M (tokens in the batch)", "speed-up vs bf16 cuBLAS", log="x", one=True)]
-    return out + history_blocks(kern, older, last)
 
 
 def speculative(ctx: Ctx) -> list[tuple]:

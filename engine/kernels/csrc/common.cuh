@@ -56,22 +56,6 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// Asynchronous global -> shared copies (sm_80+; cp.async, one commit group per stage, wait_group N: all but the
-// newest N groups of this thread have landed). cp_async16 reads 16 bytes through L2 only (zero-filled when !valid),
-// cp_async4 4 bytes.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid = true) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  const int sz = valid ? 16 : 0;  // 0 bytes read: the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(sz));
-}
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 // A launch, with the programmatic-stream-serialization attribute when `pdl` (the kernel may start while the
 // previous one finishes; it must call pdl_wait before touching that kernel's data).
 template <typename... Params, typename... Args>
