@@ -8,7 +8,6 @@ engine never triggers a build; an op the extension lacks falls back to the refer
 from __future__ import annotations
 
 import importlib
-import os
 from types import ModuleType
 
 import torch
@@ -136,33 +135,3 @@ def write_kv(
     positions: torch.Tensor,
 ) -> None:
     _impl("write_kv", k)(k_cache, v_cache, k, v, batch_idx, positions)
-
-
-_prefetch_on: dict[int, bool] = {}
-
-
-def l2_prefetch_enabled(device: torch.device) -> bool:
-    """Whether l2_prefetch issues anything on this device: a CUDA device of sm_90+ (its bulk L2 prefetch; before
-    it the per-line fallback costs more than it saves), the extension loaded, and ANVIL_L2_PREFETCH not 0."""
-    if device.type != "cuda":
-        return False
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _prefetch_on:
-        _probe()
-        _prefetch_on[i] = (_ext is not None and torch.cuda.get_device_capability(i)[0] >= 9
-                           and os.environ.get("ANVIL_L2_PREFETCH", "1") != "0")  # fmt: skip
-    return _prefetch_on[i]
-
-
-def l2_prefetch(tensors: list[torch.Tensor], budget: int) -> None:
-    """Prefetch the tensors into L2, in order, until `budget` bytes (the extension on sm_90+, else nothing: the
-    reference op is a no-op). A hint for the memory system: no value changes."""
-    for t in tensors:
-        if budget <= 0 or not l2_prefetch_enabled(t.device):
-            return
-        n = min(t.numel() * t.element_size(), budget)
-        _ext.l2_prefetch(t, n, L2_PREFETCH_CHUNK)
-        budget -= n
-
-
-L2_PREFETCH_CHUNK = int(os.environ.get("ANVIL_L2_PREFETCH_CHUNK", "65536"))  # bytes per bulk prefetch

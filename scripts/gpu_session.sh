@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|l2-prefetch|l2-prefetch-int4 OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -145,23 +145,6 @@ int4-tc)  # int4_gemv's tensor-core path (int4_tc_gemv.cu): the kernel rows at M
   timeout 280 python3 -m pytest -q -p no:cacheprovider tests/engine/quant/test_kernels_int4_tc.py \
     tests/engine/quant/test_kernels_int4_fused.py tests/engine/quant/test_kernels_int4.py -k "${INT4_TC_TESTS:-tc or \
 cuda_gemv or uses_cuda or fused or residual or pdl}" 2>&1 | tail -15 > "$out/int4-tc-tests.log"
-  ;;
-l2-prefetch)  # the L2 prefetch of wo ahead of attention (l2_prefetch.cu): its GPU tests (and the int4 dispatch test),
-  # the isolated effect per shape (bench_l2_prefetch.py), then bf16 decode b1 / 8 / 32 with it off and on
-  python3 -m engine.kernels.build > "$out/build.log" 2>&1
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/engine/test_l2_prefetch.py \
-    tests/engine/quant/test_kernels_int4.py -k "prefetch or uses_mma" 2>&1 | tail -15 > "$out/l2-prefetch-tests.log"
-  timeout 150 python3 benchmarks/bench_l2_prefetch.py --out "$out/l2-prefetch-kernels.json" > "$out/l2-prefetch-kernels.log" 2>&1
-  for on in 0 1; do
-    ANVIL_L2_PREFETCH=$on timeout 150 python3 benchmarks/core_bench.py --parts decode --out "$out/core-bench-pf$on.json" \
-      2>&1 | grep -E "^b[0-9]|TTFT|Error|error" > "$out/core-bench-pf$on.log"
-  done
-  ;;
-l2-prefetch-int4)  # the int4 (RTN g128) batch-1 step with the L2 prefetch off and on (profile_core's kernel table)
-  for on in 0 1; do
-    ANVIL_L2_PREFETCH=$on timeout 200 python3 benchmarks/profile_core.py --parts b1 --quant rtn \
-      --out "$out/profile-int4-b1-pf$on.json" 2>&1 | tail -30 > "$out/profile-int4-b1-pf$on.log"
-  done
   ;;
 int4-mma-suite)  # the int4 (RTN g128) model of suites/gpu-int4.toml through the engine core (int4_mma for M <= 64)
   int4_suite 400

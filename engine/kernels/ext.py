@@ -56,10 +56,6 @@ def _register_fakes() -> None:
     def _(x, qweight, scales, zeros, group_size, bias, residual=None):
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
-    @torch.library.register_fake(lib + "l2_prefetch")
-    def _(t, nbytes, chunk):
-        return None
-
 
 def _prebuilt() -> list[str]:
     return sorted(glob.glob(str(Path(__file__).resolve().parent / "_C*.so")))
@@ -240,9 +236,3 @@ def int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     """int4_gemv's contract (residual included) on the tensor cores (mma.sync m16n8k16, fp32 accumulation):
     x [M <= 64, K], K and G multiples of 128. engine/kernels/csrc/int4_mma.cu."""
     return _ops().int4_mma(x, qweight, scales, zeros, int(group_size), bias, residual)
-
-
-def l2_prefetch(t: torch.Tensor, nbytes: int = -1, chunk: int = 65536) -> None:
-    """Ask for the first `nbytes` of contiguous t (all of it when < 0) in L2, in `chunk`-byte bulk prefetches
-    (engine/kernels/csrc/l2_prefetch.cu; a hint: it changes no value). On sm_90 a PDL launch."""
-    _ops().l2_prefetch(t, int(nbytes), int(chunk))

@@ -150,8 +150,3 @@ def write_kv(
     """Scatter k/v [T, Hkv, D] into the cache [B, Hkv, S_max, D] at (batch_idx[t], :, positions[t]). In place."""
     k_cache[batch_idx.long(), :, positions.long()] = k
     v_cache[batch_idx.long(), :, positions.long()] = v
-
-
-def l2_prefetch(t: torch.Tensor, nbytes: int = -1, chunk: int = 65536) -> None:
-    """Ask for the first `nbytes` of t (all of it when < 0) in the GPU's L2: a hint that changes no value, so the
-    reference does nothing."""

@@ -108,8 +108,4 @@ cudaError_t launch_int4_tc_gemv(const Int4GemvParams& p, DType dt, cudaStream_t 
 constexpr int kInt4MmaMaxM = 64;
 cudaError_t launch_int4_mma(const Int4GemvParams& p, DType dt, cudaStream_t st);
 
-// ---- L2 prefetch of [p, p + bytes) in chunk-byte bulk requests (l2_prefetch.cu); bytes, chunk and p 16-byte
-// multiples; a PDL launch when pdl (the prefetches go out before the wait) ----
-cudaError_t launch_l2_prefetch(const void* p, int64_t bytes, int chunk, bool pdl, cudaStream_t st);
-
 }  // namespace anvil

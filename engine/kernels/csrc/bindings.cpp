@@ -359,20 +359,6 @@ at::Tensor int4_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Te
                    false, anvil::launch_int4_mma);
 }
 
-// Prefetch the first `nbytes` of t's storage (all of it when nbytes < 0 or larger) into L2; returns nothing.
-void l2_prefetch(const at::Tensor& t, int64_t nbytes, int64_t chunk) {
-  check_cuda(t, "t");
-  TORCH_CHECK(t.is_contiguous(), "l2_prefetch: t must be contiguous");
-  TORCH_CHECK(aligned16(t), "l2_prefetch: t must be 16-byte aligned");
-  TORCH_CHECK(chunk >= 16 && chunk % 16 == 0 && chunk <= (1 << 30), "l2_prefetch: chunk must be a multiple of 16 in "
-              "[16, 2^30], got ", std::to_string(chunk));
-  const int64_t total = t.numel() * (int64_t)t.element_size();
-  const int64_t bytes = (nbytes < 0 || nbytes > total ? total : nbytes) / 16 * 16;
-  const at::cuda::CUDAGuard guard(t.device());
-  ok(anvil::launch_l2_prefetch(t.data_ptr(), bytes, (int)chunk, pdl_supported(t.get_device()),
-                               at::cuda::getCurrentCUDAStream()), "l2_prefetch");
-}
-
 }  // namespace
 
 TORCH_LIBRARY(anvil, m) {
@@ -389,7 +375,6 @@ TORCH_LIBRARY(anvil, m) {
         "Tensor? residual=None) -> Tensor");
   m.def("int4_mma(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias, "
         "Tensor? residual=None) -> Tensor");
-  m.def("l2_prefetch(Tensor t, int nbytes, int chunk) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(anvil, CUDA, m) {
@@ -402,5 +387,4 @@ TORCH_LIBRARY_IMPL(anvil, CUDA, m) {
   m.impl("write_kv", &write_kv);
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int4_mma", &int4_mma);
-  m.impl("l2_prefetch", &l2_prefetch);
 }

@@ -3,8 +3,6 @@ then the output projection (with the residual add as its epilogue)."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -14,11 +12,6 @@ from engine.config import ModelConfig
 from engine.model.layers.linear import Linear, LinearMethod
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.parallel import TPShard, row_linear
-
-# Decode-sized steps (at most this many tokens) ask for wo's weights in L2 before RoPE + KV write + attention,
-# whose small kernels leave HBM idle; wo then reads them from L2 (engine/kernels/csrc/l2_prefetch.cu).
-PREFETCH_MAX_TOKENS = int(os.environ.get("ANVIL_L2_PREFETCH_TOKENS", "64"))
-PREFETCH_BUDGET = int(float(os.environ.get("ANVIL_L2_PREFETCH_MB", "40")) * 2**20)  # bytes; the H200's L2: 60 MB
 
 
 class Attention(nn.Module):
@@ -42,7 +35,5 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """r: the residual stream [T, dim]. Returns r + wo(attention(wqkv(norm(r))))."""
         qkv = self.wqkv(r, norm=norm)  # [T, (H + 2 Hkv) D]
-        if r.shape[0] <= PREFETCH_MAX_TOKENS:
-            self.wo.prefetch(PREFETCH_BUDGET)
         o = self.backend.forward(qkv, batch, self.spec, cos_sin, self.k_cache, self.v_cache)  # [T, H D]
         return self.wo(o, residual=r)

@@ -39,12 +39,6 @@ class LinearMethod(ABC):
     def matmul(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """x [M, in_features] -> [M, out_features] in x.dtype (bias included)."""
 
-    def prefetch(self, layer: Linear, budget: int) -> None:
-        """Ask for up to `budget` bytes of this layer's tensors (weight first) in the GPU's L2 ahead of its matmul,
-        while small kernels leave HBM idle (engine/ops.py l2_prefetch: sm_90+, else nothing). Changes no value."""
-        tensors = list(layer.parameters(recurse=False)) + list(layer.buffers(recurse=False))
-        ops.l2_prefetch([t for t in tensors if t.is_contiguous()], budget)
-
     def weight_bytes(self, layer: Linear) -> int:
         """Bytes one forward reads for this layer's weights (for bandwidth figures)."""
         return sum(p.numel() * p.element_size() for p in layer.parameters(recurse=False))
@@ -93,10 +87,6 @@ class Linear(nn.Module):
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.method.apply(self, x, norm=norm, act=act, residual=residual)
-
-    def prefetch(self, budget: int) -> None:
-        """Ask for up to `budget` bytes of the weights in L2 (LinearMethod.prefetch)."""
-        self.method.prefetch(self, budget)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, method={type(self.method).__name__}"
