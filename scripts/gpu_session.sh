@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -169,6 +169,25 @@ PY
     --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
     --section MemoryWorkloadAnalysis python3 /tmp/gemv1.py > "$out/ncu-w13-m1.txt" 2>&1
   tail -80 "$out/ncu-w13-m1.txt" > "$out/ncu.log"
+  ;;
+int4-tc-ncu)  # ncu on int4_gemv's tensor-core kernel at M = 1, w13 and wo (the default plan): where its time goes
+  python3 -m engine.kernels.build > "$out/build.log" 2>&1
+  for shape in 28672 4096; do
+    cat > /tmp/gemv1.py <<PY
+import torch
+from engine.kernels import ext
+from engine.quant.int4 import quantize_rtn
+p = quantize_rtn(torch.randn($shape, 4096, device="cuda") * 0.02, 128).to("cuda", torch.bfloat16)
+x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+for _ in range(4):
+    ext.int4_gemv(x, p.qweight, p.scales, p.zeros, 128)
+torch.cuda.synchronize()
+PY
+    timeout 150 ncu --kernel-name regex:int4_tc_gemv --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+      --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
+      --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section InstructionStats \
+      --section ComputeWorkloadAnalysis python3 /tmp/gemv1.py > "$out/ncu-tc-n$shape-m1.txt" 2>&1
+  done
   ;;
 *)
   echo "unknown part $part" >&2
