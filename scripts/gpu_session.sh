@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|int4-tc-occ OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -187,30 +187,6 @@ PY
       --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
       --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section InstructionStats \
       --section ComputeWorkloadAnalysis python3 /tmp/gemv1.py > "$out/ncu-tc-n$shape-m1.txt" 2>&1
-  done
-  ;;
-int4-tc-occ)  # the tensor-core int4 GEMV at M = 1 with at least 1 (as built) / 3 / 4 blocks per SM (ANVIL_INT4_TC_OCC),
-  # then ncu's warp-stall reasons for w13 at 1 and 3
-  python3 -m engine.kernels.build > "$out/build.log" 2>&1
-  for occ in 1 3 4; do
-    ANVIL_INT4_TC_OCC=$occ timeout 100 python3 benchmarks/bench_int4.py --ms 1 --no-nf4 --iters 50 \
-      --out "$out/int4-kernels-occ$occ.json" 2>&1 | grep -E "int4_cuda|int4_tc" > "$out/int4-kernels-occ$occ.log"
-  done
-  cat > /tmp/gemv1.py <<'PY'
-import torch
-from engine.kernels import ext
-from engine.quant.int4 import quantize_rtn
-p = quantize_rtn(torch.randn(28672, 4096, device="cuda") * 0.02, 128).to("cuda", torch.bfloat16)
-x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-for _ in range(4):
-    ext.int4_gemv(x, p.qweight, p.scales, p.zeros, 128)
-torch.cuda.synchronize()
-PY
-  for occ in 1 3; do
-    ANVIL_INT4_TC_OCC=$occ timeout 100 ncu --kernel-name regex:int4_tc_gemv --launch-skip 2 --launch-count 1 \
-      --section SpeedOfLight --section Occupancy --section SchedulerStats \
-      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" python3 /tmp/gemv1.py \
-      > "$out/ncu-stalls-w13-occ$occ.txt" 2>&1
   done
   ;;
 *)

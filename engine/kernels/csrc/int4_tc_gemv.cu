@@ -35,8 +35,8 @@ using int4tc::MmaType;
 using int4tc::unit_pair;
 using int4tc::word;
 
-template <typename T, int R, int KS, int P, int MINB>
-__global__ void __launch_bounds__(KS * 32, MINB) int4_tc_gemv_kernel(const T* __restrict__ x,
+template <typename T, int R, int KS, int P>
+__global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restrict__ x,
                                                                const uint32_t* __restrict__ qweight,
                                                                const T* __restrict__ scales,
                                                                const T* __restrict__ zeros,
@@ -162,10 +162,10 @@ __global__ void __launch_bounds__(KS * 32, MINB) int4_tc_gemv_kernel(const T* __
   }
 }
 
-template <typename T, int R, int KS, int P, int MINB = 0>
+template <typename T, int R, int KS, int P>
 cudaError_t launch_cfg(const Int4GemvParams& p, cudaStream_t st) {
   const int blocks = (p.n + 16 * R - 1) / (16 * R);
-  return launch_kernel(int4_tc_gemv_kernel<T, R, KS, P, MINB>, blocks, KS * 32, 0, st, p.pdl != 0,
+  return launch_kernel(int4_tc_gemv_kernel<T, R, KS, P>, blocks, KS * 32, 0, st, p.pdl != 0,
                        static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight),
                        static_cast<const T*>(p.scales), static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias),
                        static_cast<const T*>(p.residual), static_cast<T*>(p.y), p.m, p.n, p.k, p.group);
@@ -173,11 +173,6 @@ cudaError_t launch_cfg(const Int4GemvParams& p, cudaStream_t st) {
 
 template <typename T, int R, int KS>
 cudaError_t launch_p(const Int4GemvParams& p, int stages, cudaStream_t st) {
-  if constexpr (KS == 8) {  // ANVIL_INT4_TC_OCC = 3 / 4: at least that many blocks per SM (fewer registers)
-    const int occ = env_int("ANVIL_INT4_TC_OCC", 1);
-    if (occ >= 4) return stages >= 4 ? launch_cfg<T, R, KS, 4, 4>(p, st) : launch_cfg<T, R, KS, 2, 4>(p, st);
-    if (occ == 3) return stages >= 4 ? launch_cfg<T, R, KS, 4, 3>(p, st) : launch_cfg<T, R, KS, 2, 3>(p, st);
-  }
   return stages >= 4 ? launch_cfg<T, R, KS, 4>(p, st) : launch_cfg<T, R, KS, 2>(p, st);
 }
 
