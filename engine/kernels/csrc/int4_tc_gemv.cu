@@ -35,12 +35,7 @@ using int4tc::MmaType;
 using int4tc::unit_pair;
 using int4tc::word;
 
-// V (variant bits, tuning): kSumX = the per-chunk sums of x computed once per block into shared memory (fp32 adds
-// and a warp reduction) instead of an MMA against ones in every k step of every warp; kTwoAcc = two accumulator sets
-// (even / odd k steps), halving the chain of dependent MMAs.
-constexpr int kSumX = 1, kTwoAcc = 2;
-
-template <typename T, int R, int KS, int P, int V = 0>
+template <typename T, int R, int KS, int P>
 __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restrict__ x,
                                                                const uint32_t* __restrict__ qweight,
                                                                const T* __restrict__ scales,
@@ -87,19 +82,6 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
   for (int p = 0; p < P; ++p) load(p, qs[p], ss[p], zs[p]);
   pdl_wait();  // the weights are constants; x (and the residual, y) belong to the previous kernels
   pdl_launch_dependents();
-  extern __shared__ float xsum[];  // kSumX: [m][chunks], sum of x row b over chunk c
-  if constexpr ((V & kSumX) != 0) {
-    for (int e = warp; e < m * chunks; e += KS) {  // a warp per (row, chunk); a lane per 4 of its 128 columns
-      const int b = e / chunks, c = e - b * chunks;
-      const uint2 v = __ldca(reinterpret_cast<const uint2*>(x + (int64_t)b * k + (c << 7) + 4 * lane));
-      const T* h = reinterpret_cast<const T*>(&v);
-      float sum = (to_f<T>(h[0]) + to_f<T>(h[1])) + (to_f<T>(h[2]) + to_f<T>(h[3]));
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      if (lane == 0) xsum[e] = sum;
-    }
-    __syncthreads();
-  }
 
   float acc[R][4];
 #pragma unroll
@@ -129,14 +111,11 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
         }
       load(j + P, qs[p], ss[p], zs[p]);
 
-      constexpr int NA = (V & kTwoAcc) != 0 ? 2 : 1;
-      float d[NA][R][4], xs[4] = {0.f, 0.f, 0.f, 0.f};
+      float d[R][4], xs[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int u = 0; u < NA; ++u)
+      for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) d[u][r][c] = 0.f;
+        for (int c = 0; c < 4; ++c) d[r][c] = 0.f;
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -144,7 +123,7 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
           // B: x pairs (x[2h], x[2h + 4]) at k slots (2t, 2t + 1), (x[2h + 1], x[2h + 5]) at (2t + 8, 2t + 9)
           const uint32_t lo = h == 0 ? xv[i].x : xv[i].y, hi = h == 0 ? xv[i].z : xv[i].w;
           const uint32_t b0 = __byte_perm(lo, hi, 0x5410), b1 = __byte_perm(lo, hi, 0x7632);
-          if constexpr ((V & kSumX) == 0) MT_::mma(xs, ones, b0, b1);
+          MT_::mma(xs, ones, b0, b1);
 #pragma unroll
           for (int r = 0; r < R; ++r) {  // A: the same columns of rows g (a0, a2) and g + 8 (a1, a3)
             const uint32_t wg = word(q[r][0], i), w8 = word(q[r][1], i);
@@ -152,26 +131,15 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
                                    h == 0 ? unit_pair<T, 0>(w8) : unit_pair<T, 2>(w8),
                                    h == 0 ? unit_pair<T, 1>(wg) : unit_pair<T, 3>(wg),
                                    h == 0 ? unit_pair<T, 1>(w8) : unit_pair<T, 3>(w8)};
-            MT_::mma(d[NA == 2 ? h : 0][r], a, b0, b1);
+            MT_::mma(d[r], a, b0, b1);
           }
         }
-      if constexpr (NA == 2) {
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) d[0][r][c] += d[1][r][c];
-      }
-      if constexpr ((V & kSumX) != 0) {  // batch rows 2t, 2t + 1 (rows >= m are never written)
-        const int c = warp + KS * j;
-        xs[0] = 2 * t < m ? xsum[2 * t * chunks + c] : 0.f;
-        xs[1] = 2 * t + 1 < m ? xsum[(2 * t + 1) * chunks + c] : 0.f;
-      }
       // d[r][c]: row 16 r + g + 8 (c >> 1), batch row 2t + (c & 1); xs[c]: sum x of batch row 2t + (c & 1)
 #pragma unroll
       for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int c = 0; c < 4; ++c)
-          acc[r][c] = fmaf(ca[r][c >> 1], d[0][r][c], fmaf(-cb[r][c >> 1], xs[c & 1], acc[r][c]));
+          acc[r][c] = fmaf(ca[r][c >> 1], d[r][c], fmaf(-cb[r][c >> 1], xs[c & 1], acc[r][c]));
     }
   }
 
@@ -194,12 +162,10 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
   }
 }
 
-template <typename T, int R, int KS, int P, int V = 0>
+template <typename T, int R, int KS, int P>
 cudaError_t launch_cfg(const Int4GemvParams& p, cudaStream_t st) {
   const int blocks = (p.n + 16 * R - 1) / (16 * R);
-  const size_t smem = (V & kSumX) != 0 ? sizeof(float) * p.m * (p.k >> 7) : 0;
-  if (smem > 48 * 1024) return cudaErrorInvalidValue;  // K > 196,608 at M = 8: not a decode shape
-  return launch_kernel(int4_tc_gemv_kernel<T, R, KS, P, V>, blocks, KS * 32, smem, st, p.pdl != 0,
+  return launch_kernel(int4_tc_gemv_kernel<T, R, KS, P>, blocks, KS * 32, 0, st, p.pdl != 0,
                        static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight),
                        static_cast<const T*>(p.scales), static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias),
                        static_cast<const T*>(p.residual), static_cast<T*>(p.y), p.m, p.n, p.k, p.group);
@@ -207,14 +173,6 @@ cudaError_t launch_cfg(const Int4GemvParams& p, cudaStream_t st) {
 
 template <typename T, int R, int KS>
 cudaError_t launch_p(const Int4GemvParams& p, int stages, cudaStream_t st) {
-  if constexpr (KS == 8) {  // env ANVIL_INT4_TC_V: the variant bits (kSumX | kTwoAcc) of the KS = 8 kernels
-    switch (env_int("ANVIL_INT4_TC_V", 0)) {
-      case 1: return stages >= 4 ? launch_cfg<T, R, KS, 4, 1>(p, st) : launch_cfg<T, R, KS, 2, 1>(p, st);
-      case 2: return stages >= 4 ? launch_cfg<T, R, KS, 4, 2>(p, st) : launch_cfg<T, R, KS, 2, 2>(p, st);
-      case 3: return stages >= 4 ? launch_cfg<T, R, KS, 4, 3>(p, st) : launch_cfg<T, R, KS, 2, 3>(p, st);
-      default: break;
-    }
-  }
   return stages >= 4 ? launch_cfg<T, R, KS, 4>(p, st) : launch_cfg<T, R, KS, 2>(p, st);
 }
 
