@@ -219,12 +219,6 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     return _ops().int4_gemv(x, qweight, scales, zeros, int(group_size), bias, residual)
 
 
-def int4_gemv_path(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, m: int, group_size: int) -> str:
-    """Which kernel `int4_gemv` runs for these weights at m rows under the current environment: "bulk"
-    (int4_bulk_gemv.cu, ANVIL_INT4_TC_BULK=1 on sm_90 with (K / G) % 8 == 0), "tc" (int4_tc_gemv.cu) or "fma"."""
-    return _ops().int4_gemv_path(qweight, scales, zeros, int(m), int(group_size))
-
-
 INT4_MMA_MAX_M = 64  # anvil::kInt4MmaMaxM
 
 

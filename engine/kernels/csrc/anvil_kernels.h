@@ -102,12 +102,6 @@ cudaError_t launch_int4_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st)
 // int4_gemv's tensor-core path (int4_tc_gemv.cu) for K % 128 == 0 and G % 128 == 0, which launch_int4_gemv takes
 // unless env ANVIL_INT4_GEMV_TC=0 (then the FMA kernel of int4_gemv.cu runs every shape)
 cudaError_t launch_int4_tc_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st);
-// the same on sm_90 with the weights streamed into shared memory by bulk copies (int4_bulk_gemv.cu), which
-// launch_int4_tc_gemv takes when env ANVIL_INT4_TC_BULK=1 and int4_bulk_gemv_takes(p): (K / G) % 8 == 0, sm_90+
-bool int4_bulk_gemv_takes(const Int4GemvParams& p);
-cudaError_t launch_int4_bulk_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st);
-// which kernel launch_int4_gemv runs for p under the current environment: "bulk", "tc" or "fma"
-const char* int4_gemv_path(const Int4GemvParams& p);
 
 // ---- int4 weight-only matmul on the tensor cores (decode, small batches): the same buffers and math as
 // int4_gemv, 1 <= M <= kInt4MmaMaxM, K % 128 == 0, G % 128 == 0 (int4_mma.cu) ----

@@ -359,16 +359,6 @@ at::Tensor int4_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Te
                    false, anvil::launch_int4_mma);
 }
 
-// Which kernel int4_gemv runs for these weights at M rows under the current environment (tests, benchmarks).
-std::string int4_gemv_path(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros, int64_t m,
-                           int64_t group_size) {
-  anvil::Int4GemvParams p{};
-  p.qweight = qweight.data_ptr(); p.scales = scales.data_ptr(); p.zeros = zeros.data_ptr();
-  p.m = (int)m; p.n = (int)qweight.size(0); p.k = (int)qweight.size(1) * 8; p.group = (int)group_size;
-  const at::cuda::CUDAGuard guard(qweight.device());
-  return anvil::int4_gemv_path(p);
-}
-
 }  // namespace
 
 TORCH_LIBRARY(anvil, m) {
@@ -385,7 +375,6 @@ TORCH_LIBRARY(anvil, m) {
         "Tensor? residual=None) -> Tensor");
   m.def("int4_mma(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias, "
         "Tensor? residual=None) -> Tensor");
-  m.def("int4_gemv_path(Tensor qweight, Tensor scales, Tensor zeros, int m, int group_size) -> str");
 }
 
 TORCH_LIBRARY_IMPL(anvil, CUDA, m) {
@@ -398,5 +387,4 @@ TORCH_LIBRARY_IMPL(anvil, CUDA, m) {
   m.impl("write_kv", &write_kv);
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int4_mma", &int4_mma);
-  m.impl("int4_gemv_path", &int4_gemv_path);
 }

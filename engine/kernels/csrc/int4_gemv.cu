@@ -251,10 +251,4 @@ cudaError_t launch_int4_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st)
   return ANVIL_HALF_SWITCH(dt, T, [&] { return launch_t<T>(p, st); });
 }
 
-const char* int4_gemv_path(const Int4GemvParams& p) {
-  if (p.k % 128 == 0 && p.group % 128 == 0 && env_int("ANVIL_INT4_GEMV_TC", 1) != 0)
-    return env_int("ANVIL_INT4_TC_BULK", 0) != 0 && int4_bulk_gemv_takes(p) ? "bulk" : "tc";
-  return "fma";
-}
-
 }  // namespace anvil

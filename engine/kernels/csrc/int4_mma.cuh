@@ -44,34 +44,5 @@ __device__ __forceinline__ uint32_t word(const uint4& q, int i) {
   return i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
 }
 
-// One 128-column chunk of R 16-row tiles with W as the A operand (int4_tc_gemv.cu's layout): lane (g, t) holds
-// xv, 16 bytes of each of 4 column groups of its x row, and q[r][e], the 16 bytes of rows g + 8 e of tile r at
-// columns 32 t .. 32 t + 31. d[r] (+)= sum (1 + q / S) x over the chunk, xs (+)= sum x (an MMA against ones);
-// d[r][c]: row 16 r + g + 8 (c >> 1), batch row 2 t + (c & 1); xs[c]: batch row 2 t + (c & 1).
-template <typename T, int R>
-__device__ __forceinline__ void tc_chunk(const uint4 (&xv)[4], const uint4 (&q)[R][2], float (&d)[R][4],
-                                         float (&xs)[4]) {
-  using MT_ = MmaType<T>;
-  const uint32_t ones[4] = {MT_::kOne, MT_::kOne, MT_::kOne, MT_::kOne};
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      // B: x pairs (x[2h], x[2h + 4]) at k slots (2t, 2t + 1), (x[2h + 1], x[2h + 5]) at (2t + 8, 2t + 9)
-      const uint32_t lo = h == 0 ? xv[i].x : xv[i].y, hi = h == 0 ? xv[i].z : xv[i].w;
-      const uint32_t b0 = __byte_perm(lo, hi, 0x5410), b1 = __byte_perm(lo, hi, 0x7632);
-      MT_::mma(xs, ones, b0, b1);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {  // A: the same columns of rows g (a0, a2) and g + 8 (a1, a3)
-        const uint32_t wg = word(q[r][0], i), w8 = word(q[r][1], i);
-        const uint32_t a[4] = {h == 0 ? unit_pair<T, 0>(wg) : unit_pair<T, 2>(wg),
-                               h == 0 ? unit_pair<T, 0>(w8) : unit_pair<T, 2>(w8),
-                               h == 0 ? unit_pair<T, 1>(wg) : unit_pair<T, 3>(wg),
-                               h == 0 ? unit_pair<T, 1>(w8) : unit_pair<T, 3>(w8)};
-        MT_::mma(d[r], a, b0, b1);
-      }
-    }
-}
-
 }  // namespace int4tc
 }  // namespace anvil

@@ -32,6 +32,8 @@ namespace anvil {
 namespace {
 
 using int4tc::MmaType;
+using int4tc::unit_pair;
+using int4tc::word;
 
 template <typename T, int R, int KS, int P>
 __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restrict__ x,
@@ -86,6 +88,7 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[r][c] = 0.f;
+  const uint32_t ones[4] = {MT_::kOne, MT_::kOne, MT_::kOne, MT_::kOne};
   for (int j0 = 0; j0 < nj; j0 += P) {
 #pragma unroll
     for (int p = 0; p < P; ++p) {
@@ -113,7 +116,24 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
       for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int c = 0; c < 4; ++c) d[r][c] = 0.f;
-      int4tc::tc_chunk<T, R>(xv, q, d, xs);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // B: x pairs (x[2h], x[2h + 4]) at k slots (2t, 2t + 1), (x[2h + 1], x[2h + 5]) at (2t + 8, 2t + 9)
+          const uint32_t lo = h == 0 ? xv[i].x : xv[i].y, hi = h == 0 ? xv[i].z : xv[i].w;
+          const uint32_t b0 = __byte_perm(lo, hi, 0x5410), b1 = __byte_perm(lo, hi, 0x7632);
+          MT_::mma(xs, ones, b0, b1);
+#pragma unroll
+          for (int r = 0; r < R; ++r) {  // A: the same columns of rows g (a0, a2) and g + 8 (a1, a3)
+            const uint32_t wg = word(q[r][0], i), w8 = word(q[r][1], i);
+            const uint32_t a[4] = {h == 0 ? unit_pair<T, 0>(wg) : unit_pair<T, 2>(wg),
+                                   h == 0 ? unit_pair<T, 0>(w8) : unit_pair<T, 2>(w8),
+                                   h == 0 ? unit_pair<T, 1>(wg) : unit_pair<T, 3>(wg),
+                                   h == 0 ? unit_pair<T, 1>(w8) : unit_pair<T, 3>(w8)};
+            MT_::mma(d[r], a, b0, b1);
+          }
+        }
       // d[r][c]: row 16 r + g + 8 (c >> 1), batch row 2t + (c & 1); xs[c]: sum x of batch row 2t + (c & 1)
 #pragma unroll
       for (int r = 0; r < R; ++r)
@@ -181,7 +201,6 @@ void int4_tc_gemv_plan(int n, int k, int* r, int* ks, int* stages) {
 cudaError_t launch_int4_tc_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st) {
   if (p.m < 1 || p.m > kInt4GemvMaxM || p.k % 128 != 0 || p.group % 128 != 0 || p.k % p.group != 0)
     return cudaErrorInvalidValue;
-  if (env_int("ANVIL_INT4_TC_BULK", 0) != 0 && int4_bulk_gemv_takes(p)) return launch_int4_bulk_gemv(p, dt, st);
   int r, ks, stages;
   int4_tc_gemv_plan(p.n, p.k, &r, &ks, &stages);
   r = env_int("ANVIL_INT4_TC_R", r);

@@ -5,8 +5,6 @@ random inputs at awkward sizes, at the per-shape default and at every tile x K-s
 - Against the reference (dequantize, float64 product) under test_kernels_int4.py's bound.
 - The residual epilogue: `int4_gemv(..., residual=r)` == `r + int4_gemv(...)` bit for bit.
 - Against the FMA kernel (ANVIL_INT4_GEMV_TC=0): both accumulate in fp32, so they agree to a few bf16 ulps.
-- The bulk-copy variant (int4_bulk_gemv.cu, ANVIL_INT4_TC_BULK=1, sm_90): bit for bit the tensor-core kernel at
-  KS = 8 (the same sums in the same order), at every R x S, and within the reference bound.
 """
 
 from __future__ import annotations
@@ -66,52 +64,3 @@ def test_int4_tc_gemv_residual_bit_exact_and_near_fma_gpu(n, k, group, m, dtype,
         assert torch.equal(ext.int4_gemv(x, w.qweight, w.scales, w.zeros, group, bias, r), r + plain), v
         ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
         assert (plain.float() - fma).abs().max().item() <= 4 * ulp * fma.abs().max().item(), v
-
-
-# (K / G) % 8 == 0 (the bulk kernel's condition); N not a multiple of 16 or 32, one and several blocks, 1 .. 14 stages
-BULK_SHAPES = [(200, 1024, 128), (333, 2048, 256), (77, 4096, 512), (4001, 3072, 128), (1000, 14336, 128)]
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("n,k,group", BULK_SHAPES)
-@pytest.mark.parametrize("m", [1, 3, 8])
-def test_int4_bulk_gemv_equals_the_tc_kernel_bit_for_bit_gpu(n, k, group, m, monkeypatch):
-    """int4_bulk_gemv.cu (ANVIL_INT4_TC_BULK=1, sm_90) sums the same chunks in the same order as int4_tc_gemv.cu with
-    KS = 8 warps, so every R x S variant equals it exactly (bias and residual included); both match the reference."""
-    from engine.kernels import ext
-
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the bulk-copy kernel needs sm_90 (cp.async.bulk)")
-    for dtype in (torch.bfloat16, torch.float16):
-        g = torch.Generator().manual_seed(n + k + m)
-        w = quantize_rtn(torch.randn(n, k, generator=g) * 0.05, group).to("cuda", dtype)
-        x = torch.randn(m, k, generator=g).to("cuda", dtype)
-        r = torch.randn(m, n, generator=g).to("cuda", dtype) * 4
-        bias = torch.randn(n, generator=g).to("cuda", dtype)
-        _set(monkeypatch, "", "8", "")
-        assert ext.int4_gemv_path(w.qweight, w.scales, w.zeros, m, group) == "tc"
-        want = ext.int4_gemv(x, w.qweight, w.scales, w.zeros, group, bias, r)
-        monkeypatch.setenv("ANVIL_INT4_TC_BULK", "1")
-        assert ext.int4_gemv_path(w.qweight, w.scales, w.zeros, m, group) == "bulk"
-        for rr in ("1", "2"):
-            for s in ("2", "4"):
-                monkeypatch.setenv("ANVIL_INT4_BULK_R", rr)
-                monkeypatch.setenv("ANVIL_INT4_BULK_S", s)
-                got = ext.int4_gemv(x, w.qweight, w.scales, w.zeros, group, bias, r)
-                assert torch.equal(got, want), (rr, s, (got.float() - want.float()).abs().max().item())
-        gpu_case(kind="int4_cuda", n=n, k=k, m=m, dtype=str(dtype).split(".")[1], group=group, seed=n + m,
-                 bias=True)  # fmt: skip
-        monkeypatch.delenv("ANVIL_INT4_TC_BULK")
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_int4_bulk_gemv_declines_shapes_it_cannot_take_gpu(monkeypatch):
-    from engine.kernels import ext
-
-    monkeypatch.setenv("ANVIL_INT4_TC_BULK", "1")
-    w = quantize_rtn(torch.randn(64, 3072) * 0.05, 3072).to("cuda", torch.bfloat16)  # K / G = 1: not a multiple of 8
-    assert ext.int4_gemv_path(w.qweight, w.scales, w.zeros, 1, 3072) == "tc"
-    monkeypatch.setenv("ANVIL_INT4_GEMV_TC", "0")
-    assert ext.int4_gemv_path(w.qweight, w.scales, w.zeros, 1, 3072) == "fma"
