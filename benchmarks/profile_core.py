@@ -2,8 +2,10 @@
 for batch-1 decode (CUDA graphs on and off) and for a continuous-batching run, with GPU-busy time against wall
 time (a host-bound run shows GPU idle). Public APIs only. Writes one JSON.
 
-  python benchmarks/profile_core.py --out results/gpu/core-h200/profile.json [--parts b1,cb,host] [--cb-requests 128]
-      [--quant rtn|nf4]
+  python benchmarks/profile_core.py --out results/gpu/core-h200/profile.json [--parts b1,cb,host,prefill]
+      [--cb-requests 128] [--quant rtn|nf4] [--prefill-len 2048]
+
+prefill: one fresh prompt of --prefill-len tokens, one new token (TTFT), three times: the kernels of one prefill.
 
 host: a cProfile of the host side of the continuous-batching run (where a host-bound step spends its time).
 """
@@ -65,6 +67,26 @@ def b1(lm, graphs: bool, n_tok: int = 64) -> dict:
         wall = time.perf_counter() - t0
     itl = sorted(y - x for x, y in zip(o.token_times[1:], o.token_times[2:], strict=False))
     res = {"graphs": graphs, "wall_s": wall, "median_step_ms": 1e3 * itl[len(itl) // 2], **kernel_table(prof, n_tok)}
+    del llm
+    torch.cuda.empty_cache()
+    return res
+
+
+def prefill(lm, n: int, runs: int = 3) -> dict:
+    """The kernels of one fresh prefill of n tokens (TTFT: max_tokens=1), averaged over `runs`, with wall TTFT."""
+    llm = LLM(lm, EngineConfig(max_num_seqs=4, max_model_len=n + 64, max_num_batched_tokens=max(8192, n)))
+    p = torch.randint(0, lm.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(1)).tolist()
+    llm.generate(p, max_tokens=1)
+    torch.cuda.synchronize()
+    ttft = []
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            (o,) = llm.generate(p, max_tokens=1)
+            ttft.append(1e3 * (o.token_times[0] - t0))
+        torch.cuda.synchronize()
+    res = {"prompt": n, "ttft_ms": ttft, "median_step_ms": sorted(ttft)[len(ttft) // 2], "wall_s": sum(ttft) / 1e3,
+           **kernel_table(prof, runs)}  # fmt: skip
     del llm
     torch.cuda.empty_cache()
     return res
@@ -156,6 +178,7 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--parts", default="b1,cb")
     ap.add_argument("--cb-requests", type=int, default=128)
+    ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--quant", default=None, choices=["rtn", "nf4"], help="quantize the Linears first (int4 g128 / NF4)")
     args = ap.parse_args()
     lm = synthetic(args.preset, "bfloat16", "cuda", seed=0)
@@ -174,6 +197,8 @@ def main() -> None:
                 res["cb"] = cb(lm, args.cb_requests)
             elif part == "host":
                 res["host"] = host(lm, args.cb_requests)
+            elif part == "prefill":
+                res["prefill"] = prefill(lm, args.prefill_len)
         except Exception as e:  # keep the other parts
             import traceback
 
