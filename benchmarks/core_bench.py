@@ -3,11 +3,7 @@ batch 1/8/32 with weight bandwidth against the copy bandwidth measured in the sa
 prompt, host time per step, continuous vs static batching on a random workload, and long-context chunked prefill
 peak memory. Writes one JSON.
 
-  python benchmarks/core_bench.py --out results/gpu/core-h200.json [--parts decode,cb,long,ttft] [--preset llama-3-8b]
-
-ttft: TTFT (median of 7) of fresh prompts of 1,024 / 2,048 / 4,096 tokens per fresh-prompt attention path
-(EngineConfig.fresh_attention triton / auto) and residual epilogue (ANVIL_CUBLAS_RESIDUAL 0: add after the
-cuBLAS GEMM, 1: one addmm), decode graphs off (prefill never runs in a graph).
+  python benchmarks/core_bench.py --out results/gpu/core-h200.json [--parts decode,cb,long] [--preset llama-3-8b]
 """
 
 from __future__ import annotations
@@ -236,32 +232,6 @@ def long_part(lm, length: int) -> dict:
     return res
 
 
-def ttft_part(lm, lengths=(1024, 2048, 4096), runs: int = 7) -> dict:
-    import os
-
-    c, out = lm.config, {}
-    for fresh in ("triton", "auto"):
-        llm = LLM(lm, EngineConfig(max_num_seqs=4, max_model_len=4160, max_num_batched_tokens=8192, cuda_graphs=False,
-                                   gemv="triton", fresh_attention=fresh))  # fmt: skip
-        for addmm in ("0", "1"):
-            os.environ["ANVIL_CUBLAS_RESIDUAL"] = addmm
-            for n in lengths:
-                p = _prompts(1, n, c.vocab_size, 11)
-                llm.generate(p, max_tokens=1)
-                ts = []
-                for _ in range(runs):
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    (o,) = llm.generate(p, max_tokens=1)
-                    ts.append((o.token_times[0] - t0) * 1e3)
-                key = f"{fresh}/residual_addmm={addmm}/{n}"
-                out[key] = {"median_ms": statistics.median(ts), "all": ts}
-                print(f"TTFT {key}: {statistics.median(ts):.2f} ms", flush=True)
-        os.environ.pop("ANVIL_CUBLAS_RESIDUAL", None)
-        _release(llm)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -298,8 +268,6 @@ def main() -> None:
                 res["continuous_batching"] = cb_part(lm, n, (plo, phi), (olo, ohi), 256 if cuda else 64, 32 if cuda else 8)
             elif part == "long":
                 res["long_context"] = long_part(lm, args.long_len)
-            elif part == "ttft":
-                res["ttft"] = ttft_part(lm)
         except Exception as e:  # one failed part must not lose the others
             import traceback
 

@@ -286,7 +286,7 @@ def _parse_window(d: dict[str, Any], model_type: str, n_layers: int) -> tuple[in
 
 # ---------------------------------------------------------------- the engine core's settings
 _BACKENDS = ("auto", "torch", "triton")
-_FRESH = ("auto", "sdpa", "flash", "triton")
+_FRESH = ("sdpa", "flash", "triton")
 _GEMV = ("tune", "cublas", "triton")
 _SPEC = ("none", "draft", "ngram", "lookahead", "medusa")
 _ACCEPTANCE = ("rejection", "typical")
@@ -322,8 +322,7 @@ class EngineConfig:
     # prompt row (no per-shape cost); sdpa = one SDPA call, torch's kernel choice (cuDNN on sm_90: faster on long
     # prompts, but it builds a plan per new shape, ~60 ms on the H200 for each new prompt length); flash = SDPA
     # limited to FlashAttention-2 (a one-time ~13 ms start, no per-shape plan). Serving prompts of varied lengths:
-    # triton (results/gpu/serving-h200/fresh-attention-479d3d7/). auto = sdpa for fresh prompts of >= 1,024 tokens
-    # (padded to fresh_pad, 256 when 0, every bucket's plan warmed at start-up), triton below.
+    # triton (results/gpu/serving-h200/fresh-attention-479d3d7/).
     fresh_attention: str = "triton"
     # sdpa / flash: pad a fresh prompt's SDPA call up to a multiple of this many tokens (zero rows after the prompt;
     # causal masking keeps them out of the real rows), so cuDNN builds one plan per bucket (all warmed at start-up,

@@ -5,8 +5,7 @@ lengths). Decode rows come first in every batch. EngineConfig.fresh_attention pi
 (torch's choice of kernel), flash (SDPA limited to FlashAttention-2), triton (the paged kernel for them too);
 EngineConfig.fresh_pad > 0 pads the SDPA call's length up to a multiple of it (zero rows after the prompt, which
 causal masking keeps out of the real rows) so cuDNN builds one plan per bucket, warmed at start-up, not one per
-new prompt length. auto: SDPA (cuDNN), padded to fresh_pad (AUTO_PAD when 0) with the buckets warmed, for fresh
-prompts of at least AUTO_SDPA_MIN tokens, where cuDNN is faster than the paged kernel; triton for shorter ones.
+new prompt length.
 """
 
 from __future__ import annotations
@@ -19,9 +18,6 @@ from engine.attention.base import AttentionBackend, AttentionLayerSpec
 from engine.attention.metadata import ForwardBatch
 from engine.kernels.triton.paged_attention import MAX_SPLITS
 
-AUTO_SDPA_MIN = 1024  # fresh_attention auto: prompts at least this long take cuDNN SDPA
-AUTO_PAD = 256  # fresh_attention auto with fresh_pad 0: the SDPA bucket (a warmed cuDNN plan each)
-
 
 class TritonBackend(AttentionBackend):
     name = "triton"
@@ -29,14 +25,11 @@ class TritonBackend(AttentionBackend):
     def __init__(self, fresh_attention: str = "triton", fresh_pad: int = 0, warm_fresh_upto: int = 0) -> None:
         from engine.kernels.triton import fused, paged_attention, paged_prefill
 
-        if fresh_attention not in ("auto", "sdpa", "flash", "triton"):
-            raise ValueError(f"fresh_attention: expected auto, sdpa, flash or triton, got {fresh_attention!r}")
+        if fresh_attention not in ("sdpa", "flash", "triton"):
+            raise ValueError(f"fresh_attention: expected sdpa, flash or triton, got {fresh_attention!r}")
         if isinstance(fresh_pad, bool) or not isinstance(fresh_pad, int) or fresh_pad < 0:
             raise ValueError(f"fresh_pad: expected an int >= 0, got {fresh_pad!r}")
-        if fresh_attention == "auto" and fresh_pad == 0:
-            fresh_pad = AUTO_PAD
         self.fresh_attention, self.fresh_pad, self.warm_fresh_upto = fresh_attention, fresh_pad, warm_fresh_upto
-        self.sdpa_min = AUTO_SDPA_MIN if fresh_attention == "auto" else 0  # shortest fresh prompt sent to SDPA
         self._rope_kv = fused.rope_write_kv
         self._decode = paged_attention.paged_decode_attention
         self._choose_splits = paged_attention.choose_num_splits
@@ -64,8 +57,7 @@ class TritonBackend(AttentionBackend):
             for first in (0, 1, 2):
                 self._prefill(qq, k_cache, v_cache, bt, cu, ln, spec.scale, spec.window, first, 3 - first, q_len)
         if self.fresh_pad and self.fresh_attention != "triton" and not spec.window:  # one plan per bucket, now
-            first = max(self.fresh_pad, -(-self.sdpa_min // self.fresh_pad) * self.fresh_pad)
-            for n in range(first, self.warm_fresh_upto + 1, self.fresh_pad):
+            for n in range(self.fresh_pad, self.warm_fresh_upto + 1, self.fresh_pad):
                 x = torch.zeros(n, h, d, dtype=dt, device=dev)
                 kv = torch.zeros(n, spec.n_kv_heads, d, dtype=dt, device=dev)
                 self._sdpa_call(x, kv, kv, 1, spec)
@@ -74,7 +66,7 @@ class TritonBackend(AttentionBackend):
         a = batch.attn
         t, h, hkv, d = qkv.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim
         nd = a.num_decodes
-        sdpa = self.fresh_attention != "triton" and not a.all_decode and self._sdpa(a, spec, self.sdpa_min)
+        sdpa = self.fresh_attention != "triton" and not a.all_decode and self._sdpa(a, spec)
         k_out = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device) if sdpa else None
         q = self._rope_kv(qkv, cos_sin, batch.positions, h, hkv, d, batch.seq_idx, a.block_tables,
                           k_cache, v_cache, k_out=k_out)  # fmt: skip  [T, H, D]
@@ -93,18 +85,15 @@ class TritonBackend(AttentionBackend):
         return out.view(t, h * d)
 
     @staticmethod
-    def _sdpa(a, spec: AttentionLayerSpec, min_len: int = 0) -> bool:
+    def _sdpa(a, spec: AttentionLayerSpec) -> bool:
         """SDPA (flash / cuDNN) on the prompts' own K/V when every prompt row of the step belongs to fresh prompts
         (from position 0, no window) of one length: one batched call. Anything else (chunks over a cached prefix,
         windows, verification, fresh prompts of mixed lengths) goes through one paged Triton launch: a Python loop
-        of SDPA calls per prompt and layer would cost the host more than the GPU saves. Prompts shorter than
-        min_len (fresh_attention auto) go through the Triton launch too."""
+        of SDPA calls per prompt and layer would cost the host more than the GPU saves."""
         if spec.window:
             return False
         qs, lens = a.query_start, a.seq_lens_host
         n = qs[a.num_decodes + 1] - qs[a.num_decodes]
-        if n < min_len:
-            return False
         return all(qs[b + 1] - qs[b] == n == lens[b] for b in range(a.num_decodes, a.num_seqs))
 
     def _fresh(self, q, k, v, a, spec: AttentionLayerSpec, out, first: int, end: int) -> None:

@@ -10,7 +10,6 @@ configs and cuBLAS on the device; nothing here assumes Triton wins.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -197,12 +196,6 @@ def candidates(m: int) -> list[GemvConfig]:
     return [CUBLAS] + (FMA_CONFIGS if m == 1 else []) + DOT_CONFIGS
 
 
-def cublas_residual() -> bool:  # read per call: benchmarks toggle it
-    """The cuBLAS path's residual: ANVIL_CUBLAS_RESIDUAL=1 adds it in the GEMM (torch.addmm, beta = 1: the product
-    is not rounded to x.dtype before the add), else a separate add after F.linear (HF's rounding order)."""
-    return os.environ.get("ANVIL_CUBLAS_RESIDUAL", "0") == "1"
-
-
 def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
     f = x.shape[-1] // 2
     return torch.nn.functional.silu(x[..., :f]) * x[..., f:]
@@ -231,12 +224,9 @@ def linear(
             xin = silu_and_mul(x) if x.is_cuda else silu_and_mul_torch(x)
         else:
             xin = x
-        if residual is not None and bias is None and cublas_residual():  # one GEMM with beta = 1: r + x W^T
-            y = torch.addmm(residual, xin, w.t())
-        else:
-            y = torch.nn.functional.linear(xin, w, bias)
-            if residual is not None:
-                y = residual + y
+        y = torch.nn.functional.linear(xin, w, bias)
+        if residual is not None:
+            y = residual + y
         if out is not None:
             out.copy_(y)
             return out
