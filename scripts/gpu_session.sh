@@ -21,6 +21,18 @@ open('/tmp/int4-rtn.toml', 'w').write('[[models]]'.join([h.replace('gpu-int4', '
   cp /tmp/int4-run/records.jsonl "$out/int4-records.jsonl" 2>/dev/null
   cp /tmp/int4-run/table.md "$out/int4-table.md" 2>/dev/null
 }
+gemv1_py() {  # /tmp/gemv1.py: four int4_gemv calls at M = 1 on an RTN-quantized [$1, 4,096] weight (for ncu)
+  cat > /tmp/gemv1.py <<PY
+import torch
+from engine.kernels import ext
+from engine.quant.int4 import quantize_rtn
+p = quantize_rtn(torch.randn($1, 4096, device="cuda") * 0.02, 128).to("cuda", torch.bfloat16)
+x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+for _ in range(4):
+    ext.int4_gemv(x, p.qweight, p.scales, p.zeros, 128)
+torch.cuda.synchronize()
+PY
+}
 case "$part" in
 kernels)  # the kernels' GPU tests, the prefill-attention and int4 sweeps, a profile of continuous batching
   timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine/quant 2>&1 | tail -15 > "$out/int4-gpu-tests.log"
@@ -155,16 +167,7 @@ int4-profile)  # the CUDA int4 GEMV at M = 1: rows per warp 2 / 4 / 8 (ANVIL_INT
     ANVIL_INT4_GEMV_R=$r timeout 60 python3 benchmarks/bench_int4.py --ms 1 --iters 50 --out "$out/int4-r$r.json" \
       2>&1 | grep -E "int4_cuda|int4_gemv " > "$out/int4-r$r.log"
   done
-  cat > /tmp/gemv1.py <<'PY'
-import torch
-from engine.kernels import ext
-from engine.quant.int4 import quantize_rtn
-p = quantize_rtn(torch.randn(28672, 4096, device="cuda") * 0.02, 128).to("cuda", torch.bfloat16)
-x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-for _ in range(4):
-    ext.int4_gemv(x, p.qweight, p.scales, p.zeros, 128)
-torch.cuda.synchronize()
-PY
+  gemv1_py 28672
   timeout 120 ncu --kernel-name regex:int4_gemv --launch-skip 2 --launch-count 1 --section SpeedOfLight \
     --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
     --section MemoryWorkloadAnalysis python3 /tmp/gemv1.py > "$out/ncu-w13-m1.txt" 2>&1
@@ -173,16 +176,7 @@ PY
 int4-tc-ncu)  # ncu on int4_gemv's tensor-core kernel at M = 1, w13 and wo (the default plan): where its time goes
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
   for shape in 28672 4096; do
-    cat > /tmp/gemv1.py <<PY
-import torch
-from engine.kernels import ext
-from engine.quant.int4 import quantize_rtn
-p = quantize_rtn(torch.randn($shape, 4096, device="cuda") * 0.02, 128).to("cuda", torch.bfloat16)
-x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-for _ in range(4):
-    ext.int4_gemv(x, p.qweight, p.scales, p.zeros, 128)
-torch.cuda.synchronize()
-PY
+    gemv1_py $shape
     timeout 150 ncu --kernel-name regex:int4_tc_gemv --launch-skip 2 --launch-count 1 --section SpeedOfLight \
       --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
       --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section InstructionStats \
