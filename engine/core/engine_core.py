@@ -38,10 +38,12 @@ class EngineCore:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        vocab = self.runner.mc.vocab_size
-        bad = next((t for t in req.prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"request {req.request_id}: token id {bad!r} outside the vocabulary [0, {vocab})")
+        vocab, ids = self.runner.mc.vocab_size, req.prompt_ids
+        # the common case in C-speed passes (a 2k prompt: ~0.1 ms, not ~0.5); the per-token scan names the bad id
+        if not (all(type(t) is int for t in ids) and (not ids or (min(ids) >= 0 and max(ids) < vocab))):
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"request {req.request_id}: token id {bad!r} outside the vocabulary [0, {vocab})")
         self.scheduler.add(req)
         self.requests[req.request_id] = req
         self.stats["prompt_tokens"] += req.num_prompt_tokens

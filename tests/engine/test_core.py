@@ -152,8 +152,11 @@ def test_too_long_prompt_refused_rest_completes(model, reference):
     small = LLM(model, cfg(num_kv_blocks=3, block_size=16))  # 2 usable blocks = 32 tokens
     (o,) = small.generate([[1] * 33], max_tokens=2)
     assert o.finish_reason == "error" and "KV pool (32 tokens)" in o.error
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        llm.add_request([model.config.vocab_size])
+    v, before = model.config.vocab_size, len(llm.core.requests)
+    for prompt, bad in (([v], v), ([5, -1, 7], -1), ([3, True], True), ([1.0], 1.0), ([2, 4, v + 9, 1], v + 9)):
+        with pytest.raises(ValueError, match=rf"token id {bad!r} outside the vocabulary \[0, {v}\)"):
+            llm.add_request(prompt)
+    assert len(llm.core.requests) == before  # a refused prompt adds nothing
     with pytest.raises(ValueError, match="empty prompt"):
         llm.add_request([])
 
