@@ -51,8 +51,8 @@ class Ctx:
     def find(self, pattern: str, ext: tuple[str, ...] = (".json", ".jsonl"), claim: bool = True) -> list[str]:
         """Files under results/ (never runs/) whose relative path matches the regex and no section claimed yet."""
         rels = sorted(p.relative_to(self.results).as_posix() for p in self.results.rglob("*") if p.is_file())
-        out = [r for r in rels if Path(r).suffix in ext and not r.startswith("runs/") and r not in self.claimed
-               and re.search(pattern, r, re.I)]
+        out = [r for r in rels if Path(r.removesuffix(".gz")).suffix in ext and not r.startswith("runs/")
+               and r not in self.claimed and re.search(pattern, r.removesuffix(".gz"), re.I)]  # fmt: skip
         if claim:
             self.claimed.update(out)
         return out
@@ -368,8 +368,8 @@ def serving(ctx: Ctx) -> list[tuple]:
     for rel in ctx.find(r"\.jsonl$", ext=(".jsonl",), claim=False):
         if not (recs := [r for r in ctx.records(rel) if r.scenario == "serving"]):
             continue
-        ctx.claimed.add(rel)
-        engines |= {r.engine_version.lower() for r in recs} | {r.engine for r in recs}
+        ctx.claimed.add(rel)  # (an openai_http run against `vllm serve` names vLLM only in its folder: vllm-0.26.0/)
+        engines |= {r.engine_version.lower() for r in recs} | {r.engine for r in recs} | {rel.lower()}
         rows = [[r.engine, r.engine_version, r.model, r.device, f"c={r.params['concurrency']}" if r.params.get(
             "concurrency") else f"rate={r.params.get('request_rate')}", r.status, *(num(r.metrics.get(k)) for k in keys)]
             for r in recs]
@@ -386,8 +386,15 @@ def serving(ctx: Ctx) -> list[tuple]:
     return out
 
 
+def longest_ok_prompt(ctx: Ctx, rel: str) -> int:
+    """The longest prompt of a suite records file's completed long_context cells (0 if none)."""
+    lens = [int(r.params.get("prompt_len") or 0) for r in ctx.records(rel)
+            if r.scenario == "long_context" and r.status == "ok"]  # fmt: skip
+    return max(lens, default=0)
+
+
 def long_context(ctx: Ctx) -> list[tuple]:
-    out, bars = [], []
+    out, bars, longest = [], [], 0
     for rel in ctx.find(r"long[-_]?context|(^|/)long-|(^|/)core-bench\.json$", claim=False):
         data = ctx.json(rel) if rel.endswith(".json") else None
         lc = data.get("long_context") if isinstance(data, dict) else None
@@ -401,6 +408,7 @@ def long_context(ctx: Ctx) -> list[tuple]:
             out.append(("p", f"`results/{rel}`: its long-context part recorded an error: `{data['long_error']}`."))
         elif rel.endswith(".jsonl") or (isinstance(data, dict) and "core-bench" not in rel):
             out += [("h", 3, f"`{rel}`"), *shown(ctx, rel)]
+            longest = max(longest, longest_ok_prompt(ctx, rel) if rel.endswith(".jsonl") else 0)
         ctx.claimed.add(rel)
 
     def draw(a0, a1):
@@ -409,7 +417,7 @@ def long_context(ctx: Ctx) -> list[tuple]:
         a0.set(ylabel="prefill tok/s", title="prefill speed")
         a1.set(ylabel="GB", title="peak activation memory")
 
-    big = [] if any(b[0].startswith(("131", "128")) for b in bars) else \
+    big = [] if longest >= 128 * 1024 - 64 or any(b[0].startswith(("131", "128")) for b in bars) else \
         [ctx.not_measured("a 128k-token prefill in a result file", "results/gpu/<gpu>/long-context-128k.json")]
     return [("p", "Chunked prefill bounds activation memory by the chunk size; the price is the attention of every "
                   "chunk over the cached prefix.")] + out + big + \

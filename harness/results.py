@@ -98,7 +98,13 @@ def load_records(path: str | Path) -> list[Record]:
     if p.is_dir():
         p = p / "records.jsonl"
     out = []
-    lines = p.read_text(encoding="utf-8").splitlines()
+    if p.suffix == ".gz":  # a committed run compressed to keep results/ small
+        import gzip
+
+        with gzip.open(p, "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    else:
+        lines = p.read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue

@@ -53,6 +53,19 @@ def test_jsonl_round_trip_and_torn_last_line(tmp_path):
     assert got[1].status == "failed" and got[1].reason == "boom" and got[1].time.endswith("Z")
 
 
+def test_gzipped_records_load_like_plain_ones(tmp_path):
+    import gzip
+
+    p = tmp_path / "records.jsonl"
+    with RecordWriter(p) as w:
+        w.write(rec(metrics={"decode_tok_s": 210.8}))
+        w.write(rec(cell_id="d"))
+    gz = tmp_path / "records.jsonl.gz"
+    gz.write_bytes(gzip.compress(p.read_bytes()))
+    assert [r.to_dict() for r in load_records(gz)] == [r.to_dict() for r in load_records(p)]
+    assert load_records(gz)[0].metrics == {"decode_tok_s": 210.8}
+
+
 def test_record_rejects_unknown_status_and_other_schema_versions(tmp_path):
     with pytest.raises(ValueError, match="status"):
         rec(status="weird")

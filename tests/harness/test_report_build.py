@@ -174,3 +174,54 @@ def test_int4_history_shows_the_newest_run_in_full_and_earlier_runs_as_rows():
     # M = 1 only, bf16 cuBLAS left out, the fastest int4 kernel per shape
     assert rows == [["`a.json`", "old1", "2026-12-01", 4, "w13 31.4"], ["`d.json`", "old2", "2026-12-02", 4, "w13 50.0"]]
     assert history_blocks(kern, [], last) == [] and newest_run({}) == ("", [])
+
+
+def test_long_context_counts_a_128k_suite_cell_as_measured(tmp_path):
+    """A 128k prompt measured by `bench run suites/long_context.toml` (a records file) is not "not measured yet";
+    without an ok 128k cell the section says what file would hold one."""
+    from harness.report_sections import Ctx, long_context
+
+    rec = {"run_id": "r", "suite": "long_context", "cell_id": "c", "scenario": "long_context", "engine": "anvil",
+           "engine_version": "x", "model": "m", "dtype": "bfloat16", "device": "cuda", "params": {"prompt_len": 131040},
+           "status": "ok", "metrics": {"ttft_ms": 12700.0}, "schema_version": 1}  # fmt: skip
+    d = tmp_path / "gpu/long-context-x"
+    d.mkdir(parents=True)
+    (d / "records.jsonl").write_text(json.dumps(rec) + "\n")
+    text = lambda blocks: json.dumps(blocks, default=str)  # noqa: E731
+
+    def run() -> str:
+        (tmp_path / "out/img").mkdir(parents=True, exist_ok=True)
+        return text(long_context(Ctx(results=tmp_path, img=tmp_path / "out/img", out=tmp_path / "out", root=REPO)))
+
+    assert "128k-token prefill" not in run()
+    rec["status"] = "failed"
+    (d / "records.jsonl").write_text(json.dumps(rec) + "\n")
+    assert "128k-token prefill" in run()
+
+
+def test_serving_against_vllm_is_found_by_its_folder(tmp_path):
+    """An openai_http serving run against `vllm serve` names vLLM only in its folder (results/gpu/serving-h200/
+    vllm-0.26.0/): the serving section counts it; the same records elsewhere leave "not measured yet"."""
+    from harness.report_sections import Ctx, serving
+
+    src = RESULTS / "gpu/serving-h200/vllm-0.26.0/records.jsonl"
+    if not src.is_file():
+        pytest.skip("the committed vLLM serving run is not in this checkout")
+
+    def run(folder: str) -> str:
+        res = tmp_path / folder
+        (res / "gpu/x" / folder).mkdir(parents=True)
+        shutil.copy(src, res / "gpu/x" / folder / "records.jsonl")
+        (res / "img").mkdir()
+        return json.dumps(serving(Ctx(results=res, img=res / "img", out=res, root=REPO)), default=str)
+
+    assert "serving against vLLM on the same GPU" not in run("vllm-0.26.0")
+    assert "serving against vLLM on the same GPU" in run("some-server")
+
+
+def test_gzipped_records_reach_the_baseline_table(built):
+    """results/gpu/peers-h200/sglang-0.5.11/records.jsonl.gz (compressed when committed) is read like a plain one."""
+    if not (RESULTS / "gpu/peers-h200/sglang-0.5.11/records.jsonl.gz").is_file():
+        pytest.skip("the committed SGLang run is not in this checkout")
+    md = built[0]["md"].read_text(encoding="utf-8")
+    assert "| sglang | sglang 0.5.11 |" in md and "SGLang on the gpu-decode suite" not in md
