@@ -20,6 +20,15 @@ from harness.results import Record, load_records
 HARDWARE = "hardware/h100-h200.json"
 
 
+def _plain(rel: str) -> str:
+    """A records file's name without the .gz of a compressed one (load_records reads both)."""
+    return rel.removesuffix(".gz") if rel.endswith(".jsonl.gz") else rel
+
+
+def is_records(rel: str) -> bool:
+    return _plain(rel).endswith(".jsonl")
+
+
 @dataclass
 class Ctx:
     results: Path  # the results/ folder read
@@ -51,8 +60,8 @@ class Ctx:
     def find(self, pattern: str, ext: tuple[str, ...] = (".json", ".jsonl"), claim: bool = True) -> list[str]:
         """Files under results/ (never runs/) whose relative path matches the regex and no section claimed yet."""
         rels = sorted(p.relative_to(self.results).as_posix() for p in self.results.rglob("*") if p.is_file())
-        out = [r for r in rels if Path(r.removesuffix(".gz")).suffix in ext and not r.startswith("runs/")
-               and r not in self.claimed and re.search(pattern, r.removesuffix(".gz"), re.I)]  # fmt: skip
+        out = [r for r in rels if Path(_plain(r)).suffix in ext and not r.startswith("runs/")
+               and r not in self.claimed and re.search(pattern, _plain(r), re.I)]  # fmt: skip
         if claim:
             self.claimed.update(out)
         return out
@@ -115,7 +124,7 @@ def generic(data: Any, rel: str, limit: int = 40) -> list[tuple]:
 
 def shown(ctx: Ctx, rel: str) -> list[tuple]:
     """A file no section knows the shape of: throughput records as cells(), other records and JSON via generic()."""
-    if not (rel.endswith(".jsonl") and (recs := ctx.records(rel))):
+    if not (is_records(rel) and (recs := ctx.records(rel))):
         return generic(ctx.json(rel) if rel.endswith(".json") else {}, rel)
     return cells(recs, rel) if all(r.scenario == "throughput" for r in recs) else [*generic([{
         "engine": r.engine, "scenario": r.scenario, "model": r.model, "status": r.status, **r.params, **r.metrics}
@@ -362,14 +371,15 @@ def speculative(ctx: Ctx) -> list[tuple]:
 def serving(ctx: Ctx) -> list[tuple]:
     from harness import plots
 
-    out, engines = [], set()
+    out, engines, vllm_run = [], set(), False
     keys = ("request_throughput_req_s", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2e_p99_ms",
             "goodput_req_s")
     for rel in ctx.find(r"\.jsonl$", ext=(".jsonl",), claim=False):
         if not (recs := [r for r in ctx.records(rel) if r.scenario == "serving"]):
             continue
-        ctx.claimed.add(rel)  # (an openai_http run against `vllm serve` names vLLM only in its folder: vllm-0.26.0/)
-        engines |= {r.engine_version.lower() for r in recs} | {r.engine for r in recs} | {rel.lower()}
+        ctx.claimed.add(rel)
+        engines |= {r.engine_version.lower() for r in recs} | {r.engine for r in recs}
+        vllm_run |= "vllm" in rel.lower()  # an openai_http run against `vllm serve` names it only in its folder
         rows = [[r.engine, r.engine_version, r.model, r.device, f"c={r.params['concurrency']}" if r.params.get(
             "concurrency") else f"rate={r.params.get('request_rate')}", r.status, *(num(r.metrics.get(k)) for k in keys)]
             for r in recs]
@@ -380,7 +390,7 @@ def serving(ctx: Ctx) -> list[tuple]:
                 *([("img", f"Serving sweep ({rel})", png.relative_to(ctx.out).as_posix())] if png else [])]
     for rel in ctx.find(r"serv|vllm|sglang"):
         out += [("h", 3, f"`{rel}`"), *shown(ctx, rel)]
-    if not any("vllm" in e for e in engines):
+    if not (vllm_run or any("vllm" in e for e in engines)):
         out.insert(0, ctx.not_measured("serving against vLLM on the same GPU", "results/gpu/<run>/records.jsonl, "
                                        "serving scenario, engine vllm or openai_http against `vllm serve`"))
     return out
@@ -406,9 +416,9 @@ def long_context(ctx: Ctx) -> list[tuple]:
             bars += [(f"{lc.get('prompt_len')}\nchunk {ch}", v) for ch, v in lc["runs"].items()]
         elif isinstance(data, dict) and data.get("long_error"):
             out.append(("p", f"`results/{rel}`: its long-context part recorded an error: `{data['long_error']}`."))
-        elif rel.endswith(".jsonl") or (isinstance(data, dict) and "core-bench" not in rel):
+        elif is_records(rel) or (isinstance(data, dict) and "core-bench" not in rel):
             out += [("h", 3, f"`{rel}`"), *shown(ctx, rel)]
-            longest = max(longest, longest_ok_prompt(ctx, rel) if rel.endswith(".jsonl") else 0)
+            longest = max(longest, longest_ok_prompt(ctx, rel) if is_records(rel) else 0)
         ctx.claimed.add(rel)
 
     def draw(a0, a1):
