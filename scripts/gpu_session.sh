@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|pdl-early OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -157,6 +157,27 @@ int4-tc)  # int4_gemv's tensor-core path (int4_tc_gemv.cu): the kernel rows at M
   timeout 280 python3 -m pytest -q -p no:cacheprovider tests/engine/quant/test_kernels_int4_tc.py \
     tests/engine/quant/test_kernels_int4_fused.py tests/engine/quant/test_kernels_int4.py -k "${INT4_TC_TESTS:-tc or \
 cuda_gemv or uses_cuda or fused or residual or pdl}" 2>&1 | tail -15 > "$out/int4-tc-tests.log"
+  ;;
+pdl-early)  # ANVIL_PDL_EARLY (kernels trigger their dependents before their wait) and ANVIL_GEMV_PREFETCH (KB of L2
+  # prefetch per GEMV program before its wait): core_bench decode per VARIANTS="early:kb ...", then the core's GPU
+  # tests under TEST_EARLY / TEST_PF
+  python3 -m engine.kernels.build > "$out/build.log" 2>&1
+  for v in ${VARIANTS:-0:0 1:0 1:32}; do
+    e=${v%%:*}; kb=${v##*:}; t0=$(date +%s)
+    ANVIL_PDL_EARLY=$e ANVIL_GEMV_PREFETCH=$kb timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/core_bench.py \
+      --parts decode --out "$out/core-bench-early$e-pf$kb.json" 2>&1 | tail -12 > "$out/core-bench-early$e-pf$kb.log"
+    echo "early=$e prefetch_kb=$kb $(( $(date +%s) - t0 )) s" >> "$out/times.txt"
+  done
+  ANVIL_PDL_EARLY=${TEST_EARLY:-0} ANVIL_GEMV_PREFETCH=${TEST_PF:-0} timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q \
+    -p no:cacheprovider tests/engine/test_core_gpu.py tests/engine/test_triton_kernels.py ${TEST_EXTRA:-} 2>&1 \
+    | tail -15 > "$out/gpu-tests.log"
+  python3 - "$out" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/core-bench-early*.json")):
+    d = json.load(open(f))["decode"]
+    print(f.split("/")[-1], {b: round(r["decode_tok_s"], 1) for b, r in d["decode"].items()},
+          "ttft", round(d["ttft_2048_ms"]["median"], 2))
+PY
   ;;
 int4-mma-suite)  # the int4 (RTN g128) model of suites/gpu-int4.toml through the engine core (int4_mma for M <= 64)
   int4_suite 400

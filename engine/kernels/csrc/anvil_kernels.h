@@ -96,7 +96,7 @@ struct Int4GemvParams {
   void* y;
   int m, n, k, group;
   int num_sms;  // the device's SM count (int4_mma's tile choice)
-  int pdl;      // launch with programmatic dependent launch (sm_90+; the kernel waits before reading x)
+  int pdl;      // 0 plain launch; 1 PDL (sm_90+; the kernel waits before reading x, then triggers); 2 trigger first
 };
 cudaError_t launch_int4_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st);
 // int4_gemv's tensor-core path (int4_tc_gemv.cu) for K % 128 == 0 and G % 128 == 0, which launch_int4_gemv takes

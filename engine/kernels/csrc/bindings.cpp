@@ -62,6 +62,16 @@ bool pdl_supported(int device) {
   return yes;
 }
 
+// ANVIL_PDL_EARLY=1: PDL kernels trigger their dependents before their own wait (mode 2; engine/kernels/triton/pdl.py).
+int pdl_mode(int device) {
+  if (!pdl_supported(device)) return 0;
+  static const int mode = [] {
+    const char* e = std::getenv("ANVIL_PDL_EARLY");
+    return e && std::string(e) == "1" ? 2 : 1;
+  }();
+  return mode;
+}
+
 int num_sms(int device) {
   static int cache[64] = {0};
   if (device < 64 && cache[device]) return cache[device];
@@ -340,7 +350,7 @@ at::Tensor int4_call(const char* name, const at::Tensor& x, const at::Tensor& qw
   p.y = y.data_ptr();
   p.m = (int)m; p.n = (int)n; p.k = (int)k; p.group = (int)group_size;
   p.num_sms = num_sms(x.get_device());
-  p.pdl = pdl && pdl_supported(x.get_device());
+  p.pdl = pdl ? pdl_mode(x.get_device()) : 0;
   ok(launch(p, dtype_of(x), at::cuda::getCurrentCUDAStream()), name);
   return y;
 }

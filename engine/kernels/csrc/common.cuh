@@ -55,6 +55,14 @@ __device__ __forceinline__ void pdl_launch_dependents() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// The kernel's entry after its independent loads, by Int4GemvParams::pdl mode: 1 waits then triggers, 2 (env
+// ANVIL_PDL_EARLY=1, an experiment) triggers first so that the next kernels can be resident sooner (see
+// engine/kernels/triton/pdl.py: the order is kept, each wait still follows the previous kernel's completion).
+__device__ __forceinline__ void pdl_enter(int mode) {
+  if (mode == 2) pdl_launch_dependents();
+  pdl_wait();
+  if (mode != 2) pdl_launch_dependents();
+}
 
 // A launch, with the programmatic-stream-serialization attribute when `pdl` (the kernel may start while the
 // previous one finishes; it must call pdl_wait before touching that kernel's data).

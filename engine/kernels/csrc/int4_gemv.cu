@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(const T* __restr
                                                                 const T* __restrict__ zeros,
                                                                 const T* __restrict__ bias,
                                                                 const T* __restrict__ residual, T* __restrict__ y,
-                                                                int n, int k, int group) {
+                                                                int n, int k, int group, int pdl) {
   const int lane = threadIdx.x & 31;
   const int n0 = (blockIdx.x * kWarps + (threadIdx.x >> 5)) * R;
   if (n0 >= n) return;
@@ -106,8 +106,7 @@ __global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(const T* __restr
   };
 #pragma unroll
   for (int p = 0; p < P; ++p) load(p, qst[p], sst[p], zst[p]);
-  pdl_wait();  // the weights above are constants; x (and the residual, y) belong to the previous kernels
-  pdl_launch_dependents();
+  pdl_enter(pdl);  // the weights above are constants; x (and the residual, y) belong to the previous kernels
   for (int it0 = 0; it0 < iters; it0 += P) {
 #pragma unroll
   for (int p = 0; p < P; ++p) {
@@ -186,7 +185,7 @@ cudaError_t launch_mrp(const Int4GemvParams& p, cudaStream_t st) {
   return launch_kernel(int4_gemv_kernel<T, M, R, P>, blocks, kWarps * 32, 0, st, p.pdl != 0,
                        static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight),
                        static_cast<const T*>(p.scales), static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias),
-                       static_cast<const T*>(p.residual), static_cast<T*>(p.y), p.n, p.k, p.group);
+                       static_cast<const T*>(p.residual), static_cast<T*>(p.y), p.n, p.k, p.group, p.pdl);
 }
 
 // The M = 1 default per shape, from the H200 sweep of every R x P (results/gpu/int4-h200/

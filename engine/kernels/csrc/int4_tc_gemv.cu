@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
                                                                const T* __restrict__ zeros,
                                                                const T* __restrict__ bias,
                                                                const T* __restrict__ residual, T* __restrict__ y,
-                                                               int m, int n, int k, int group) {
+                                                               int m, int n, int k, int group, int pdl) {
   using MT_ = MmaType<T>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kw = k >> 3, ng = k / group, chunks = k >> 7, nb = blockIdx.x * (16 * R);
@@ -80,8 +80,7 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
   };
 #pragma unroll
   for (int p = 0; p < P; ++p) load(p, qs[p], ss[p], zs[p]);
-  pdl_wait();  // the weights are constants; x (and the residual, y) belong to the previous kernels
-  pdl_launch_dependents();
+  pdl_enter(pdl);  // the weights are constants; x (and the residual, y) belong to the previous kernels
 
   float acc[R][4];
 #pragma unroll
@@ -168,7 +167,7 @@ cudaError_t launch_cfg(const Int4GemvParams& p, cudaStream_t st) {
   return launch_kernel(int4_tc_gemv_kernel<T, R, KS, P>, blocks, KS * 32, 0, st, p.pdl != 0,
                        static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight),
                        static_cast<const T*>(p.scales), static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias),
-                       static_cast<const T*>(p.residual), static_cast<T*>(p.y), p.m, p.n, p.k, p.group);
+                       static_cast<const T*>(p.residual), static_cast<T*>(p.y), p.m, p.n, p.k, p.group, p.pdl);
 }
 
 template <typename T, int R, int KS>

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch
+from engine.kernels.triton.pdl import launch, pdl_enter
 
 
 @triton.jit
@@ -19,8 +19,7 @@ def _rms_norm_kernel(
     PDL: tl.constexpr,
 ):  # fmt: skip
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -68,8 +67,7 @@ def _rope_kv_kernel(
     PDL: tl.constexpr,
 ):  # fmt: skip
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     pc = tl.maximum(pos, 0)
@@ -163,8 +161,7 @@ def rope_write_kv(
 @triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, F, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F
@@ -189,8 +186,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _advance_kernel(next_ptr, ids_ptr, pos_ptr, lens_ptr, B, BLOCK: tl.constexpr, PDL: tl.constexpr):
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     offs = tl.arange(0, BLOCK)
     m = offs < B
     tl.store(ids_ptr + offs, tl.load(next_ptr + offs, mask=m).to(ids_ptr.dtype.element_ty), mask=m)
@@ -211,8 +207,7 @@ ARGMAX_BLOCK = 4096
 @triton.jit
 def _argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, V, stride_x, NB, BLOCK: tl.constexpr, PDL: tl.constexpr):
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     row = tl.program_id(0)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -225,8 +220,7 @@ def _argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, V, stride_x, NB, BLOCK: tl.c
 @triton.jit
 def _argmax_final_kernel(val_ptr, idx_ptr, out_ptr, NB, NB_PAD: tl.constexpr, PDL: tl.constexpr):
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, NB_PAD)
     v = tl.load(val_ptr + row * NB + offs, mask=offs < NB, other=float("-inf"))

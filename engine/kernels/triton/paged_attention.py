@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch
+from engine.kernels.triton.pdl import launch, pdl_enter
 
 
 @triton.jit
@@ -34,8 +34,7 @@ def _paged_decode_split_kernel(
     PDL: tl.constexpr,
 ):  # fmt: skip
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -130,8 +129,7 @@ def _paged_decode_merge_kernel(
     PDL: tl.constexpr,
 ):  # fmt: skip
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)

@@ -9,13 +9,20 @@ the stream is kept (each kernel still sees everything before it complete). The l
 the ~230 kernels of a batch-1 step overlap the previous kernel's tail instead of following it.
 
 `ENABLED` is False off CUDA, under the Triton interpreter, before sm_90, when this Triton has no launch_pdl
-option, or with ANVIL_PDL=0. Kernels take a `PDL: tl.constexpr` flag and launchers pass `**launch()`.
+option, or with ANVIL_PDL=0. Kernels take a `PDL: tl.constexpr` mode (0 off, 1 on) and launchers pass `**launch()`;
+a kernel enters with `pdl_enter(PDL)` after its independent loads.
+
+ANVIL_PDL_EARLY=1 (mode 2, an experiment): each kernel triggers its dependents *before* its own wait, so a whole
+chain of short kernels (RoPE, split-KV attention, merge) and the next GEMV can be resident at once, the GEMV's
+independent weight loads (and L2 prefetches, ANVIL_GEMV_PREFETCH) overlapping the chain. Still ordered: a kernel's
+wait returns only when the previous kernel completed, which itself waited for the one before.
 """
 
 from __future__ import annotations
 
 import os
 
+import triton
 import triton.language as tl
 
 
@@ -45,11 +52,12 @@ def _supported() -> tuple[bool, str]:
 
 
 ENABLED, REASON = _supported()
+EARLY = ENABLED and os.environ.get("ANVIL_PDL_EARLY", "0") == "1"
 
 
 def launch() -> dict:
-    """Launch keyword arguments: the PDL flag of the kernel and the launch option."""
-    return {"PDL": True, "launch_pdl": True} if ENABLED else {"PDL": False}
+    """Launch keyword arguments: the PDL mode of the kernel and the launch option."""
+    return {"PDL": 2 if EARLY else 1, "launch_pdl": True} if ENABLED else {"PDL": 0}
 
 
 if ENABLED:
@@ -63,3 +71,13 @@ else:  # never traced: kernels call these only under `if PDL:` (a constexpr Fals
     @tl.core.extern
     def gdc_launch_dependents(_semantic=None):  # pragma: no cover
         raise RuntimeError("PDL is not enabled")
+
+
+@triton.jit
+def pdl_enter(MODE: tl.constexpr):
+    """Mode 1: wait for the previous kernel, then let the next one launch; mode 2: the other way round."""
+    if MODE == 2:
+        gdc_launch_dependents()
+    gdc_wait()
+    if MODE == 1:
+        gdc_launch_dependents()
