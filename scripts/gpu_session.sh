@@ -162,10 +162,11 @@ pdl-early)  # ANVIL_PDL_EARLY (kernels trigger their dependents before their wai
   # prefetch per GEMV program before its wait): core_bench decode per VARIANTS="early:kb ...", then the core's GPU
   # tests under TEST_EARLY / TEST_PF
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
+  i=0
   for v in ${VARIANTS:-0:0 1:0 1:32}; do
-    e=${v%%:*}; kb=${v##*:}; t0=$(date +%s)
+    e=${v%%:*}; kb=${v##*:}; t0=$(date +%s); i=$((i + 1))
     ANVIL_PDL_EARLY=$e ANVIL_GEMV_PREFETCH=$kb timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/core_bench.py \
-      --parts decode --out "$out/core-bench-early$e-pf$kb.json" 2>&1 | tail -12 > "$out/core-bench-early$e-pf$kb.log"
+      --parts decode --out "$out/core-bench-$i-early$e-pf$kb.json" 2>&1 | tail -12 > "$out/core-bench-$i-early$e-pf$kb.log"
     echo "early=$e prefetch_kb=$kb $(( $(date +%s) - t0 )) s" >> "$out/times.txt"
   done
   ANVIL_PDL_EARLY=${TEST_EARLY:-0} ANVIL_GEMV_PREFETCH=${TEST_PF:-0} timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q \
@@ -173,10 +174,12 @@ pdl-early)  # ANVIL_PDL_EARLY (kernels trigger their dependents before their wai
     | tail -15 > "$out/gpu-tests.log"
   python3 - "$out" <<'PY'
 import glob, json, sys
-for f in sorted(glob.glob(sys.argv[1] + "/core-bench-early*.json")):
+for f in sorted(glob.glob(sys.argv[1] + "/core-bench-*early*.json")):
     d = json.load(open(f))["decode"]
     print(f.split("/")[-1], {b: round(r["decode_tok_s"], 1) for b, r in d["decode"].items()},
-          "ttft", round(d["ttft_2048_ms"]["median"], 2))
+          "ttft", round(d["ttft_2048_ms"]["median"], 2), "step-check",
+          [(s["bs"], s["per_role_ms"], s["final_ms"]) for s in d["info"].get("gemv_step", [])],
+          d["info"].get("gemv_step_s"))
 PY
   ;;
 int4-mma-suite)  # the int4 (RTN g128) model of suites/gpu-int4.toml through the engine core (int4_mma for M <= 64)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -110,6 +111,8 @@ class ModelRunner:
 
             with torch.inference_mode():
                 self.tuner, self.report["gemv"] = tuning.install(model, self.buckets, config.gemv)
+            if config.cuda_graphs and config.gemv == "tune":
+                self._refine_gemv()
         self.steps = {"graph": 0, "graph_mixed": 0, "eager": 0}  # execute()'s forwards by path
         self.graphs: DecodeGraphs | None = None
         if cuda and config.cuda_graphs:
@@ -126,6 +129,19 @@ class ModelRunner:
             from engine.kernels.triton.fused import argmax
 
             self._argmax = argmax
+
+    def _refine_gemv(self) -> None:
+        """The per-role GEMV choice checked on the captured step (engine/worker/step_tune.py) for the buckets of
+        env ANVIL_STEP_TUNE (default "1"; "0" off)."""
+        from engine.worker import step_tune
+
+        spec = os.environ.get("ANVIL_STEP_TUNE", "1")
+        want = [] if spec in ("", "0") else [int(x) for x in spec.split(",")]
+        t0 = time.perf_counter()
+        rows = [step_tune.refine(self, self.tuner, bs) for bs in want if bs in self.buckets and bs <= 32]
+        if rows:
+            self.report["gemv_step"] = rows
+            self.report["gemv_step_s"] = round(time.perf_counter() - t0, 2)
 
     @torch.inference_mode()
     def _compile_kernels(self) -> None:
