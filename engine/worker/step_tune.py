@@ -30,6 +30,7 @@ def _time_step(runner, bs: int, context: int, reps: int = 3, iters: int = 20) ->
     g = DecodeGraphs(runner, [bs])
     if not g.graphs.has(bs):
         raise RuntimeError(g.fallback or "no graph")
+    context = max(1, min(context, runner.max_model_len - 1))  # a short model: its own longest context
     per_seq = math.ceil(context / runner.config.block_size)
     usable = runner.pool.num_blocks - 1
     tab = (torch.arange(bs * per_seq, device=runner.device, dtype=torch.int32) % usable + 1).view(bs, per_seq)
