@@ -7,12 +7,32 @@ compiles, cuBLAS creates its handles and workspaces) so nothing but kernel launc
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def gc_paused(collect: bool = True) -> Iterator[None]:
+    """No automatic garbage collection inside a capture (after one now, unless collect=False). torch.cuda.graph no
+    longer collects on entry, so a dead cycle (an earlier engine with its graphs and pinned buffers) could be freed
+    mid-capture: its CUDA frees and event records invalidate the capture, and torch's CUDA generator is left in
+    capture mode (every later CUDA RNG call fails: "Offset increment outside graph capture"), seen on the H200 in
+    tests/engine/test_core_gpu.py. vLLM pauses collection during capture too."""
+    if collect:
+        gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class GraphRunner:
@@ -25,20 +45,8 @@ class GraphRunner:
     def capture(self, step: Callable[[int], torch.Tensor], buckets: list[int], reset: Callable[[], None]) -> None:
         """Capture step(bs) for every bucket; on any failure keep none and record the reason (eager fallback)."""
         try:
-            pool = None
-            side = torch.cuda.Stream(self.device)
-            for bs in sorted(buckets, reverse=True):
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        step(bs)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                torch.cuda.synchronize(self.device)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    self.outputs[bs] = step(bs)
-                pool = g.pool() if pool is None else pool
-                self.graphs[bs] = g
+            with gc_paused():
+                self._capture(step, buckets)
         except Exception as e:  # capture failure is not fatal: the same step runs eagerly
             self.graphs.clear()
             self.outputs.clear()
@@ -47,6 +55,22 @@ class GraphRunner:
         finally:
             reset()
             torch.cuda.synchronize(self.device)
+
+    def _capture(self, step: Callable[[int], torch.Tensor], buckets: list[int]) -> None:
+        pool = None
+        side = torch.cuda.Stream(self.device)
+        for bs in sorted(buckets, reverse=True):
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step(bs)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.outputs[bs] = step(bs)
+            pool = g.pool() if pool is None else pool
+            self.graphs[bs] = g
 
     def has(self, bs: int) -> bool:
         return bs in self.graphs

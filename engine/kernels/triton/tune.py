@@ -5,6 +5,7 @@ cuBLAS, keep the fastest. The table is reported.
 
 from __future__ import annotations
 
+import gc
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import torch
 import triton
 
 from engine.kernels.triton import gemv
+from engine.worker.graph_capture import gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def _time_ms(fn, reps: int) -> list[float]:
             fn()
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with gc_paused(collect=False), torch.cuda.graph(g):  # GemvTuner.tune collected once per shape
             fn()
         g.replay()
     except Exception as e:  # pragma: no cover - depends on the driver
@@ -85,6 +87,8 @@ class GemvTuner:
         as its prologue (qkv, w13), timed as the step runs it — fused into the batch-1 fma GEMV (every program
         re-reads x for the rms, so configs with many programs pay more), else a norm kernel before the GEMV."""
         from engine.kernels.triton.fused import rms_norm
+
+        gc.collect()  # no dead engine left to be freed inside the captures below (engine/worker/graph_capture.py)
 
         n, k = weights[0].shape
         key = (m, n, k, act)
