@@ -158,20 +158,18 @@ int4-tc)  # int4_gemv's tensor-core path (int4_tc_gemv.cu): the kernel rows at M
     tests/engine/quant/test_kernels_int4_fused.py tests/engine/quant/test_kernels_int4.py -k "${INT4_TC_TESTS:-tc or \
 cuda_gemv or uses_cuda or fused or residual or pdl}" 2>&1 | tail -15 > "$out/int4-tc-tests.log"
   ;;
-pdl-early)  # ANVIL_PDL_EARLY (kernels trigger their dependents before their wait) and ANVIL_GEMV_PREFETCH (KB of L2
-  # prefetch per GEMV program before its wait): core_bench decode per VARIANTS="early:kb ...", then the core's GPU
-  # tests under TEST_EARLY / TEST_PF
+pdl-early)  # core_bench decode once per VARIANTS="0 0 1" value of ANVIL_PDL_EARLY (1: kernels trigger their dependents
+  # before their wait), with the step check of ANVIL_STEP_TUNE (e.g. 1,8,32); then the core's GPU tests (TEST_EARLY)
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
   i=0
-  for v in ${VARIANTS:-0:0 1:0 1:32}; do
-    e=${v%%:*}; kb=${v##*:}; t0=$(date +%s); i=$((i + 1))
-    ANVIL_PDL_EARLY=$e ANVIL_GEMV_PREFETCH=$kb timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/core_bench.py \
-      --parts decode --out "$out/core-bench-$i-early$e-pf$kb.json" 2>&1 | tail -12 > "$out/core-bench-$i-early$e-pf$kb.log"
-    echo "early=$e prefetch_kb=$kb $(( $(date +%s) - t0 )) s" >> "$out/times.txt"
+  for e in ${VARIANTS:-0 1}; do
+    t0=$(date +%s); i=$((i + 1))
+    ANVIL_PDL_EARLY=$e timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/core_bench.py --parts decode \
+      --out "$out/core-bench-$i-early$e.json" 2>&1 | tail -12 > "$out/core-bench-$i-early$e.log"
+    echo "early=$e $(( $(date +%s) - t0 )) s" >> "$out/times.txt"
   done
-  ANVIL_PDL_EARLY=${TEST_EARLY:-0} ANVIL_GEMV_PREFETCH=${TEST_PF:-0} timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q \
-    -p no:cacheprovider tests/engine/test_core_gpu.py tests/engine/test_triton_kernels.py ${TEST_EXTRA:-} 2>&1 \
-    | tail -15 > "$out/gpu-tests.log"
+  ANVIL_PDL_EARLY=${TEST_EARLY:-0} timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --tb=line -rf \
+    tests/engine/test_core_gpu.py tests/engine/test_triton_kernels.py 2>&1 | tail -15 > "$out/gpu-tests.log"
   python3 - "$out" <<'PY'
 import glob, json, sys
 for f in sorted(glob.glob(sys.argv[1] + "/core-bench-*early*.json")):

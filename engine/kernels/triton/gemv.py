@@ -10,39 +10,13 @@ configs and cuBLAS on the device; nothing here assumes Triton wins.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton import pdl
 from engine.kernels.triton.pdl import launch, pdl_enter
-
-# ANVIL_GEMV_PREFETCH=<KB> (an experiment, with ANVIL_PDL_EARLY=1): before its PDL wait, each program of a decode
-# GEMV asks L2 for up to this many KB of its own weight rows (`prefetch.global.L2`), so HBM streams them while
-# the kernels before it (attention at batch 1) still run. 0: off.
-PREFETCH_KB = int(os.environ.get("ANVIL_GEMV_PREFETCH", "0") or 0)
-
-
-def prefetch_lines(block_n: int, k: int, elem_size: int) -> int:
-    """128-byte lines per weight row that a program prefetches: a power of two, within PREFETCH_KB per program."""
-    if PREFETCH_KB <= 0 or not pdl.ENABLED:
-        return 0
-    n = min(triton.cdiv(k * elem_size, 128), PREFETCH_KB * 1024 // (block_n * 128))
-    return 0 if n < 1 else 1 << (n.bit_length() - 1)
-
-
-@triton.jit
-def _prefetch_rows(w_ptr, offs_n, mask_n, stride_wn, K, LINES: tl.constexpr):
-    """L2 prefetch of the first LINES 128-byte lines of rows offs_n (no registers held, nothing waited for)."""
-    step: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth
-    cols = tl.arange(0, LINES) * step
-    off = offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :]
-    off = tl.where(mask_n[:, None] & (cols < K)[None, :], off, 0)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [w_ptr + off],
-                              dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -59,7 +33,7 @@ def _gemv_fma_kernel(
     g_ptr, eps, r_ptr,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     NORM: tl.constexpr, RES: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PF_LINES: tl.constexpr = 0,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """M == 1. NORM: x -> g * rms_norm(x) on the fly (every program reads all of x once more for the rms, from
     L2). RES: y -> round(y) + r, written to y (the residual stream, updated in place: r may alias y).
@@ -76,8 +50,6 @@ def _gemv_fma_kernel(
     else:
         w_next = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0,
                          eviction_policy="evict_first")  # fmt: skip
-    if PF_LINES > 0:
-        _prefetch_rows(w_ptr, offs_n, mask_n, stride_wn, K, PF_LINES)
     if PDL:  # x, r and y belong to earlier kernels: wait for them, then let the next kernel start
         pdl_enter(PDL)
     rstd = 1.0
@@ -124,18 +96,15 @@ def _gemv_dot_kernel(
     stride_xm, stride_wn, stride_ym, r_ptr, stride_rm,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr, RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-    PF_LINES: tl.constexpr = 0,
 ):  # fmt: skip
+    if PDL:
+        pdl_enter(PDL)
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if PF_LINES > 0:
-        _prefetch_rows(w_ptr, offs_n, mask_n, stride_wn, K, PF_LINES)
-    if PDL:
-        pdl_enter(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
@@ -276,8 +245,7 @@ def linear(
         _gemv_fma_kernel[grid](
             x, w, b_arg, out, n, k, w.stride(0), w, 0.0, w,
             ACT=act, HAS_BIAS=bias is not None, EVEN_K=even_k, NORM=False, RES=False,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            PF_LINES=prefetch_lines(cfg.block_n, k, w.element_size()), **launch(),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch(),
         )  # fmt: skip
     else:
         assert m <= MAX_DOT_M, f"dot GEMV handles M <= {MAX_DOT_M}, got {m}"
@@ -287,8 +255,7 @@ def linear(
             ACT=act, HAS_BIAS=bias is not None, EVEN_K=even_k, RES=residual is not None,
             PREC="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            PF_LINES=prefetch_lines(cfg.block_n, k, w.element_size()) if m <= 32 else 0, **launch(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch(),
         )  # fmt: skip
     return out
 
@@ -323,7 +290,6 @@ def linear_fused(
         norm_weight if norm_weight is not None else w, float(eps), residual if residual is not None else w,
         ACT=act, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
         NORM=norm_weight is not None, RES=residual is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        PF_LINES=prefetch_lines(cfg.block_n, k, w.element_size()), **launch(),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch(),
     )  # fmt: skip
     return out
