@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|pdl-early OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|decode-ab OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -158,21 +158,21 @@ int4-tc)  # int4_gemv's tensor-core path (int4_tc_gemv.cu): the kernel rows at M
     tests/engine/quant/test_kernels_int4_fused.py tests/engine/quant/test_kernels_int4.py -k "${INT4_TC_TESTS:-tc or \
 cuda_gemv or uses_cuda or fused or residual or pdl}" 2>&1 | tail -15 > "$out/int4-tc-tests.log"
   ;;
-pdl-early)  # core_bench decode once per VARIANTS="0 0 1" value of ANVIL_PDL_EARLY (1: kernels trigger their dependents
-  # before their wait), with the step check of ANVIL_STEP_TUNE (e.g. 1,8,32); then the core's GPU tests (TEST_EARLY)
+decode-ab)  # the core's GPU tests, then core_bench decode once per VARIANTS entry (comma-separated env settings, "-"
+  # for none; default: "- ANVIL_QKV_ROPE=1 - ANVIL_QKV_ROPE=1"), each with the step check of ANVIL_STEP_TUNE
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
+  timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --tb=line -rf tests/engine/test_core_gpu.py \
+    ${TEST_EXTRA:-} 2>&1 | tail -15 > "$out/gpu-tests.log"
   i=0
-  for e in ${VARIANTS:-0 1}; do
-    t0=$(date +%s); i=$((i + 1))
-    ANVIL_PDL_EARLY=$e timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/core_bench.py --parts decode \
-      --out "$out/core-bench-$i-early$e.json" 2>&1 | tail -12 > "$out/core-bench-$i-early$e.log"
-    echo "early=$e $(( $(date +%s) - t0 )) s" >> "$out/times.txt"
+  for v in ${VARIANTS:-- ANVIL_QKV_ROPE=1 - ANVIL_QKV_ROPE=1}; do
+    t0=$(date +%s); i=$((i + 1)); tag=$(echo "$v" | tr ',=' '-_')
+    ( [ "$v" = "-" ] || export ${v//,/ }; timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/core_bench.py --parts decode \
+      --out "$out/core-bench-$i-$tag.json" 2>&1 | tail -12 > "$out/core-bench-$i-$tag.log" )
+    echo "$v $(( $(date +%s) - t0 )) s" >> "$out/times.txt"
   done
-  ANVIL_PDL_EARLY=${TEST_EARLY:-0} timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --tb=line -rf \
-    tests/engine/test_core_gpu.py tests/engine/test_triton_kernels.py 2>&1 | tail -15 > "$out/gpu-tests.log"
   python3 - "$out" <<'PY'
 import glob, json, sys
-for f in sorted(glob.glob(sys.argv[1] + "/core-bench-*early*.json")):
+for f in sorted(glob.glob(sys.argv[1] + "/core-bench-*.json")):
     d = json.load(open(f))["decode"]
     print(f.split("/")[-1], {b: round(r["decode_tok_s"], 1) for b, r in d["decode"].items()},
           "ttft", round(d["ttft_2048_ms"]["median"], 2), "step-check",

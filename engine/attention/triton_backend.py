@@ -10,11 +10,13 @@ new prompt length.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.attention.base import AttentionBackend, AttentionLayerSpec
+from engine.attention.base import AttentionBackend, AttentionLayerSpec, RopeKV
 from engine.attention.metadata import ForwardBatch
 from engine.kernels.triton.paged_attention import MAX_SPLITS
 
@@ -35,6 +37,23 @@ class TritonBackend(AttentionBackend):
         self._choose_splits = paged_attention.choose_num_splits
         self._prefill = paged_prefill.paged_prefill_attention
         self.num_sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+        # ANVIL_QKV_ROPE=1 (an experiment, off): a one-token decode step rotates and writes the cache inside the
+        # batch-1 qkv GEMV (engine/kernels/triton/gemv.py linear_rope) instead of a RoPE + KV write kernel after it
+        self.qkv_rope_on = os.environ.get("ANVIL_QKV_ROPE", "0") == "1"
+
+    def qkv_rope(self, batch: ForwardBatch, spec: AttentionLayerSpec, cos_sin, k_cache, v_cache) -> RopeKV | None:
+        if not (self.qkv_rope_on and batch.attn.all_decode and batch.input_ids.shape[0] == 1):
+            return None
+        return RopeKV(cos_sin, batch.positions, batch.seq_idx, batch.attn.block_tables, k_cache, v_cache, spec)
+
+    def forward_rotated(self, q, batch: ForwardBatch, spec: AttentionLayerSpec, k_cache, v_cache) -> torch.Tensor:
+        a = batch.attn
+        t = q.shape[0]
+        return self._decode(q, k_cache, v_cache, a.block_tables, a.seq_lens, spec.scale, spec.window,
+                            num_splits=a.num_splits).view(t, spec.n_heads * spec.head_dim)  # fmt: skip
+
+    def info(self) -> dict:
+        return {**super().info(), "qkv_rope": self.qkv_rope_on}
 
     def num_splits(self, batch_size: int, n_kv_heads: int, max_seq_len: int) -> int:
         return self._choose_splits(batch_size, n_kv_heads, max_seq_len, self.num_sms)

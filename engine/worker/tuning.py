@@ -37,6 +37,18 @@ class GemvLinearMethod(UnquantizedLinearMethod):
             x = self._norm(x, norm.weight, norm.eps)[0]
         return self._gemv.linear(x, w, layer.bias, act=act, cfg=cfg, residual=residual)
 
+    def fused_rope(self, layer, x, norm, rope):
+        """The batch-1 fma GEMV with RoPE + the KV write as its epilogue (gemv.linear_rope), when the tuned config
+        holds whole rotation pairs; None otherwise (the caller projects, then the backend rotates)."""
+        w, s = layer.weight, rope.spec
+        cfg = self.tuner.get(1, w.shape[0], w.shape[1], False) if x.shape[0] == 1 else self._gemv.CUBLAS
+        if not self._gemv.rope_supported(cfg, w.shape[0], s.n_heads, s.n_kv_heads, s.head_dim):
+            return None
+        return self._gemv.linear_rope(x, w, cfg, rope.cos_sin, rope.positions, rope.seq_idx, rope.block_tables,
+                                      rope.k_cache, rope.v_cache, s.n_heads, s.n_kv_heads, s.head_dim,
+                                      bias=layer.bias, norm_weight=None if norm is None else norm.weight,
+                                      eps=0.0 if norm is None else norm.eps)  # fmt: skip
+
 
 def roles(model: Transformer) -> list[tuple[str, list[torch.Tensor], list[torch.Tensor | None] | None, bool]]:
     """(role, every layer's weight of that role, biases, act) — the dense shapes one decode step multiplies by.

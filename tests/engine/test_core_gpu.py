@@ -104,6 +104,25 @@ def test_core_on_gpu_equals_reference_loop(preset, gemv, graphs):
     assert [x.tokens for x in a] == [x.tokens for x in b]
 
 
+@pytest.mark.parametrize("preset", ["tiny-test", "tiny-test-mistral", "tiny-test-qwen2"])
+def test_qkv_rope_epilogue_on_gpu_equals_reference_loop(preset, monkeypatch):
+    # ANVIL_QKV_ROPE=1: batch-1 decode steps rotate and write the cache inside the qkv GEMV (one request at a time,
+    # so every decode step is a one-token step; graphs on); the other steps take the unfused path
+    from engine.kernels.triton import gemv as gemv_mod
+
+    monkeypatch.setenv("ANVIL_QKV_ROPE", "1")
+    calls = []
+    real = gemv_mod.linear_rope
+    monkeypatch.setattr(gemv_mod, "linear_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lm = synthetic(preset, "float32", "cuda", seed=1)
+    prompts = _prompts([5, 17, 1, 30], lm.config.vocab_size, seed=3)
+    ref = [Generator(lm, 1, 160).generate([p], 40)[0].tokens for p in prompts]
+    llm = LLM(lm, EngineConfig(max_num_seqs=8, max_model_len=160, max_num_batched_tokens=64, gemv="triton"))
+    assert llm.info()["qkv_rope"] is True and llm.info()["graph_fallback"] is None
+    assert calls, "the batch-1 graph was captured without the fused projection"
+    assert [llm.generate([p], max_tokens=40)[0].tokens for p in prompts] == ref
+
+
 def test_core_bf16_on_the_trained_tiny_model_equals_reference():
     import engine
 

@@ -132,3 +132,62 @@ def test_gemv_and_argmax_kernels_equal_torch_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
     r = subprocess.run([sys.executable, "-c", KERNELS], capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+QKV_ROPE = textwrap.dedent(
+    """
+    import torch
+    from engine import LLM, EngineConfig
+    from engine.generator import Generator
+    from engine.kernels.triton import fused, gemv
+    from engine.presets import synthetic
+    from engine.worker import tuning
+
+    # the kernel: bit for bit linear_fused + rope_write_kv, GQA, with and without bias / norm, positions across
+    # pages and -1 (no cache write), every fma config that holds whole rotation pairs
+    g = torch.Generator().manual_seed(0)
+    for dt, h, hkv, d, k, bias, norm in ((torch.bfloat16, 4, 2, 64, 96, False, True),
+                                         (torch.float32, 4, 1, 32, 200, True, False),
+                                         (torch.bfloat16, 6, 2, 16, 130, True, True)):
+        n = (h + 2 * hkv) * d
+        w, x = (torch.randn(n, k, generator=g) * 0.1).to(dt), torch.randn(1, k, generator=g).to(dt)
+        b = torch.randn(n, generator=g).to(dt) if bias else None
+        nw = (torch.rand(k, generator=g) + 0.5).to(dt) if norm else None
+        cs, bt = torch.randn(40, d, generator=g), torch.tensor([[3, 1, 5, 2]], dtype=torch.int32)
+        seq = torch.zeros(1, dtype=torch.int32)
+        for cfg in gemv.FMA_CONFIGS[:3] + [gemv.GemvConfig("fma", 16, 64, 4, 1)]:
+            if not gemv.rope_supported(cfg, n, h, hkv, d):
+                assert cfg.block_n == 1 or (d // 2) % (cfg.block_n // 2), cfg
+                continue
+            for pos in (0, 8, 13, -1):
+                p = torch.tensor([pos])
+                kc, vc = torch.randn(2, 6, hkv, 4, d, generator=g).to(dt)
+                kc2, vc2 = kc.clone(), vc.clone()
+                qkv = gemv.linear_fused(x, w, cfg, bias=b, norm_weight=nw, eps=1e-5)
+                ref = fused.rope_write_kv(qkv, cs, p, h, hkv, d, seq, bt, kc, vc)
+                got = gemv.linear_rope(x, w, cfg, cs, p, seq, bt, kc2, vc2, h, hkv, d, bias=b, norm_weight=nw, eps=1e-5)
+                assert torch.equal(got, ref) and torch.equal(kc2, kc) and torch.equal(vc2, vc), (dt, cfg, pos)
+    # the engine: batch-1 decode through the fused projection gives the reference loop's greedy tokens
+    calls = []
+    real = gemv.linear_rope
+    gemv.linear_rope = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    for preset in ("tiny-test", "tiny-test-qwen2"):  # qwen2: the qkv bias
+        lm = synthetic(preset, seed=3)
+        prompts = [torch.randint(0, lm.config.vocab_size, (n,), generator=g).tolist() for n in (9, 20)]
+        ref = [Generator(lm, 1, 64).generate([p], 4)[0].tokens for p in prompts]
+        llm = LLM(lm, EngineConfig(max_num_seqs=2, max_model_len=64, attention_backend="triton"))
+        assert llm.info()["qkv_rope"] is True
+        tuning.install(lm.model, [1], "triton")  # what the CUDA runner installs (fixed fma config at batch 1)
+        calls.clear()
+        got = [llm.generate([p], max_tokens=4)[0].tokens for p in prompts]
+        assert got == ref, (preset, got, ref)
+        assert len(calls) == lm.config.n_layers * 3 * len(prompts), len(calls)  # every layer of the 3 decode steps
+    print("OK")
+    """
+)
+
+
+def test_qkv_projection_with_rope_epilogue_equals_the_unfused_path_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd(), "ANVIL_QKV_ROPE": "1"}
+    r = subprocess.run([sys.executable, "-c", QKV_ROPE], capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]

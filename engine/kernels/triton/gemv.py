@@ -27,22 +27,16 @@ def _silu_mul(g, u, OUT_TY: tl.constexpr):
 
 
 @triton.jit
-def _gemv_fma_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, N, K,
-    stride_wn,
-    g_ptr, eps, r_ptr,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    NORM: tl.constexpr, RES: tl.constexpr,
+def _fma_rows(
+    x_ptr, w_ptr, b_ptr, offs_n, mask_n, K, stride_wn, g_ptr, eps,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """M == 1. NORM: x -> g * rms_norm(x) on the fly (every program reads all of x once more for the rms, from
-    L2). RES: y -> round(y) + r, written to y (the residual stream, updated in place: r may alias y).
-    The weight tiles are double-buffered in registers (tile k+1 is loaded while tile k is multiplied); the
-    first one is loaded before the PDL wait, while the previous kernel finishes."""
-    pid = tl.program_id(0)
+    """fp32 W[offs_n] @ f(x) (+ bias) for M == 1, f = the NORM or ACT prologue. NORM: x -> g * rms_norm(x) on the
+    fly (every program reads all of x once more for the rms, from L2). The weight tiles are double-buffered in
+    registers (tile k+1 is loaded while tile k is multiplied); the first one is loaded before the PDL wait, while
+    the previous kernel finishes."""
     ty = w_ptr.dtype.element_ty
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
     if EVEN_K:
@@ -84,10 +78,77 @@ def _gemv_fma_kernel(
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _gemv_fma_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, N, K,
+    stride_wn,
+    g_ptr, eps, r_ptr,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    NORM: tl.constexpr, RES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """M == 1 (see _fma_rows). RES: y -> round(y) + r, written to y (the residual stream, updated in place: r may
+    alias y)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    y = _fma_rows(x_ptr, w_ptr, b_ptr, offs_n, mask_n, K, stride_wn, g_ptr, eps,
+                  ACT, HAS_BIAS, EVEN_K, NORM, BLOCK_N, BLOCK_K, PDL)  # fmt: skip
     if RES:  # as F.linear then the x.dtype residual add: round, add, round
         r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        y = y.to(ty).to(tl.float32) + r
+        y = y.to(w_ptr.dtype.element_ty).to(tl.float32) + r
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _gemv_fma_rope_kernel(
+    x_ptr, w_ptr, b_ptr, K, stride_wn, g_ptr, eps,
+    cs_ptr, pos_ptr, seq_ptr, bt_ptr, kc_ptr, vc_ptr, q_ptr,
+    stride_cs, stride_bt, stride_kb, stride_kh, stride_ks, stride_qh,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """The qkv projection of one decode token with what fused.rope_write_kv does after it as the epilogue: each
+    program owns BLOCK_N / 2 rotation pairs (d, d + D/2) of one head, so its rows alone give the rotated values.
+    q heads -> q [H, D] rotated; k heads -> rotated into the paged cache at positions[0]; v heads -> the cache
+    as they are (positions[0] < 0 writes no cache). The packed qkv itself is not stored."""
+    P: tl.constexpr = BLOCK_N // 2
+    HALF: tl.constexpr = D // 2
+    pid = tl.program_id(0)
+    head = pid // (HALF // P)
+    j = (pid % (HALF // P)) * P + tl.arange(0, P)  # this program's first-half dims
+    r = tl.arange(0, BLOCK_N)
+    offs_n = head * D + (pid % (HALF // P)) * P + r % P + (r // P) * HALF  # [j | j + HALF] rows of the head
+    mask_n = offs_n < (H + 2 * HKV) * D
+    y = _fma_rows(x_ptr, w_ptr, b_ptr, offs_n, mask_n, K, stride_wn, g_ptr, eps,
+                  False, HAS_BIAS, EVEN_K, NORM, BLOCK_N, BLOCK_K, PDL)  # fmt: skip
+    ty = w_ptr.dtype.element_ty
+    y = y.to(ty).to(tl.float32)  # F.linear's rounding, as rope_write_kv reads it
+    x1, x2 = tl.split(tl.permute(tl.reshape(y, [2, P]), [1, 0]))
+    pos = tl.load(pos_ptr)
+    pc = tl.maximum(pos, 0)
+    cos = tl.load(cs_ptr + pc * stride_cs + j)
+    sin = tl.load(cs_ptr + pc * stride_cs + HALF + j)
+    o1 = (x1 * cos - x2 * sin).to(ty)
+    o2 = (x2 * cos + x1 * sin).to(ty)
+    if head < H:
+        tl.store(q_ptr + head * stride_qh + j, o1)
+        tl.store(q_ptr + head * stride_qh + HALF + j, o2)
+    else:
+        ok = (j >= 0) & (pos >= 0)
+        page = tl.load(bt_ptr + tl.load(seq_ptr) * stride_bt + pc // PAGE)
+        off = page.to(tl.int64) * stride_kb + (pc % PAGE) * stride_ks + j
+        if head < H + HKV:
+            off += (head - H) * stride_kh
+            tl.store(kc_ptr + off, o1, mask=ok)
+            tl.store(kc_ptr + off + HALF, o2, mask=ok)
+        else:
+            off += (head - H - HKV) * stride_kh
+            tl.store(vc_ptr + off, x1.to(ty), mask=ok)
+            tl.store(vc_ptr + off + HALF, x2.to(ty), mask=ok)
 
 
 @triton.jit
@@ -293,3 +354,53 @@ def linear_fused(
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch(),
     )  # fmt: skip
     return out
+
+
+def rope_supported(cfg: GemvConfig, n: int, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether linear_rope can run config cfg on a [n, K] qkv weight: fma, whole rotation pairs per program."""
+    p = cfg.block_n // 2
+    return (cfg.kind == "fma" and p > 0 and head_dim % 2 == 0 and (head_dim // 2) % p == 0
+            and n == (num_heads + 2 * num_kv_heads) * head_dim)  # fmt: skip
+
+
+def linear_rope(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    cfg: GemvConfig,
+    cos_sin: torch.Tensor,
+    positions: torch.Tensor,
+    seq_idx: torch.Tensor,
+    block_tables: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor:
+    """One decode token's qkv projection (x [1, K], w [(H + 2 Hkv) D, K], optional RMSNorm prologue) with RoPE
+    and the paged KV write as its epilogue: equal, bit for bit, to linear_fused then fused.rope_write_kv with the
+    same config. Returns the rotated q [1, H, D]; k / v go to the caches [NB, Hkv, PAGE, D] at
+    (seq_idx[0], positions[0]). cfg must pass rope_supported."""
+    n, k = w.shape
+    h, hkv, d = num_heads, num_kv_heads, head_dim
+    assert rope_supported(cfg, n, h, hkv, d), f"{cfg} cannot rotate {n} rows of {h}/{hkv} heads x {d}"
+    assert x.shape == (1, k) and x.stride(-1) == 1 and w.stride(-1) == 1 and x.dtype == w.dtype
+    assert cos_sin.dtype == torch.float32 and cos_sin.stride(-1) == 1 and cos_sin.shape[1] == d
+    assert k_cache.shape[1:] == (hkv, k_cache.shape[2], d) and k_cache.stride() == v_cache.stride()
+    assert k_cache.stride(-1) == 1 and block_tables.dtype == torch.int32 and block_tables.stride(-1) == 1
+    if norm_weight is not None:
+        assert norm_weight.shape == (k,) and norm_weight.stride(0) == 1 and norm_weight.dtype == w.dtype
+    q = torch.empty(1, h, d, dtype=x.dtype, device=x.device)
+    _gemv_fma_rope_kernel[((h + 2 * hkv) * (d // 2) // (cfg.block_n // 2),)](
+        x, w, bias if bias is not None else w, k, w.stride(0),
+        norm_weight if norm_weight is not None else w, float(eps),
+        cos_sin, positions, seq_idx, block_tables, k_cache, v_cache, q,
+        cos_sin.stride(0), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q.stride(1),
+        H=h, HKV=hkv, D=d, PAGE=k_cache.shape[2],
+        HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, NORM=norm_weight is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch(),
+    )  # fmt: skip
+    return q

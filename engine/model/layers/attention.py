@@ -34,6 +34,11 @@ class Attention(nn.Module):
         self, r: torch.Tensor, norm: RMSNorm, batch: ForwardBatch, cos_sin: torch.Tensor
     ) -> torch.Tensor:
         """r: the residual stream [T, dim]. Returns r + wo(attention(wqkv(norm(r))))."""
-        qkv = self.wqkv(r, norm=norm)  # [T, (H + 2 Hkv) D]
-        o = self.backend.forward(qkv, batch, self.spec, cos_sin, self.k_cache, self.v_cache)  # [T, H D]
+        rope = self.backend.qkv_rope(batch, self.spec, cos_sin, self.k_cache, self.v_cache)
+        q = self.wqkv.method.fused_rope(self.wqkv, r, norm, rope) if rope is not None else None
+        if q is not None:  # the projection rotated q / k and wrote the cache itself
+            o = self.backend.forward_rotated(q, batch, self.spec, self.k_cache, self.v_cache)
+        else:
+            qkv = self.wqkv(r, norm=norm)  # [T, (H + 2 Hkv) D]
+            o = self.backend.forward(qkv, batch, self.spec, cos_sin, self.k_cache, self.v_cache)  # [T, H D]
         return self.wo(o, residual=r)

@@ -20,6 +20,7 @@ from torch import nn
 from engine import ops
 
 if TYPE_CHECKING:
+    from engine.attention.base import RopeKV
     from engine.model.layers.norm import RMSNorm
 
 
@@ -38,6 +39,11 @@ class LinearMethod(ABC):
     @abstractmethod
     def matmul(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """x [M, in_features] -> [M, out_features] in x.dtype (bias included)."""
+
+    def fused_rope(self, layer: Linear, x: torch.Tensor, norm: RMSNorm | None, rope: RopeKV) -> torch.Tensor | None:
+        """The qkv projection with RoPE and the paged KV write as its epilogue (rope: AttentionBackend.qkv_rope),
+        returning the rotated q [T, H, D]; None (the default) when this method has no such kernel for x."""
+        return None
 
     def weight_bytes(self, layer: Linear) -> int:
         """Bytes one forward reads for this layer's weights (for bandwidth figures)."""
