@@ -40,6 +40,10 @@ class TritonBackend(AttentionBackend):
         # ANVIL_QKV_ROPE=1 (an experiment, off): a one-token decode step rotates and writes the cache inside the
         # batch-1 qkv GEMV (engine/kernels/triton/gemv.py linear_rope) instead of a RoPE + KV write kernel after it
         self.qkv_rope_on = os.environ.get("ANVIL_QKV_ROPE", "0") == "1"
+        # ANVIL_DECODE_FUSED_MERGE=1 (off): the last split of each (sequence, KV head) merges the partials in the
+        # split kernel (paged_decode_attention(fused=True)) instead of a merge kernel after it. It lost at 01e4e85
+        # (221.6 vs 233 tok/s), a run whose GEMV choices were not checked on the step; re-measured since the check
+        self.fused_merge = os.environ.get("ANVIL_DECODE_FUSED_MERGE", "0") == "1"
 
     def qkv_rope(self, batch: ForwardBatch, spec: AttentionLayerSpec, cos_sin, k_cache, v_cache) -> RopeKV | None:
         if not (self.qkv_rope_on and batch.attn.all_decode and batch.input_ids.shape[0] == 1):
@@ -49,11 +53,12 @@ class TritonBackend(AttentionBackend):
     def forward_rotated(self, q, batch: ForwardBatch, spec: AttentionLayerSpec, k_cache, v_cache) -> torch.Tensor:
         a = batch.attn
         t = q.shape[0]
-        return self._decode(q, k_cache, v_cache, a.block_tables, a.seq_lens, spec.scale, spec.window,
-                            num_splits=a.num_splits).view(t, spec.n_heads * spec.head_dim)  # fmt: skip
+        o = self._decode(q, k_cache, v_cache, a.block_tables, a.seq_lens, spec.scale, spec.window,
+                         num_splits=a.num_splits, fused=self.fused_merge)  # fmt: skip
+        return o.view(t, spec.n_heads * spec.head_dim)
 
     def info(self) -> dict:
-        return {**super().info(), "qkv_rope": self.qkv_rope_on}
+        return {**super().info(), "qkv_rope": self.qkv_rope_on, "decode_fused_merge": self.fused_merge}
 
     def num_splits(self, batch_size: int, n_kv_heads: int, max_seq_len: int) -> int:
         return self._choose_splits(batch_size, n_kv_heads, max_seq_len, self.num_sms)
@@ -68,7 +73,8 @@ class TritonBackend(AttentionBackend):
         lens = torch.ones(4, dtype=torch.int32, device=dev)
         q = torch.zeros(4, h, d, dtype=dt, device=dev)
         for s in (1 << i for i in range(MAX_SPLITS.bit_length())):  # every power of two up to MAX_SPLITS
-            self._decode(q[:1], k_cache, v_cache, bt[:1], lens[:1], spec.scale, spec.window, num_splits=s)
+            self._decode(q[:1], k_cache, v_cache, bt[:1], lens[:1], spec.scale, spec.window, num_splits=s,
+                         fused=self.fused_merge)
         for q_len in (1, 3, 8, 12, 24, 100, 300):  # every BLOCK_M the launcher picks (16..256 rows at GQA 4:1)
             qq = torch.zeros(3 * q_len, h, d, dtype=dt, device=dev)
             cu = torch.arange(0, 4 * q_len, q_len, dtype=torch.int32, device=dev)
@@ -91,7 +97,7 @@ class TritonBackend(AttentionBackend):
                           k_cache, v_cache, k_out=k_out)  # fmt: skip  [T, H, D]
         if a.all_decode:
             return self._decode(q, k_cache, v_cache, a.block_tables, a.seq_lens, spec.scale, spec.window,
-                                num_splits=a.num_splits).view(t, h * d)  # fmt: skip
+                                num_splits=a.num_splits, fused=self.fused_merge).view(t, h * d)  # fmt: skip
         out = torch.empty_like(q)
         if nd:
             self._decode(q[:nd], k_cache, v_cache, a.block_tables[:nd], a.seq_lens[:nd], spec.scale, spec.window,

@@ -105,12 +105,16 @@ def test_core_on_gpu_equals_reference_loop(preset, gemv, graphs):
 
 
 @pytest.mark.parametrize("preset", ["tiny-test", "tiny-test-mistral", "tiny-test-qwen2"])
-def test_qkv_rope_epilogue_on_gpu_equals_reference_loop(preset, monkeypatch):
-    # ANVIL_QKV_ROPE=1: batch-1 decode steps rotate and write the cache inside the qkv GEMV (one request at a time,
-    # so every decode step is a one-token step; graphs on); the other steps take the unfused path
+@pytest.mark.parametrize("switches", [("ANVIL_QKV_ROPE",), ("ANVIL_DECODE_FUSED_MERGE",),
+                                      ("ANVIL_QKV_ROPE", "ANVIL_DECODE_FUSED_MERGE")])  # fmt: skip
+def test_decode_fusion_switches_on_gpu_equal_reference_loop(preset, switches, monkeypatch):
+    # ANVIL_QKV_ROPE=1: one-token decode steps rotate and write the cache inside the qkv GEMV; ANVIL_DECODE_FUSED_MERGE=1:
+    # the split-KV kernel merges its own partials. One request at a time (every decode step is a one-token step),
+    # graphs on, fixed Triton GEMVs
     from engine.kernels.triton import gemv as gemv_mod
 
-    monkeypatch.setenv("ANVIL_QKV_ROPE", "1")
+    for name in switches:
+        monkeypatch.setenv(name, "1")
     calls = []
     real = gemv_mod.linear_rope
     monkeypatch.setattr(gemv_mod, "linear_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -118,9 +122,12 @@ def test_qkv_rope_epilogue_on_gpu_equals_reference_loop(preset, monkeypatch):
     prompts = _prompts([5, 17, 1, 30], lm.config.vocab_size, seed=3)
     ref = [Generator(lm, 1, 160).generate([p], 40)[0].tokens for p in prompts]
     llm = LLM(lm, EngineConfig(max_num_seqs=8, max_model_len=160, max_num_batched_tokens=64, gemv="triton"))
-    assert llm.info()["qkv_rope"] is True and llm.info()["graph_fallback"] is None
-    assert calls, "the batch-1 graph was captured without the fused projection"
+    info = llm.info()
+    assert info["qkv_rope"] == ("ANVIL_QKV_ROPE" in switches) and info["graph_fallback"] is None
+    assert info["decode_fused_merge"] == ("ANVIL_DECODE_FUSED_MERGE" in switches)
+    assert bool(calls) == info["qkv_rope"], "the batch-1 graph's projection is not the one asked for"
     assert [llm.generate([p], max_tokens=40)[0].tokens for p in prompts] == ref
+    assert [o.tokens for o in llm.generate(prompts, max_tokens=40)] == ref  # batched: the fused path at b1 only
 
 
 def test_core_bf16_on_the_trained_tiny_model_equals_reference():
