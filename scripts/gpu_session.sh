@@ -159,13 +159,13 @@ int4-tc)  # int4_gemv's tensor-core path (int4_tc_gemv.cu): the kernel rows at M
 cuda_gemv or uses_cuda or fused or residual or pdl}" 2>&1 | tail -15 > "$out/int4-tc-tests.log"
   ;;
 decode-ab)  # the core's GPU tests, then core_bench decode once per VARIANTS entry (comma-separated env settings, "-"
-  # for none; default: "- ANVIL_QKV_ROPE=1 ANVIL_DECODE_FUSED_MERGE=1 ANVIL_QKV_ROPE=1,ANVIL_DECODE_FUSED_MERGE=1 -"),
-  # each with the step check of ANVIL_STEP_TUNE
+  # for none; default: off, each switch alone, all three, off), each with the step check of ANVIL_STEP_TUNE
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
   timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --tb=line -rf tests/engine/test_core_gpu.py \
     ${TEST_EXTRA:-} 2>&1 | tail -15 > "$out/gpu-tests.log"
   i=0
-  for v in ${VARIANTS:-- ANVIL_QKV_ROPE=1 ANVIL_DECODE_FUSED_MERGE=1 ANVIL_QKV_ROPE=1,ANVIL_DECODE_FUSED_MERGE=1 -}; do
+  all=ANVIL_QKV_ROPE=1,ANVIL_DECODE_FUSED_MERGE=1,ANVIL_PREFETCH_WO=1
+  for v in ${VARIANTS:-- ANVIL_QKV_ROPE=1 ANVIL_DECODE_FUSED_MERGE=1 ANVIL_PREFETCH_WO=1 $all -}; do
     t0=$(date +%s); i=$((i + 1)); tag=$(echo "$v" | tr ',=' '-_')
     ( [ "$v" = "-" ] || export ${v//,/ }; timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/core_bench.py --parts decode \
       --out "$out/core-bench-$i-$tag.json" 2>&1 | tail -12 > "$out/core-bench-$i-$tag.log" )

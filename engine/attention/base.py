@@ -40,6 +40,7 @@ class RopeKV:
 
 class AttentionBackend(ABC):
     name: str = "?"
+    takes_prefetch: bool = False  # forward(prefetch=) is used (the layer only looks its tensor up then)
 
     @abstractmethod
     def forward(
@@ -50,15 +51,18 @@ class AttentionBackend(ABC):
         cos_sin: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
+        prefetch: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Rotate q and k by batch.positions, write k/v into the paged cache, attend; returns [T, H * D]."""
+        """Rotate q and k by batch.positions, write k/v into the paged cache, attend; returns [T, H * D].
+        prefetch: the next projection's weights, which a backend may ask L2 for while it attends (a hint)."""
 
     def qkv_rope(self, batch: ForwardBatch, spec: AttentionLayerSpec, cos_sin, k_cache, v_cache) -> RopeKV | None:
         """A RopeKV when this step's RoPE + KV write may run inside the qkv projection (its LinearMethod decides
         whether it can: LinearMethod.fused_rope); then forward_rotated attends. None (the default): forward."""
         return None
 
-    def forward_rotated(self, q, batch: ForwardBatch, spec: AttentionLayerSpec, k_cache, v_cache) -> torch.Tensor:
+    def forward_rotated(self, q, batch: ForwardBatch, spec: AttentionLayerSpec, k_cache, v_cache,
+                        prefetch: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Attention of rotated q [T, H, D] over the cache the projection has written; returns [T, H * D]."""
         raise NotImplementedError(f"{self.name} backend has no fused qkv epilogue")
 

@@ -18,7 +18,7 @@ from engine.kernels.reference_paged import gather_paged, paged_slots, write_kv_p
 class TorchBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, qkv, batch: ForwardBatch, spec: AttentionLayerSpec, cos_sin, k_cache, v_cache):
+    def forward(self, qkv, batch: ForwardBatch, spec: AttentionLayerSpec, cos_sin, k_cache, v_cache, prefetch=None):
         t, h, hkv, d = qkv.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim
         q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
         q, k = ops.rope(q.reshape(t, h, d), k.reshape(t, hkv, d), batch.positions, cos_sin)  # [T, H, D], [T, Hkv, D]

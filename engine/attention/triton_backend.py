@@ -44,21 +44,30 @@ class TritonBackend(AttentionBackend):
         # split kernel (paged_decode_attention(fused=True)) instead of a merge kernel after it. It lost at 01e4e85
         # (221.6 vs 233 tok/s), a run whose GEMV choices were not checked on the step; re-measured since the check
         self.fused_merge = os.environ.get("ANVIL_DECODE_FUSED_MERGE", "0") == "1"
+        # ANVIL_PREFETCH_WO=<B> (off: 0): in all-decode steps of <= B sequences the split-KV programs ask L2 for the
+        # output projection's weights (paged_decode_attention(prefetch=)): HBM is idle during batch-1 attention
+        self.prefetch_max_b = int(os.environ.get("ANVIL_PREFETCH_WO", "0") or 0)
+        self.takes_prefetch = self.prefetch_max_b > 0
 
     def qkv_rope(self, batch: ForwardBatch, spec: AttentionLayerSpec, cos_sin, k_cache, v_cache) -> RopeKV | None:
         if not (self.qkv_rope_on and batch.attn.all_decode and batch.input_ids.shape[0] == 1):
             return None
         return RopeKV(cos_sin, batch.positions, batch.seq_idx, batch.attn.block_tables, k_cache, v_cache, spec)
 
-    def forward_rotated(self, q, batch: ForwardBatch, spec: AttentionLayerSpec, k_cache, v_cache) -> torch.Tensor:
+    def forward_rotated(self, q, batch: ForwardBatch, spec: AttentionLayerSpec, k_cache, v_cache,
+                        prefetch=None) -> torch.Tensor:  # fmt: skip
         a = batch.attn
         t = q.shape[0]
         o = self._decode(q, k_cache, v_cache, a.block_tables, a.seq_lens, spec.scale, spec.window,
-                         num_splits=a.num_splits, fused=self.fused_merge)  # fmt: skip
+                         num_splits=a.num_splits, fused=self.fused_merge, prefetch=self._prefetch(a, prefetch))  # fmt: skip
         return o.view(t, spec.n_heads * spec.head_dim)
 
+    def _prefetch(self, a, prefetch):
+        return prefetch if a.num_seqs <= self.prefetch_max_b else None
+
     def info(self) -> dict:
-        return {**super().info(), "qkv_rope": self.qkv_rope_on, "decode_fused_merge": self.fused_merge}
+        return {**super().info(), "qkv_rope": self.qkv_rope_on, "decode_fused_merge": self.fused_merge,
+                "prefetch_wo_max_batch": self.prefetch_max_b}
 
     def num_splits(self, batch_size: int, n_kv_heads: int, max_seq_len: int) -> int:
         return self._choose_splits(batch_size, n_kv_heads, max_seq_len, self.num_sms)
@@ -87,7 +96,7 @@ class TritonBackend(AttentionBackend):
                 kv = torch.zeros(n, spec.n_kv_heads, d, dtype=dt, device=dev)
                 self._sdpa_call(x, kv, kv, 1, spec)
 
-    def forward(self, qkv, batch: ForwardBatch, spec: AttentionLayerSpec, cos_sin, k_cache, v_cache):
+    def forward(self, qkv, batch: ForwardBatch, spec: AttentionLayerSpec, cos_sin, k_cache, v_cache, prefetch=None):
         a = batch.attn
         t, h, hkv, d = qkv.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim
         nd = a.num_decodes
@@ -97,7 +106,8 @@ class TritonBackend(AttentionBackend):
                           k_cache, v_cache, k_out=k_out)  # fmt: skip  [T, H, D]
         if a.all_decode:
             return self._decode(q, k_cache, v_cache, a.block_tables, a.seq_lens, spec.scale, spec.window,
-                                num_splits=a.num_splits, fused=self.fused_merge).view(t, h * d)  # fmt: skip
+                                num_splits=a.num_splits, fused=self.fused_merge,
+                                prefetch=self._prefetch(a, prefetch)).view(t, h * d)  # fmt: skip
         out = torch.empty_like(q)
         if nd:
             self._decode(q[:nd], k_cache, v_cache, a.block_tables[:nd], a.seq_lens[:nd], spec.scale, spec.window,

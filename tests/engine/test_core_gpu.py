@@ -105,12 +105,12 @@ def test_core_on_gpu_equals_reference_loop(preset, gemv, graphs):
 
 
 @pytest.mark.parametrize("preset", ["tiny-test", "tiny-test-mistral", "tiny-test-qwen2"])
-@pytest.mark.parametrize("switches", [("ANVIL_QKV_ROPE",), ("ANVIL_DECODE_FUSED_MERGE",),
-                                      ("ANVIL_QKV_ROPE", "ANVIL_DECODE_FUSED_MERGE")])  # fmt: skip
+@pytest.mark.parametrize("switches", [("ANVIL_QKV_ROPE",), ("ANVIL_DECODE_FUSED_MERGE",), ("ANVIL_PREFETCH_WO",),
+                                      ("ANVIL_QKV_ROPE", "ANVIL_DECODE_FUSED_MERGE", "ANVIL_PREFETCH_WO")])  # fmt: skip
 def test_decode_fusion_switches_on_gpu_equal_reference_loop(preset, switches, monkeypatch):
     # ANVIL_QKV_ROPE=1: one-token decode steps rotate and write the cache inside the qkv GEMV; ANVIL_DECODE_FUSED_MERGE=1:
-    # the split-KV kernel merges its own partials. One request at a time (every decode step is a one-token step),
-    # graphs on, fixed Triton GEMVs
+    # the split-KV kernel merges its own partials; ANVIL_PREFETCH_WO=1: batch-1 attention asks L2 for wo's weights.
+    # One request at a time (every decode step is a one-token step), graphs on, fixed Triton GEMVs
     from engine.kernels.triton import gemv as gemv_mod
 
     for name in switches:
@@ -125,6 +125,7 @@ def test_decode_fusion_switches_on_gpu_equal_reference_loop(preset, switches, mo
     info = llm.info()
     assert info["qkv_rope"] == ("ANVIL_QKV_ROPE" in switches) and info["graph_fallback"] is None
     assert info["decode_fused_merge"] == ("ANVIL_DECODE_FUSED_MERGE" in switches)
+    assert info["prefetch_wo_max_batch"] == ("ANVIL_PREFETCH_WO" in switches)
     assert bool(calls) == info["qkv_rope"], "the batch-1 graph's projection is not the one asked for"
     assert [llm.generate([p], max_tokens=40)[0].tokens for p in prompts] == ref
     assert [o.tokens for o in llm.generate(prompts, max_tokens=40)] == ref  # batched: the fused path at b1 only

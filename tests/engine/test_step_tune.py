@@ -47,3 +47,4 @@ def test_refine_without_a_faster_trial_keeps_the_per_role_choice(monkeypatch):
     rep = step_tune.refine(None, t, 1)
     assert str(t.choice[(1, 28672, 4096, False)]) == "dot:n64k256w8s3"
     assert rep["final_ms"] == rep["per_role_ms"] == 4.4
+

@@ -47,6 +47,11 @@ def test_triton_paged_attention_matches_reference(b, h, hkv, d, page, lens, wind
         ref = RP.paged_decode_attention(q.double(), kc.double(), vc.double(), bt, sl, d**-0.5, window)
         assert torch.isfinite(out).all()
         assert _rel(out, ref) < TOL[dtype]
+    # an L2 prefetch of another buffer (awkward size: not a multiple of the lines per program) changes nothing
+    pf = torch.randn(3 * 1000 * 1000 + 7, device=dev, dtype=torch.bfloat16)
+    before = pf.clone()
+    got = paged_decode_attention(q, kc, vc, bt, sl, d**-0.5, window=window, num_splits=splits, fused=fused, prefetch=pf)
+    assert torch.equal(got, out) and torch.equal(pf, before)
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,15 @@ derives its token range from seq_lens on the device, so one CUDA graph serves ev
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from engine.kernels.triton.pdl import launch, pdl_enter
+from engine.kernels.triton.prefetch import BLOCK as PF_BLOCK
+from engine.kernels.triton.prefetch import num_lines, spread_prefetch
 
 
 @triton.jit
@@ -32,12 +35,16 @@ def _paged_decode_split_kernel(
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr,
     FUSED: tl.constexpr,
     PDL: tl.constexpr,
+    pf_ptr=None, pf_lines=0, PF: tl.constexpr = False, PF_BLOCK: tl.constexpr = 256,
 ):  # fmt: skip
-    if PDL:
-        pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if PF:  # a constant buffer (the next projection's weights): before the wait, while the kernels before finish
+        spread_prefetch(pf_ptr, pf_lines, (b * tl.num_programs(1) + kvh) * NUM_SPLITS + split,
+                        tl.num_programs(0) * tl.num_programs(1) * NUM_SPLITS, PF_BLOCK)  # fmt: skip
+    if PDL:
+        pdl_enter(PDL)
     n = tl.load(lens_ptr + b)
     lo = tl.where(window > 0, tl.maximum(n - window, 0), 0)  # sliding window: first visible key
     span = tl.maximum(n - lo, 0)
@@ -198,12 +205,15 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     ws: tuple[torch.Tensor, torch.Tensor] | None = None,
     fused: bool = False,
+    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, H, D]; k_cache/v_cache [NB, Hkv, PAGE, D] (last dim contiguous); block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (0 = padding row -> zeros). Returns out [B, H, D] in q.dtype. Graph-safe: no host sync.
     fused: the last split of each (sequence, KV head) merges the partials in the same kernel (one launch instead
     of two). Off by default: on the H200 it made batch-1 decode slower (221.6 vs 233 tok/s, results/gpu/
-    core-h200/core-bench-01e4e85.json), the serial merge in 8 programs costing more than the launch it saves."""
+    core-h200/core-bench-01e4e85.json), the serial merge in 8 programs costing more than the launch it saves.
+    prefetch: a contiguous CUDA tensor that the split programs ask L2 for, spread over them (the next projection's
+    weights, while batch-1 attention leaves HBM idle; the values are not touched)."""
     b, h, d = q.shape
     nb, hkv, page, dk = k_cache.shape
     assert q.is_cuda or q.device.type == "cpu", "Triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
@@ -225,6 +235,10 @@ def paged_decode_attention(
     block_d = triton.next_power_of_2(d)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     cnt = _counters(b * hkv, q.device) if fused else lse
+    pf = None
+    if prefetch is not None and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        assert prefetch.is_contiguous(), "prefetch: a contiguous tensor"
+        pf = prefetch.view(-1).view(torch.uint8)
     _paged_decode_split_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o_part, lse,
         float(scale), int(window),
@@ -237,7 +251,8 @@ def paged_decode_attention(
         out, cnt, out.stride(0), out.stride(1), hkv,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, PREC=prec, FUSED=fused,
-        num_warps=4, num_stages=2, **launch(),
+        pf_ptr=pf if pf is not None else lse, pf_lines=num_lines(pf) if pf is not None else 0, PF=pf is not None,
+        PF_BLOCK=PF_BLOCK, num_warps=4, num_stages=2, **launch(),
     )  # fmt: skip
     if fused:
         return out

@@ -36,9 +36,11 @@ class Attention(nn.Module):
         """r: the residual stream [T, dim]. Returns r + wo(attention(wqkv(norm(r))))."""
         rope = self.backend.qkv_rope(batch, self.spec, cos_sin, self.k_cache, self.v_cache)
         q = self.wqkv.method.fused_rope(self.wqkv, r, norm, rope) if rope is not None else None
+        # a hint for backends that take one: wo's weights, asked of L2 while attention runs
+        pf = self.wo.method.prefetch_tensor(self.wo) if self.backend.takes_prefetch else None
         if q is not None:  # the projection rotated q / k and wrote the cache itself
-            o = self.backend.forward_rotated(q, batch, self.spec, self.k_cache, self.v_cache)
+            o = self.backend.forward_rotated(q, batch, self.spec, self.k_cache, self.v_cache, prefetch=pf)
         else:
             qkv = self.wqkv(r, norm=norm)  # [T, (H + 2 Hkv) D]
-            o = self.backend.forward(qkv, batch, self.spec, cos_sin, self.k_cache, self.v_cache)  # [T, H D]
+            o = self.backend.forward(qkv, batch, self.spec, cos_sin, self.k_cache, self.v_cache, prefetch=pf)
         return self.wo(o, residual=r)

@@ -45,6 +45,11 @@ class LinearMethod(ABC):
         returning the rotated q [T, H, D]; None (the default) when this method has no such kernel for x."""
         return None
 
+    def prefetch_tensor(self, layer: Linear) -> torch.Tensor | None:
+        """The buffer worth asking L2 for ahead of this layer's matmul: its largest parameter or buffer."""
+        ts = [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
+        return max(ts, key=lambda t: t.numel() * t.element_size()) if ts else None
+
     def weight_bytes(self, layer: Linear) -> int:
         """Bytes one forward reads for this layer's weights (for bandwidth figures)."""
         return sum(p.numel() * p.element_size() for p in layer.parameters(recurse=False))
