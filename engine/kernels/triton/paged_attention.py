@@ -37,14 +37,11 @@ def _paged_decode_split_kernel(
     PDL: tl.constexpr,
     pf_ptr=None, pf_lines=0, PF: tl.constexpr = False, PF_BLOCK: tl.constexpr = 256,
 ):  # fmt: skip
+    if PDL:
+        pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if PF:  # a constant buffer (the next projection's weights): before the wait, while the kernels before finish
-        spread_prefetch(pf_ptr, pf_lines, (b * tl.num_programs(1) + kvh) * NUM_SPLITS + split,
-                        tl.num_programs(0) * tl.num_programs(1) * NUM_SPLITS, PF_BLOCK)  # fmt: skip
-    if PDL:
-        pdl_enter(PDL)
     n = tl.load(lens_ptr + b)
     lo = tl.where(window > 0, tl.maximum(n - window, 0), 0)  # sliding window: first visible key
     span = tl.maximum(n - lo, 0)
@@ -124,6 +121,11 @@ def _paged_decode_split_kernel(
             tl.store(out_ptr + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :],
                      res.to(out_ptr.dtype.element_ty), mask=gmask)  # fmt: skip
             tl.atomic_xchg(cnt_ptr + b * num_kv_heads + kvh, 0)
+    if PF:
+        # A constant buffer (the next projection's weights) asked of L2 once this program's own K/V reads are
+        # done (issued first, they would queue ahead of them in HBM): it streams during the merge and wo's ramp.
+        spread_prefetch(pf_ptr, pf_lines, (b * tl.num_programs(1) + kvh) * NUM_SPLITS + split,
+                        tl.num_programs(0) * tl.num_programs(1) * NUM_SPLITS, PF_BLOCK)  # fmt: skip
 
 
 @triton.jit
