@@ -2,7 +2,7 @@
 
 GemvTuner times each role's GEMV alone (32 layers' weights back to back). In the step the same kernel sits between
 others: the RMSNorm prologue fused or not, PDL overlap with the attention kernels before it. Two configs that tie
-alone need not tie there: on the H200, w13 as `dot:n64k256w8s3` (58.72 us alone) or `fma:n4k1024w4s3` (58.77 us)
+alone need not tie there: on the H200, w13 as `dot:n64k256w8s3` (58.72 us alone) or `fma:n4k1024w4s3` (58.91 us, same tuning run)
 made batch-1 steps of 4.49 vs 4.30 ms in one session (results/gpu/core-h200/core-bench-pdl-early-899b52a-*.json).
 
 `refine` starts from the per-role choice and, role by role (largest first), captures the real decode forward
