@@ -2,8 +2,9 @@
 
 GemvTuner times each role's GEMV alone (32 layers' weights back to back). In the step the same kernel sits between
 others: the RMSNorm prologue fused or not, PDL overlap with the attention kernels before it. Two configs that tie
-alone need not tie there: on the H200, w13 as `dot:n64k256w8s3` (58.72 us alone) or `fma:n4k1024w4s3` (58.91 us, same tuning run)
-made batch-1 steps of 4.49 vs 4.30 ms in one session (results/gpu/core-h200/core-bench-pdl-early-899b52a-*.json).
+alone need not tie there: on the H200, w13 as `dot:n64k256w8s3` (58.72 us alone) or `fma:n4k1024w4s3` (58.91 us,
+same tuning run); in the captured batch-1 step 4.33-4.43 ms with the first, 4.20 with the second
+(results/gpu/core-h200/core-bench-step-check-6e8027f-*.json, info.gemv_step).
 
 `refine` starts from the per-role choice and, role by role (largest first), captures the real decode forward
 with each runner-up config that was within `within` of that role's best, times its replays over a `context`-token
