@@ -138,7 +138,13 @@ class ModelRunner:
         spec = os.environ.get("ANVIL_STEP_TUNE", "1")
         want = [] if spec in ("", "0") else [int(x) for x in spec.split(",")]
         t0 = time.perf_counter()
-        rows = [step_tune.refine(self, self.tuner, bs) for bs in want if bs in self.buckets and bs <= 32]
+        rows = []
+        for bs in (b for b in want if b in self.buckets and b <= 32):
+            try:
+                rows.append(step_tune.refine(self, self.tuner, bs))
+            except Exception as e:  # e.g. no graph capture on this device: the per-role choice stays
+                rows.append({"bs": bs, "skipped": f"{type(e).__name__}: {e}"})
+                log.warning("GEMV step check skipped for bucket %d: %s", bs, e)
         if rows:
             self.report["gemv_step"] = rows
             self.report["gemv_step_s"] = round(time.perf_counter() - t0, 2)

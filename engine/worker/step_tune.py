@@ -70,14 +70,16 @@ def refine(runner, tuner, bs: int, context: int = 512, within: float = 0.03, alt
             ranked = sorted(r.us, key=r.us.get)
             alts = [n for n in ranked if n != r.best and r.us[n] <= r.us[r.best] * (1 + within)][:alternatives]
             keep = tuner.choice[key]
-            for name in alts:
-                tuner.choice[key] = by_name[name]
-                ms = _time_step(runner, bs, context)
-                report["trials"].append({"shape": f"{r.n}x{r.k}{'+act' if r.act else ''}", "config": name,
-                                         "alone_us": r.us[name], "step_ms": round(ms, 4)})  # fmt: skip
-                if ms < best_ms * (1 - min_gain):
-                    best_ms, keep = ms, by_name[name]
-            tuner.choice[key] = keep
+            try:
+                for name in alts:
+                    tuner.choice[key] = by_name[name]
+                    ms = _time_step(runner, bs, context)
+                    report["trials"].append({"shape": f"{r.n}x{r.k}{'+act' if r.act else ''}", "config": name,
+                                             "alone_us": r.us[name], "step_ms": round(ms, 4)})  # fmt: skip
+                    if ms < best_ms * (1 - min_gain):
+                        best_ms, keep = ms, by_name[name]
+            finally:  # a failed trial leaves the best choice so far, never the trial's
+                tuner.choice[key] = keep
     report["final_ms"] = round(best_ms, 4)
     report["choice"] = {f"{r.n}x{r.k}{'+act' if r.act else ''}": str(tuner.choice[(r.m, r.n, r.k, r.act)])
                         for r in roles}  # fmt: skip

@@ -1,5 +1,7 @@
 """step_tune.refine: coordinate descent over near-tied GEMV configs, judged by the (here simulated) step time."""
 
+import pytest
+
 from engine.kernels.triton import gemv
 from engine.kernels.triton.tune import GemvTuner, TuneResult
 from engine.worker import step_tune
@@ -48,3 +50,19 @@ def test_refine_without_a_faster_trial_keeps_the_per_role_choice(monkeypatch):
     assert str(t.choice[(1, 28672, 4096, False)]) == "dot:n64k256w8s3"
     assert rep["final_ms"] == rep["per_role_ms"] == 4.4
 
+
+
+def test_refine_that_fails_mid_trial_restores_the_choice(monkeypatch):
+    t = _tuner()
+    n = [0]
+
+    def fail_second(runner, bs, context):
+        n[0] += 1
+        if n[0] == 2:
+            raise RuntimeError("capture failed")
+        return 4.4
+
+    monkeypatch.setattr(step_tune, "_time_step", fail_second)
+    with pytest.raises(RuntimeError, match="capture failed"):
+        step_tune.refine(None, t, 1)
+    assert str(t.choice[(1, 28672, 4096, False)]) == "dot:n64k256w8s3"  # not the trial's config
