@@ -4,6 +4,7 @@ prompt, host time per step, continuous vs static batching on a random workload, 
 peak memory. Writes one JSON.
 
   python benchmarks/core_bench.py --out results/gpu/core-h200.json [--parts decode,cb,long] [--preset llama-3-8b]
+      [--quant rtn|nf4]   (the Linears quantized first: int4 g128 RTN / NF4; weight bytes from their methods)
 """
 
 from __future__ import annotations
@@ -104,9 +105,17 @@ def timed_generate(llm: LLM, prompts, max_tokens) -> tuple[list, float, dict]:
                         "calls": calls}  # fmt: skip
 
 
-def decode_part(lm, copy_gbs: float) -> dict:
+def linear_bytes(model) -> int:
+    """Bytes one decode step reads for the weights of every Linear (their methods' count: packed int4 words,
+    scales and zeros, or dense weights)."""
+    from engine.model.layers.linear import Linear
+
+    return sum(m.method.weight_bytes(m) for m in model.modules() if isinstance(m, Linear))
+
+
+def decode_part(lm, copy_gbs: float, quant: str | None = None) -> dict:
     c = lm.config
-    weight_bytes = c.decode_read_params * 2
+    weight_bytes = linear_bytes(lm.model) if quant else c.decode_read_params * 2
     llm = LLM(lm, EngineConfig(max_num_seqs=32, max_model_len=2304, max_num_batched_tokens=8192))
     out: dict = {"info": llm.info(), "weight_gb": weight_bytes / 1e9, "copy_gb_s": copy_gbs, "decode": {}}
     for b in (1, 8, 32):
@@ -242,6 +251,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
     ap.add_argument("--cb", default="512,32,2048,16,512", help="requests,prompt_lo,prompt_hi,out_lo,out_hi")
+    ap.add_argument("--quant", default=None, choices=["rtn", "nf4"], help="quantize the Linears first (int4 g128 / NF4)")
     args = ap.parse_args()
     parts = args.parts.split(",")
     cuda = args.device == "cuda"
@@ -251,7 +261,8 @@ def main() -> None:
     res = {"env": env() if cuda else {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                                       "python": platform.python_version(), "threads": torch.get_num_threads(),
                                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-           "engine": engine.__version__, "model": args.model or f"synthetic:{args.preset}", "dtype": dtype}  # fmt: skip
+           "engine": engine.__version__, "model": args.model or f"synthetic:{args.preset}", "dtype": dtype,
+           "quant": args.quant}  # fmt: skip
     if cuda:
         res["copy_gb_s"] = copy_bandwidth_gb_s()
         print(f"copy bandwidth {res['copy_gb_s']:.0f} GB/s", flush=True)
@@ -259,11 +270,15 @@ def main() -> None:
         lm = engine.load(engine.hub.resolve(args.model), dtype, args.device)
     else:
         lm = synthetic(args.preset, dtype, args.device, seed=0)
+    if args.quant:
+        from engine.quant import quantize_model
+
+        quantize_model(lm.model, args.quant)
     n, plo, phi, olo, ohi = (int(x) for x in args.cb.split(","))
     for part in parts:
         try:
             if part == "decode":
-                res["decode"] = decode_part(lm, res["copy_gb_s"])
+                res["decode"] = decode_part(lm, res["copy_gb_s"], args.quant)
             elif part == "cb":
                 res["continuous_batching"] = cb_part(lm, n, (plo, phi), (olo, ohi), 256 if cuda else 64, 32 if cuda else 8)
             elif part == "long":
