@@ -106,23 +106,9 @@ class AnvilAdapter(Adapter):
                 "weight_bytes_per_step": self._weight_bytes()}  # fmt: skip
 
     def _weight_bytes(self) -> int | None:
-        """Bytes of weights one decode step reads as stored (4-bit packed weights, scales and zeros included): every
-        Linear and norm; the input embedding table only when the lm_head shares it. The harness's GB/s uses it."""
-        if self.lm is None:
-            return None
-        from itertools import chain
-
-        from engine.model.layers.linear import Linear
-        from engine.model.layers.norm import RMSNorm
-
-        m = self.lm.model
-        total = 0
-        for mod in m.modules():
-            if isinstance(mod, Linear | RMSNorm):
-                total += sum(t.numel() * t.element_size() for t in chain(mod.parameters(False), mod.buffers(False)))
-        if m.output is None:
-            total += m.tok_embeddings.weight.numel() * m.tok_embeddings.weight.element_size()
-        return total
+        """Bytes of weights one decode step reads as stored (Transformer.decode_weight_bytes); the harness's GB/s
+        uses it."""
+        return None if self.lm is None else self.lm.model.decode_weight_bytes()
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         from engine.request import SamplingParams

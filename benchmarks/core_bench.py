@@ -4,7 +4,7 @@ prompt, host time per step, continuous vs static batching on a random workload, 
 peak memory. Writes one JSON.
 
   python benchmarks/core_bench.py --out results/gpu/core-h200.json [--parts decode,cb,long] [--preset llama-3-8b]
-      [--quant rtn|nf4]   (the Linears quantized first: int4 g128 RTN / NF4; weight bytes from their methods)
+      [--quant rtn|nf4]   (the Linears quantized first: int4 g128 RTN / NF4; weight bytes as stored)
 """
 
 from __future__ import annotations
@@ -105,17 +105,9 @@ def timed_generate(llm: LLM, prompts, max_tokens) -> tuple[list, float, dict]:
                         "calls": calls}  # fmt: skip
 
 
-def linear_bytes(model) -> int:
-    """Bytes one decode step reads for the weights of every Linear (their methods' count: packed int4 words,
-    scales and zeros, or dense weights)."""
-    from engine.model.layers.linear import Linear
-
-    return sum(m.method.weight_bytes(m) for m in model.modules() if isinstance(m, Linear))
-
-
 def decode_part(lm, copy_gbs: float, quant: str | None = None) -> dict:
     c = lm.config
-    weight_bytes = linear_bytes(lm.model) if quant else c.decode_read_params * 2
+    weight_bytes = lm.model.decode_weight_bytes() if quant else c.decode_read_params * 2
     llm = LLM(lm, EngineConfig(max_num_seqs=32, max_model_len=2304, max_num_batched_tokens=8192))
     out: dict = {"info": llm.info(), "weight_gb": weight_bytes / 1e9, "copy_gb_s": copy_gbs, "decode": {}}
     for b in (1, 8, 32):

@@ -56,14 +56,14 @@ class TritonBackend(AttentionBackend):
 
     def forward_rotated(self, q, batch: ForwardBatch, spec: AttentionLayerSpec, k_cache, v_cache,
                         prefetch=None) -> torch.Tensor:  # fmt: skip
-        a = batch.attn
-        t = q.shape[0]
-        o = self._decode(q, k_cache, v_cache, a.block_tables, a.seq_lens, spec.scale, spec.window,
-                         num_splits=a.num_splits, fused=self.fused_merge, prefetch=self._prefetch(a, prefetch))  # fmt: skip
-        return o.view(t, spec.n_heads * spec.head_dim)
+        return self._decode_all(q, batch.attn, spec, k_cache, v_cache, prefetch)
 
-    def _prefetch(self, a, prefetch):
-        return prefetch if a.num_seqs <= self.prefetch_max_b else None
+    def _decode_all(self, q, a, spec: AttentionLayerSpec, k_cache, v_cache, prefetch) -> torch.Tensor:
+        """An all-decode step: split-KV attention of q [T, H, D] -> [T, H * D], with the switches above."""
+        pf = prefetch if a.num_seqs <= self.prefetch_max_b else None
+        o = self._decode(q, k_cache, v_cache, a.block_tables, a.seq_lens, spec.scale, spec.window,
+                         num_splits=a.num_splits, fused=self.fused_merge, prefetch=pf)  # fmt: skip
+        return o.view(q.shape[0], spec.n_heads * spec.head_dim)
 
     def info(self) -> dict:
         return {**super().info(), "qkv_rope": self.qkv_rope_on, "decode_fused_merge": self.fused_merge,
@@ -105,9 +105,7 @@ class TritonBackend(AttentionBackend):
         q = self._rope_kv(qkv, cos_sin, batch.positions, h, hkv, d, batch.seq_idx, a.block_tables,
                           k_cache, v_cache, k_out=k_out)  # fmt: skip  [T, H, D]
         if a.all_decode:
-            return self._decode(q, k_cache, v_cache, a.block_tables, a.seq_lens, spec.scale, spec.window,
-                                num_splits=a.num_splits, fused=self.fused_merge,
-                                prefetch=self._prefetch(a, prefetch)).view(t, h * d)  # fmt: skip
+            return self._decode_all(q, a, spec, k_cache, v_cache, prefetch)
         out = torch.empty_like(q)
         if nd:
             self._decode(q[:nd], k_cache, v_cache, a.block_tables[:nd], a.seq_lens[:nd], spec.scale, spec.window,

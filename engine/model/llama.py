@@ -112,6 +112,18 @@ class Transformer(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads as stored (4-bit packed weights, scales and zeros included): every
+        Linear and norm; the input embedding table only when the lm_head shares it (one row of it otherwise)."""
+        total = 0
+        for mod in self.modules():
+            if isinstance(mod, Linear | RMSNorm):
+                ts = [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]
+                total += sum(t.numel() * t.element_size() for t in ts)
+        if self.output is None:
+            total += self.tok_embeddings.weight.numel() * self.tok_embeddings.weight.element_size()
+        return total
+
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [N, V] (model dtype) at batch.logits_indices (every row when None)."""
         cos_sin = self._cos_sin

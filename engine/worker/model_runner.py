@@ -133,13 +133,13 @@ class ModelRunner:
     def _refine_gemv(self) -> None:
         """The per-role GEMV choice checked on the captured step (engine/worker/step_tune.py) for the buckets of
         env ANVIL_STEP_TUNE (default "1"; "0" off)."""
-        from engine.worker import step_tune
+        from engine.worker import step_tune, tuning
 
         spec = os.environ.get("ANVIL_STEP_TUNE", "1")
         want = [] if spec in ("", "0") else [int(x) for x in spec.split(",")]
         t0 = time.perf_counter()
         rows = []
-        for bs in (b for b in want if b in self.buckets and b <= 32):
+        for bs in (b for b in want if b in self.buckets and b <= tuning.MAX_TUNED_M):
             try:
                 rows.append(step_tune.refine(self, self.tuner, bs))
             except Exception as e:  # e.g. no graph capture on this device: the per-role choice stays

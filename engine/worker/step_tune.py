@@ -57,8 +57,7 @@ def refine(runner, tuner, bs: int, context: int = 512, within: float = 0.03, alt
     time of the per-role choice, each trial, and the final choice."""
     from engine.kernels.triton import gemv
 
-    cands = {c_: str(c_) for c_ in gemv.candidates(bs)}
-    by_name = {v: k for k, v in cands.items()}
+    by_name = {str(c): c for c in gemv.candidates(bs)}
     roles = [r for r in tuner.results if r.m == bs and r.us]
     roles.sort(key=lambda r: -r.us[r.best])  # the largest first: most step time at stake
     with torch.inference_mode():
