@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|decode-ab OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|decode-ab|int4-tc2 OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -157,6 +157,19 @@ int4-tc)  # int4_gemv's tensor-core path (int4_tc_gemv.cu): the kernel rows at M
   timeout 280 python3 -m pytest -q -p no:cacheprovider tests/engine/quant/test_kernels_int4_tc.py \
     tests/engine/quant/test_kernels_int4_fused.py tests/engine/quant/test_kernels_int4.py -k "${INT4_TC_TESTS:-tc or \
 cuda_gemv or uses_cuda or fused or residual or pdl}" 2>&1 | tail -15 > "$out/int4-tc-tests.log"
+  ;;
+int4-tc2)  # the x-in-shared-memory tensor-core GEMV (ANVIL_INT4_TC_V=2) against the first one: kernels at M = 1,
+  # the int4 model's decode (core_bench --quant rtn) with each, then the tensor-core path's GPU tests with V = 2
+  python3 -m engine.kernels.build > "$out/build.log" 2>&1
+  timeout "${KERNEL_TIMEOUT:-150}" python3 benchmarks/bench_int4.py --ms 1 --no-nf4 --iters 50 --out "$out/int4-kernels-tc2.json" \
+    2>&1 | grep -E "int4_cuda|int4_tc|bf16" > "$out/int4-kernels-tc2.log"
+  for v in 2 1; do
+    ANVIL_INT4_TC_V=$v timeout "${BENCH_TIMEOUT:-130}" python3 benchmarks/core_bench.py --parts decode --quant rtn \
+      --out "$out/core-bench-rtn-v$v.json" 2>&1 | tail -8 > "$out/core-bench-rtn-v$v.log"
+  done
+  ANVIL_INT4_TC_V=2 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider --tb=short \
+    tests/engine/quant/test_kernels_int4_tc.py tests/engine/quant/test_kernels_int4_fused.py 2>&1 | tail -15 \
+    > "$out/int4-tc2-tests.log"
   ;;
 decode-ab)  # the core's GPU tests, then core_bench decode once per VARIANTS entry (comma-separated env settings, "-"
   # for none; default: off and each switch alone: ~170 s of tests + 4 x 40-110 s, one device call; then e.g.

@@ -35,6 +35,30 @@ using int4tc::MmaType;
 using int4tc::unit_pair;
 using int4tc::word;
 
+// The K-split sum of a block's KS warps through shared memory, + bias, + residual, stored (both kernels).
+template <typename T, int R, int KS>
+__device__ __forceinline__ void block_sum_store(float (&red)[KS][R * 4][32], const float (&acc)[R][4],
+                                                const T* __restrict__ bias, const T* __restrict__ residual,
+                                                T* __restrict__ y, int m, int n, int nb) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) red[warp][r * 4 + c][lane] = acc[r][c];
+  __syncthreads();
+  for (int f = threadIdx.x; f < R * 4 * 32; f += KS * 32) {
+    const int e = f >> 5, l = f & 31, c = e & 3, r = e >> 2;
+    const int row = nb + 16 * r + (l >> 2) + 8 * (c >> 1), b = 2 * (l & 3) + (c & 1);
+    if (row >= n || b >= m) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < KS; ++w) v += red[w][e][l];
+    if (bias) v += to_f<T>(bias[row]);
+    const int64_t o = (int64_t)b * n + row;
+    y[o] = out_with_residual<T>(v, residual, o);
+  }
+}
+
 template <typename T, int R, int KS, int P>
 __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restrict__ x,
                                                                const uint32_t* __restrict__ qweight,
@@ -143,43 +167,153 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
   }
 
   __shared__ float red[KS][R * 4][32];
+  block_sum_store<T, R, KS>(red, acc, bias, residual, y, m, n, nb);
+}
+
+// The x-in-shared-memory variant (ANVIL_INT4_TC_V=2; m * 128-column chunks * 320 bytes of x within the shared-memory
+// budget, else the kernel above). Same lanes, MMAs and values; what changes is the cost per chunk, from the sm_90
+// SASS of the kernel above at R = 2, P = 2 (374 instructions per chunk, ~23 per 32-bit word of W; ncu: 2.2 cycles
+// of long-scoreboard stall per issued instruction): x is copied into shared memory once per block after the PDL wait
+// and read per chunk from there (its global loads were consumed at once, an L1 / L2 latency every chunk); each
+// 64-byte quarter of a chunk's x sits at a stride of 80 bytes, so lanes t = 0..3 of a 16-byte read hit four bank
+// groups; a ring stage is used in place and refilled after its MMAs (no register copy, P - 1 chunks ahead); row
+// pointers are kept (not rematerialized) and advanced by one offset per chunk; the group index is a division only
+// when G > 128.
+constexpr int kXChunkU4 = 20;  // uint4 slots per 128-column chunk of x in shared memory (4 quarters x 5)
+
+template <typename T, int R, int KS, int P>
+__global__ void __launch_bounds__(KS * 32) int4_tc_gemv_sx_kernel(const T* __restrict__ x,
+                                                                  const uint32_t* __restrict__ qweight,
+                                                                  const T* __restrict__ scales,
+                                                                  const T* __restrict__ zeros,
+                                                                  const T* __restrict__ bias,
+                                                                  const T* __restrict__ residual, T* __restrict__ y,
+                                                                  int m, int n, int k, int group, int pdl) {
+  using MT_ = MmaType<T>;
+  extern __shared__ uint4 xsm[];  // x [m, chunks, 4 quarters, 5 slots (4 used)]
+  __shared__ float red[KS][R * 4][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int kw = k >> 3, ng = k / group, chunks = k >> 7, nb = blockIdx.x * (16 * R), gpc = group >> 7;
+  const int nj = (chunks - warp + KS - 1) / KS;  // this warp's chunks: warp + KS * j, j < nj
+  const uint4* qp[R][2];  // the next chunk's words / scale of A rows g and g + 8 of each tile (advanced per load)
+  const T* sp[R][2];
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) red[warp][r * 4 + c][lane] = acc[r][c];
-  __syncthreads();
-  for (int f = threadIdx.x; f < R * 4 * 32; f += KS * 32) {
-    const int e = f >> 5, l = f & 31, c = e & 3, r = e >> 2;
-    const int row = nb + 16 * r + (l >> 2) + 8 * (c >> 1), b = 2 * (l & 3) + (c & 1);
-    if (row >= n || b >= m) continue;
-    float v = 0.f;
+    for (int e = 0; e < 2; ++e) {  // past the end: the last row, never written
+      const int row = min(nb + 16 * r + g + 8 * e, n - 1);
+      qp[r][e] = reinterpret_cast<const uint4*>(qweight + (int64_t)row * kw) + t + 4 * warp;
+      sp[r][e] = scales + (int64_t)row * ng + (gpc == 1 ? warp : warp / gpc);
+    }
+  const int64_t zd = zeros - scales;
+  const uint32_t magic = gpc == 1 ? 0u : 0xFFFFFFFFu / gpc + 1;  // c / gpc == umulhi(c, magic) for c, gpc < 2^16
+
+  uint4 qs[P][R][2];
+  T ss[P][R][2], zs[P][R][2];
+  int cn = warp;  // the chunk of the next load
+  auto load = [&](int j, int p) {
+    if (j >= nj) return;
+    const int step = gpc == 1 ? KS : (int)(__umulhi(cn + KS, magic) - __umulhi(cn, magic));
+    cn += KS;
 #pragma unroll
-    for (int w = 0; w < KS; ++w) v += red[w][e][l];
-    if (bias) v += to_f<T>(bias[row]);
-    const int64_t o = (int64_t)b * n + row;
-    y[o] = out_with_residual<T>(v, residual, o);
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        qs[p][r][e] = __ldcs(qp[r][e]);
+        ss[p][r][e] = __ldg(sp[r][e]);
+        zs[p][r][e] = __ldg(sp[r][e] + zd);
+        qp[r][e] += 4 * KS;
+        sp[r][e] += step;
+      }
+  };
+#pragma unroll
+  for (int p = 0; p < P; ++p) load(p, p);
+  pdl_enter(pdl);  // the weights are constants; x (and the residual, y) belong to the previous kernels
+  const uint4* x4 = reinterpret_cast<const uint4*>(x);
+  for (int u = threadIdx.x; u < m * kw; u += KS * 32)  // slot (row, chunk, quarter, i) of x's uint4 u
+    xsm[(u >> 4) * kXChunkU4 + ((u >> 2) & 3) * 5 + (u & 3)] = __ldg(x4 + u);
+  __syncthreads();
+  const uint4* xl = xsm + (int64_t)min(g, m - 1) * chunks * kXChunkU4 + 5 * t;
+
+  float acc[R][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[r][c] = 0.f;
+  const uint32_t ones[4] = {MT_::kOne, MT_::kOne, MT_::kOne, MT_::kOne};
+  for (int j0 = 0; j0 < nj; j0 += P) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int j = j0 + p;
+      if (j >= nj) break;
+      const uint4* xc = xl + (warp + KS * j) * kXChunkU4;
+      uint4 xv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) xv[i] = xc[i];
+      float ca[R][2], cb[R][2];  // per A row: S * s and (S + z) * s
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float s = to_f<T>(ss[p][r][e]);
+          ca[r][e] = MT_::kS * s;
+          cb[r][e] = fmaf(to_f<T>(zs[p][r][e]), s, ca[r][e]);
+        }
+      float d[R][4], xs[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) d[r][c] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // the B / A fragments of the kernel above
+          const uint32_t lo = h == 0 ? xv[i].x : xv[i].y, hi = h == 0 ? xv[i].z : xv[i].w;
+          const uint32_t b0 = __byte_perm(lo, hi, 0x5410), b1 = __byte_perm(lo, hi, 0x7632);
+          MT_::mma(xs, ones, b0, b1);
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const uint32_t wg = word(qs[p][r][0], i), w8 = word(qs[p][r][1], i);
+            const uint32_t a[4] = {h == 0 ? unit_pair<T, 0>(wg) : unit_pair<T, 2>(wg),
+                                   h == 0 ? unit_pair<T, 0>(w8) : unit_pair<T, 2>(w8),
+                                   h == 0 ? unit_pair<T, 1>(wg) : unit_pair<T, 3>(wg),
+                                   h == 0 ? unit_pair<T, 1>(w8) : unit_pair<T, 3>(w8)};
+            MT_::mma(d[r], a, b0, b1);
+          }
+        }
+      load(j + P, p);  // this stage's registers are free now
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          acc[r][c] = fmaf(ca[r][c >> 1], d[r][c], fmaf(-cb[r][c >> 1], xs[c & 1], acc[r][c]));
+    }
   }
+  block_sum_store<T, R, KS>(red, acc, bias, residual, y, m, n, nb);
 }
 
 template <typename T, int R, int KS, int P>
-cudaError_t launch_cfg(const Int4GemvParams& p, cudaStream_t st) {
+cudaError_t launch_cfg(const Int4GemvParams& p, int variant, cudaStream_t st) {
   const int blocks = (p.n + 16 * R - 1) / (16 * R);
-  return launch_kernel(int4_tc_gemv_kernel<T, R, KS, P>, blocks, KS * 32, 0, st, p.pdl != 0,
-                       static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight),
-                       static_cast<const T*>(p.scales), static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias),
+  const size_t xbytes = (size_t)p.m * (p.k >> 7) * kXChunkU4 * sizeof(uint4);
+  const bool sx = variant == 2 && xbytes + sizeof(float) * KS * R * 4 * 32 <= 46 * 1024;
+  return launch_kernel(sx ? int4_tc_gemv_sx_kernel<T, R, KS, P> : int4_tc_gemv_kernel<T, R, KS, P>, blocks, KS * 32,
+                       sx ? xbytes : 0, st, p.pdl != 0, static_cast<const T*>(p.x),
+                       static_cast<const uint32_t*>(p.qweight), static_cast<const T*>(p.scales),
+                       static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias),
                        static_cast<const T*>(p.residual), static_cast<T*>(p.y), p.m, p.n, p.k, p.group, p.pdl);
 }
 
 template <typename T, int R, int KS>
-cudaError_t launch_p(const Int4GemvParams& p, int stages, cudaStream_t st) {
-  return stages >= 4 ? launch_cfg<T, R, KS, 4>(p, st) : launch_cfg<T, R, KS, 2>(p, st);
+cudaError_t launch_p(const Int4GemvParams& p, int stages, int variant, cudaStream_t st) {
+  return stages >= 4 ? launch_cfg<T, R, KS, 4>(p, variant, st) : launch_cfg<T, R, KS, 2>(p, variant, st);
 }
 
 template <typename T, int R>
-cudaError_t launch_ks(const Int4GemvParams& p, int ks, int stages, cudaStream_t st) {
-  if (ks <= 2) return launch_p<T, R, 2>(p, stages, st);
-  if (ks <= 4) return launch_p<T, R, 4>(p, stages, st);
-  return launch_p<T, R, 8>(p, stages, st);
+cudaError_t launch_ks(const Int4GemvParams& p, int ks, int stages, int variant, cudaStream_t st) {
+  if (ks <= 2) return launch_p<T, R, 2>(p, stages, variant, st);
+  if (ks <= 4) return launch_p<T, R, 4>(p, stages, variant, st);
+  return launch_p<T, R, 8>(p, stages, variant, st);
 }
 
 }  // namespace
@@ -196,7 +330,8 @@ void int4_tc_gemv_plan(int n, int k, int* r, int* ks, int* stages) {
 }
 
 // Env ANVIL_INT4_TC_R (1 / 2), ANVIL_INT4_TC_KS (2 / 4 / 8) and ANVIL_INT4_TC_P (2 / 4), read per call, override
-// the plan (tuning knobs for benchmarks/bench_int4.py).
+// the plan (tuning knobs for benchmarks/bench_int4.py); ANVIL_INT4_TC_V=2 takes the x-in-shared-memory kernel where
+// x fits (1 = the first kernel).
 cudaError_t launch_int4_tc_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st) {
   if (p.m < 1 || p.m > kInt4GemvMaxM || p.k % 128 != 0 || p.group % 128 != 0 || p.k % p.group != 0)
     return cudaErrorInvalidValue;
@@ -205,8 +340,9 @@ cudaError_t launch_int4_tc_gemv(const Int4GemvParams& p, DType dt, cudaStream_t 
   r = env_int("ANVIL_INT4_TC_R", r);
   ks = env_int("ANVIL_INT4_TC_KS", ks);
   stages = env_int("ANVIL_INT4_TC_P", stages);
+  const int variant = env_int("ANVIL_INT4_TC_V", 1);
   return ANVIL_HALF_SWITCH(dt, T, [&] {
-    return r >= 2 ? launch_ks<T, 2>(p, ks, stages, st) : launch_ks<T, 1>(p, ks, stages, st);
+    return r >= 2 ? launch_ks<T, 2>(p, ks, stages, variant, st) : launch_ks<T, 1>(p, ks, stages, variant, st);
   });
 }
 
