@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
   block_sum_store<T, R, KS>(red, acc, bias, residual, y, m, n, nb);
 }
 
-// The x-in-shared-memory variant (ANVIL_INT4_TC_V=2; m * 128-column chunks * 320 bytes of x within the shared-memory
+// The x-in-shared-memory variant (ANVIL_INT4_TC_V=2, the default; m * 128-column chunks * 320 bytes of x within the shared-memory
 // budget, else the kernel above). Same lanes, MMAs and values; what changes is the cost per chunk, from the sm_90
 // SASS of the kernel above at R = 2, P = 2 (374 instructions per chunk, ~23 per 32-bit word of W; ncu: 2.2 cycles
 // of long-scoreboard stall per issued instruction): x is copied into shared memory once per block after the PDL wait
@@ -318,29 +318,31 @@ cudaError_t launch_ks(const Int4GemvParams& p, int ks, int stages, int variant, 
 
 }  // namespace
 
-// The default per shape: R tiles of 16 rows per warp, KS warps per block, P stages (see int4_tc_gemv_plan's use).
-// From the H200 sweep of every R x KS x P at M = 1 (results/gpu/int4-h200/int4-kernels-tc-7013384.json, µs): up to
-// N = 4,096 rows R = 1, KS = 8, P = 4 (wo 5.5, w2 16.2; the FMA kernel 6.0 / 18.3), above R = 2, KS = 8, P = 2
-// (qkv 7.7, w13 28.7; FMA 8.3 / 31.4). Fewer warps per block (KS = 2) are 1.2-2.9x slower.
-void int4_tc_gemv_plan(int n, int k, int* r, int* ks, int* stages) {
-  (void)k;
-  *r = n > 4096 ? 2 : 1;
+// The default per shape: R tiles of 16 rows per warp, KS warps per block, P stages. From the H200 sweeps of every
+// R x KS x P at M = 1, µs: the first kernel (int4-kernels-tc-7013384.json) up to N = 4,096 rows R = 1, KS = 8, P = 4
+// (wo 5.5, w2 16.2; the FMA kernel 6.0 / 18.3), above R = 2, KS = 8, P = 2 (qkv 7.7, w13 28.7; FMA 8.3 / 31.4); fewer
+// warps per block (KS = 2) are 1.2-2.9x slower. The x-in-shared-memory kernel (int4-kernels-tc2-3dd5891.json): P = 4
+// up to N = 4,096 (wo 5.2, w2 11.9), R = 1, P = 2 up to 8,192 (qkv 6.1 against 6.6 at R = 2), R = 2, P = 2 above
+// (w13 22.7 against 24.1 at R = 1); at M > 1 R = 2 above 4,096 as before (batch 8 measured 2,680 tok/s with it, 2,583
+// with R = 1 for qkv: results/gpu/int4-h200/README.md).
+void int4_tc_gemv_plan(int m, int n, int variant, int* r, int* ks, int* stages) {
+  *r = n > (variant == 2 && m == 1 ? 8192 : 4096) ? 2 : 1;
   *ks = 8;
   *stages = n > 4096 ? 2 : 4;
 }
 
 // Env ANVIL_INT4_TC_R (1 / 2), ANVIL_INT4_TC_KS (2 / 4 / 8) and ANVIL_INT4_TC_P (2 / 4), read per call, override
-// the plan (tuning knobs for benchmarks/bench_int4.py); ANVIL_INT4_TC_V=2 takes the x-in-shared-memory kernel where
-// x fits (1 = the first kernel).
+// the plan (tuning knobs for benchmarks/bench_int4.py); ANVIL_INT4_TC_V (default 2: the x-in-shared-memory kernel
+// where x fits; 1: the first kernel).
 cudaError_t launch_int4_tc_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st) {
   if (p.m < 1 || p.m > kInt4GemvMaxM || p.k % 128 != 0 || p.group % 128 != 0 || p.k % p.group != 0)
     return cudaErrorInvalidValue;
+  const int variant = env_int("ANVIL_INT4_TC_V", 2);
   int r, ks, stages;
-  int4_tc_gemv_plan(p.n, p.k, &r, &ks, &stages);
+  int4_tc_gemv_plan(p.m, p.n, variant, &r, &ks, &stages);
   r = env_int("ANVIL_INT4_TC_R", r);
   ks = env_int("ANVIL_INT4_TC_KS", ks);
   stages = env_int("ANVIL_INT4_TC_P", stages);
-  const int variant = env_int("ANVIL_INT4_TC_V", 1);
   return ANVIL_HALF_SWITCH(dt, T, [&] {
     return r >= 2 ? launch_ks<T, 2>(p, ks, stages, variant, st) : launch_ks<T, 1>(p, ks, stages, variant, st);
   });

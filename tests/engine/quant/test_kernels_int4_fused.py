@@ -112,7 +112,8 @@ def test_int4_residual_rejects_bad_shape_gpu():
 @pytest.mark.gpu
 @needs_gpu
 def test_int4_linear_method_fuses_residual_gpu(monkeypatch):
-    """apply(residual=r) hands r to the CUDA kernel (M = 1: int4_gemv, M = 5: int4_mma) and equals r + matmul."""
+    """apply(residual=r) hands r to the CUDA kernel (M = 1 and 5: int4_gemv, up to ANVIL_INT4_CUDA_MAX_M = 8 rows;
+    M = 12: int4_mma) and equals r + matmul."""
     from engine.kernels import ext
 
     w, g = _weights(512, 1024, 128, torch.bfloat16, 3)
@@ -122,11 +123,11 @@ def test_int4_linear_method_fuses_residual_gpu(monkeypatch):
         real = getattr(ext, name)
         monkeypatch.setattr(ext, name, lambda *a, real=real, name=name: seen.append((name, a[-1] is not None))
                             or real(*a))  # fmt: skip
-    for m in (1, 5):
+    for m in (1, 5, 12):
         x = torch.randn(m, 1024, generator=g).to("cuda", torch.bfloat16)
         r = torch.randn(m, 512, generator=g).to("cuda", torch.bfloat16)
         assert torch.equal(meth.apply(layer, x, residual=r), r + meth.matmul(layer, x))
-    assert seen == [("int4_gemv", True), ("int4_gemv", False), ("int4_mma", True), ("int4_mma", False)]
+    assert seen == [("int4_gemv", True), ("int4_gemv", False)] * 2 + [("int4_mma", True), ("int4_mma", False)]
 
 
 @pytest.mark.gpu
@@ -141,7 +142,7 @@ def test_int4_apply_prologues_gpu():
     layer, meth = _layer(w), methods.Int4LinearMethod(128)
     norm = RMSNorm(1024, 1e-5).to("cuda", torch.bfloat16)
     norm.weight.copy_(torch.randn(1024, generator=g))
-    for m in (1, 5):
+    for m in (1, 5, 12):
         x = torch.randn(m, 1024, generator=g).to("cuda", torch.bfloat16)
         r = torch.randn(m, 384, generator=g).to("cuda", torch.bfloat16)
         want = r + meth.matmul(layer, ops.rms_norm(x, norm.weight, norm.eps))
