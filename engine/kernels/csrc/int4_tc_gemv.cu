@@ -35,6 +35,57 @@ using int4tc::MmaType;
 using int4tc::unit_pair;
 using int4tc::word;
 
+// Per A row of a chunk's group: ca = S * s and cb = (S + z) * s (both kernels).
+template <typename T, int R>
+__device__ __forceinline__ void group_coefs(const T (&s)[R][2], const T (&z)[R][2], float (&ca)[R][2],
+                                            float (&cb)[R][2]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float sf = to_f<T>(s[r][e]);
+      ca[r][e] = MmaType<T>::kS * sf;
+      cb[r][e] = fmaf(to_f<T>(z[r][e]), sf, ca[r][e]);
+    }
+}
+
+// One 128-column chunk of R tiles (both kernels): the MMA sums d = sum (1 + q / S) x and, against ones, sum x, then
+// acc += ca d - cb sum x. B: x pairs (x[2h], x[2h + 4]) at k slots (2t, 2t + 1), (x[2h + 1], x[2h + 5]) at (2t + 8,
+// 2t + 9) of each 16-byte x load; A: the same columns of rows g (a0, a2) and g + 8 (a1, a3).
+template <typename T, int R>
+__device__ __forceinline__ void chunk_mma(const uint4 (&xv)[4], const uint4 (&q)[R][2], const float (&ca)[R][2],
+                                          const float (&cb)[R][2], float (&acc)[R][4]) {
+  using MT_ = MmaType<T>;
+  const uint32_t ones[4] = {MT_::kOne, MT_::kOne, MT_::kOne, MT_::kOne};
+  float d[R][4], xs[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) d[r][c] = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t lo = h == 0 ? xv[i].x : xv[i].y, hi = h == 0 ? xv[i].z : xv[i].w;
+      const uint32_t b0 = __byte_perm(lo, hi, 0x5410), b1 = __byte_perm(lo, hi, 0x7632);
+      MT_::mma(xs, ones, b0, b1);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const uint32_t wg = word(q[r][0], i), w8 = word(q[r][1], i);
+        const uint32_t a[4] = {h == 0 ? unit_pair<T, 0>(wg) : unit_pair<T, 2>(wg),
+                               h == 0 ? unit_pair<T, 0>(w8) : unit_pair<T, 2>(w8),
+                               h == 0 ? unit_pair<T, 1>(wg) : unit_pair<T, 3>(wg),
+                               h == 0 ? unit_pair<T, 1>(w8) : unit_pair<T, 3>(w8)};
+        MT_::mma(d[r], a, b0, b1);
+      }
+    }
+  // d[r][c]: row 16 r + g + 8 (c >> 1), batch row 2t + (c & 1); xs[c]: sum x of batch row 2t + (c & 1)
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(ca[r][c >> 1], d[r][c], fmaf(-cb[r][c >> 1], xs[c & 1], acc[r][c]));
+}
+
 // The K-split sum of a block's KS warps through shared memory, + bias, + residual, stored (both kernels).
 template <typename T, int R, int KS>
 __device__ __forceinline__ void block_sum_store(float (&red)[KS][R * 4][32], const float (&acc)[R][4],
@@ -67,7 +118,6 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
                                                                const T* __restrict__ bias,
                                                                const T* __restrict__ residual, T* __restrict__ y,
                                                                int m, int n, int k, int group, int pdl) {
-  using MT_ = MmaType<T>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kw = k >> 3, ng = k / group, chunks = k >> 7, nb = blockIdx.x * (16 * R);
   const int nj = (chunks - warp + KS - 1) / KS;  // this warp's chunks: warp + KS * j, j < nj
@@ -111,7 +161,6 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[r][c] = 0.f;
-  const uint32_t ones[4] = {MT_::kOne, MT_::kOne, MT_::kOne, MT_::kOne};
   for (int j0 = 0; j0 < nj; j0 += P) {
 #pragma unroll
     for (int p = 0; p < P; ++p) {
@@ -122,47 +171,14 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
 #pragma unroll
       for (int i = 0; i < 4; ++i) xv[i] = __ldca(reinterpret_cast<const uint4*>(xr + c0 + 8 * i));
       uint4 q[R][2];
-      float ca[R][2], cb[R][2];  // per A row: S * s and (S + z) * s
+      float ca[R][2], cb[R][2];
 #pragma unroll
       for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          q[r][e] = qs[p][r][e];
-          const float s = to_f<T>(ss[p][r][e]);
-          ca[r][e] = MT_::kS * s;
-          cb[r][e] = fmaf(to_f<T>(zs[p][r][e]), s, ca[r][e]);
-        }
+        for (int e = 0; e < 2; ++e) q[r][e] = qs[p][r][e];
+      group_coefs<T, R>(ss[p], zs[p], ca, cb);
       load(j + P, qs[p], ss[p], zs[p]);
-
-      float d[R][4], xs[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) d[r][c] = 0.f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          // B: x pairs (x[2h], x[2h + 4]) at k slots (2t, 2t + 1), (x[2h + 1], x[2h + 5]) at (2t + 8, 2t + 9)
-          const uint32_t lo = h == 0 ? xv[i].x : xv[i].y, hi = h == 0 ? xv[i].z : xv[i].w;
-          const uint32_t b0 = __byte_perm(lo, hi, 0x5410), b1 = __byte_perm(lo, hi, 0x7632);
-          MT_::mma(xs, ones, b0, b1);
-#pragma unroll
-          for (int r = 0; r < R; ++r) {  // A: the same columns of rows g (a0, a2) and g + 8 (a1, a3)
-            const uint32_t wg = word(q[r][0], i), w8 = word(q[r][1], i);
-            const uint32_t a[4] = {h == 0 ? unit_pair<T, 0>(wg) : unit_pair<T, 2>(wg),
-                                   h == 0 ? unit_pair<T, 0>(w8) : unit_pair<T, 2>(w8),
-                                   h == 0 ? unit_pair<T, 1>(wg) : unit_pair<T, 3>(wg),
-                                   h == 0 ? unit_pair<T, 1>(w8) : unit_pair<T, 3>(w8)};
-            MT_::mma(d[r], a, b0, b1);
-          }
-        }
-      // d[r][c]: row 16 r + g + 8 (c >> 1), batch row 2t + (c & 1); xs[c]: sum x of batch row 2t + (c & 1)
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          acc[r][c] = fmaf(ca[r][c >> 1], d[r][c], fmaf(-cb[r][c >> 1], xs[c & 1], acc[r][c]));
+      chunk_mma<T, R>(xv, q, ca, cb, acc);
     }
   }
 
@@ -189,7 +205,6 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_sx_kernel(const T* __res
                                                                   const T* __restrict__ bias,
                                                                   const T* __restrict__ residual, T* __restrict__ y,
                                                                   int m, int n, int k, int group, int pdl) {
-  using MT_ = MmaType<T>;
   extern __shared__ uint4 xsm[];  // x [m, chunks, 4 quarters, 5 slots (4 used)]
   __shared__ float red[KS][R * 4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -240,7 +255,6 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_sx_kernel(const T* __res
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[r][c] = 0.f;
-  const uint32_t ones[4] = {MT_::kOne, MT_::kOne, MT_::kOne, MT_::kOne};
   for (int j0 = 0; j0 < nj; j0 += P) {
 #pragma unroll
     for (int p = 0; p < P; ++p) {
@@ -250,43 +264,10 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_sx_kernel(const T* __res
       uint4 xv[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) xv[i] = xc[i];
-      float ca[R][2], cb[R][2];  // per A row: S * s and (S + z) * s
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float s = to_f<T>(ss[p][r][e]);
-          ca[r][e] = MT_::kS * s;
-          cb[r][e] = fmaf(to_f<T>(zs[p][r][e]), s, ca[r][e]);
-        }
-      float d[R][4], xs[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) d[r][c] = 0.f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // the B / A fragments of the kernel above
-          const uint32_t lo = h == 0 ? xv[i].x : xv[i].y, hi = h == 0 ? xv[i].z : xv[i].w;
-          const uint32_t b0 = __byte_perm(lo, hi, 0x5410), b1 = __byte_perm(lo, hi, 0x7632);
-          MT_::mma(xs, ones, b0, b1);
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const uint32_t wg = word(qs[p][r][0], i), w8 = word(qs[p][r][1], i);
-            const uint32_t a[4] = {h == 0 ? unit_pair<T, 0>(wg) : unit_pair<T, 2>(wg),
-                                   h == 0 ? unit_pair<T, 0>(w8) : unit_pair<T, 2>(w8),
-                                   h == 0 ? unit_pair<T, 1>(wg) : unit_pair<T, 3>(wg),
-                                   h == 0 ? unit_pair<T, 1>(w8) : unit_pair<T, 3>(w8)};
-            MT_::mma(d[r], a, b0, b1);
-          }
-        }
+      float ca[R][2], cb[R][2];
+      group_coefs<T, R>(ss[p], zs[p], ca, cb);
+      chunk_mma<T, R>(xv, qs[p], ca, cb, acc);
       load(j + P, p);  // this stage's registers are free now
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          acc[r][c] = fmaf(ca[r][c >> 1], d[r][c], fmaf(-cb[r][c >> 1], xs[c & 1], acc[r][c]));
     }
   }
   block_sum_store<T, R, KS>(red, acc, bias, residual, y, m, n, nb);
