@@ -2,7 +2,7 @@
 shape: Triton (decode kernel `int4_gemv`, GEMM `int4_gemm`), the CUDA GEMV (`int4_cuda`, M <= 8: int4_tc_gemv.cu's
 tensor-core path for K, G multiples of 128, `int4_cuda_fma` the FMA kernel of int4_gemv.cu forced, and at M = 1 / 8
 `int4_tc_rR_ksS_pP`: R 16-row tiles per warp x S warps splitting K x P load stages forced; `int4_tc2*`: the same with
-x in shared memory, ANVIL_INT4_TC_V=2), the tensor-core kernel (`int4_mma`,
+x in shared memory, ANVIL_INT4_TC_V=2; `int4_tc3*`: x stored as B fragments, =3), the tensor-core kernel (`int4_mma`,
 int4_mma.cu, M <= 64; `int4_mma_nt2` / `_nt4` / `_nt4_occ1` / `_bps1|2|4`: its tuning knobs forced),
 the prefill path (`int4_dequant`: dequantize + cuBLAS, M > 32) and the NF4 GEMV.
 
@@ -263,6 +263,9 @@ class Bench:
                           "ANVIL_INT4_TC_P": str(p)}) for r in (1, 2) for ks in (2, 4, 8) for p in (2, 4)]  # fmt: skip
             variants += [("int4_tc2", {"ANVIL_INT4_TC_V": "2"})]  # x in shared memory, at the plan and forced
             variants += [(f"int4_tc2_r{r}_ks8_p{p}", {"ANVIL_INT4_TC_V": "2", "ANVIL_INT4_TC_R": str(r),
+                          "ANVIL_INT4_TC_KS": "8", "ANVIL_INT4_TC_P": str(p)}) for r in (1, 2) for p in (2, 4)]  # fmt: skip
+            variants += [("int4_tc3", {"ANVIL_INT4_TC_V": "3"})]  # ... with x stored as B fragments
+            variants += [(f"int4_tc3_r{r}_ks8_p{p}", {"ANVIL_INT4_TC_V": "3", "ANVIL_INT4_TC_R": str(r),
                           "ANVIL_INT4_TC_KS": "8", "ANVIL_INT4_TC_P": str(p)}) for r in (1, 2) for p in (2, 4)]  # fmt: skip
             for label, env in variants if m in (1, 8) else variants[:1]:
                 add(label, None, lambda qw, s, z, env=env: _with_env(env, ext.int4_gemv, x, qw, s, z, G))

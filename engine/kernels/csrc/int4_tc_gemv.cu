@@ -49,10 +49,17 @@ __device__ __forceinline__ void group_coefs(const T (&s)[R][2], const T (&z)[R][
     }
 }
 
+// x's 8 values of one 16-byte load as the B fragments chunk_mma takes, (b0, b1) for h = 0 then h = 1: the pairs
+// (x[2h], x[2h + 4]) at k slots (2t, 2t + 1) and (x[2h + 1], x[2h + 5]) at (2t + 8, 2t + 9).
+__device__ __forceinline__ uint4 b_frags(const uint4 v) {
+  return make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410),
+                    __byte_perm(v.y, v.w, 0x7632));
+}
+
 // One 128-column chunk of R tiles (both kernels): the MMA sums d = sum (1 + q / S) x and, against ones, sum x, then
-// acc += ca d - cb sum x. B: x pairs (x[2h], x[2h + 4]) at k slots (2t, 2t + 1), (x[2h + 1], x[2h + 5]) at (2t + 8,
-// 2t + 9) of each 16-byte x load; A: the same columns of rows g (a0, a2) and g + 8 (a1, a3).
-template <typename T, int R>
+// acc += ca d - cb sum x. B: each xv[i] as b_frags gives it (FRAGS: already so; else permuted here); A: the same
+// columns of rows g (a0, a2) and g + 8 (a1, a3).
+template <typename T, int R, bool FRAGS>
 __device__ __forceinline__ void chunk_mma(const uint4 (&xv)[4], const uint4 (&q)[R][2], const float (&ca)[R][2],
                                           const float (&cb)[R][2], float (&acc)[R][4]) {
   using MT_ = MmaType<T>;
@@ -63,11 +70,11 @@ __device__ __forceinline__ void chunk_mma(const uint4 (&xv)[4], const uint4 (&q)
 #pragma unroll
     for (int c = 0; c < 4; ++c) d[r][c] = 0.f;
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < 4; ++i) {
+    const uint4 bf = FRAGS ? xv[i] : b_frags(xv[i]);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const uint32_t lo = h == 0 ? xv[i].x : xv[i].y, hi = h == 0 ? xv[i].z : xv[i].w;
-      const uint32_t b0 = __byte_perm(lo, hi, 0x5410), b1 = __byte_perm(lo, hi, 0x7632);
+      const uint32_t b0 = h == 0 ? bf.x : bf.z, b1 = h == 0 ? bf.y : bf.w;
       MT_::mma(xs, ones, b0, b1);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -79,6 +86,7 @@ __device__ __forceinline__ void chunk_mma(const uint4 (&xv)[4], const uint4 (&q)
         MT_::mma(d[r], a, b0, b1);
       }
     }
+  }
   // d[r][c]: row 16 r + g + 8 (c >> 1), batch row 2t + (c & 1); xs[c]: sum x of batch row 2t + (c & 1)
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -178,7 +186,7 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
         for (int e = 0; e < 2; ++e) q[r][e] = qs[p][r][e];
       group_coefs<T, R>(ss[p], zs[p], ca, cb);
       load(j + P, qs[p], ss[p], zs[p]);
-      chunk_mma<T, R>(xv, q, ca, cb, acc);
+      chunk_mma<T, R, false>(xv, q, ca, cb, acc);
     }
   }
 
@@ -197,15 +205,19 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
 // when G > 128.
 constexpr int kXChunkU4 = 20;  // uint4 slots per 128-column chunk of x in shared memory (4 quarters x 5)
 
-template <typename T, int R, int KS, int P>
-__global__ void __launch_bounds__(KS * 32) int4_tc_gemv_sx_kernel(const T* __restrict__ x,
+// FRAGS (ANVIL_INT4_TC_V=3, not yet timed on a GPU): x is stored as B fragments (b_frags once per block instead of
+// two byte-permutes per 16-byte read per chunk: 16 fewer instructions per chunk), and R = 1, P = 2 is built for 3
+// blocks per SM (80 registers, one spilled word; without the bound it takes 82 -> 2 blocks, and qkv's 384 blocks no
+// longer fit one wave).
+template <typename T, int R, int KS, int P, bool FRAGS>
+__global__ void __launch_bounds__(KS * 32, FRAGS && R == 1 && P == 2 ? 3 : 0) int4_tc_gemv_sx_kernel(const T* __restrict__ x,
                                                                   const uint32_t* __restrict__ qweight,
                                                                   const T* __restrict__ scales,
                                                                   const T* __restrict__ zeros,
                                                                   const T* __restrict__ bias,
                                                                   const T* __restrict__ residual, T* __restrict__ y,
                                                                   int m, int n, int k, int group, int pdl) {
-  extern __shared__ uint4 xsm[];  // x [m, chunks, 4 quarters, 5 slots (4 used)]
+  extern __shared__ uint4 xsm[];  // x [m, chunks, 4 quarters, 5 slots (4 used)] (FRAGS: as b_frags gives it)
   __shared__ float red[KS][R * 4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kw = k >> 3, ng = k / group, chunks = k >> 7, nb = blockIdx.x * (16 * R), gpc = group >> 7;
@@ -246,7 +258,7 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_sx_kernel(const T* __res
   pdl_enter(pdl);  // the weights are constants; x (and the residual, y) belong to the previous kernels
   const uint4* x4 = reinterpret_cast<const uint4*>(x);
   for (int u = threadIdx.x; u < m * kw; u += KS * 32)  // slot (row, chunk, quarter, i) of x's uint4 u
-    xsm[(u >> 4) * kXChunkU4 + ((u >> 2) & 3) * 5 + (u & 3)] = __ldg(x4 + u);
+    xsm[(u >> 4) * kXChunkU4 + ((u >> 2) & 3) * 5 + (u & 3)] = FRAGS ? b_frags(__ldg(x4 + u)) : __ldg(x4 + u);
   __syncthreads();
   const uint4* xl = xsm + (int64_t)min(g, m - 1) * chunks * kXChunkU4 + 5 * t;
 
@@ -266,7 +278,7 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_sx_kernel(const T* __res
       for (int i = 0; i < 4; ++i) xv[i] = xc[i];
       float ca[R][2], cb[R][2];
       group_coefs<T, R>(ss[p], zs[p], ca, cb);
-      chunk_mma<T, R>(xv, qs[p], ca, cb, acc);
+      chunk_mma<T, R, FRAGS>(xv, qs[p], ca, cb, acc);
       load(j + P, p);  // this stage's registers are free now
     }
   }
@@ -277,8 +289,10 @@ template <typename T, int R, int KS, int P>
 cudaError_t launch_cfg(const Int4GemvParams& p, int variant, cudaStream_t st) {
   const int blocks = (p.n + 16 * R - 1) / (16 * R);
   const size_t xbytes = (size_t)p.m * (p.k >> 7) * kXChunkU4 * sizeof(uint4);
-  const bool sx = variant == 2 && xbytes + sizeof(float) * KS * R * 4 * 32 <= 46 * 1024;
-  return launch_kernel(sx ? int4_tc_gemv_sx_kernel<T, R, KS, P> : int4_tc_gemv_kernel<T, R, KS, P>, blocks, KS * 32,
+  const bool sx = variant >= 2 && xbytes + sizeof(float) * KS * R * 4 * 32 <= 46 * 1024;
+  auto kernel = !sx ? int4_tc_gemv_kernel<T, R, KS, P>
+                : variant == 3 ? int4_tc_gemv_sx_kernel<T, R, KS, P, true> : int4_tc_gemv_sx_kernel<T, R, KS, P, false>;
+  return launch_kernel(kernel, blocks, KS * 32,
                        sx ? xbytes : 0, st, p.pdl != 0, static_cast<const T*>(p.x),
                        static_cast<const uint32_t*>(p.qweight), static_cast<const T*>(p.scales),
                        static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias),
@@ -307,14 +321,14 @@ cudaError_t launch_ks(const Int4GemvParams& p, int ks, int stages, int variant, 
 // (w13 22.7 against 24.1 at R = 1); at M > 1 R = 2 above 4,096 as before (batch 8 measured 2,680 tok/s with it, 2,583
 // with R = 1 for qkv: results/gpu/int4-h200/README.md).
 void int4_tc_gemv_plan(int m, int n, int variant, int* r, int* ks, int* stages) {
-  *r = n > (variant == 2 && m == 1 ? 8192 : 4096) ? 2 : 1;
+  *r = n > (variant >= 2 && m == 1 ? 8192 : 4096) ? 2 : 1;
   *ks = 8;
   *stages = n > 4096 ? 2 : 4;
 }
 
 // Env ANVIL_INT4_TC_R (1 / 2), ANVIL_INT4_TC_KS (2 / 4 / 8) and ANVIL_INT4_TC_P (2 / 4), read per call, override
-// the plan (tuning knobs for benchmarks/bench_int4.py); ANVIL_INT4_TC_V (default 2: the x-in-shared-memory kernel
-// where x fits; 1: the first kernel).
+// the plan (tuning knobs for benchmarks/bench_int4.py); ANVIL_INT4_TC_V: 2 (the default) the x-in-shared-memory kernel
+// where x fits, 3 the same with x stored as B fragments, 1 the first kernel.
 cudaError_t launch_int4_tc_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st) {
   if (p.m < 1 || p.m > kInt4GemvMaxM || p.k % 128 != 0 || p.group % 128 != 0 || p.k % p.group != 0)
     return cudaErrorInvalidValue;

@@ -1,7 +1,8 @@
 """int4_gemv's tensor-core path (engine/kernels/csrc/int4_tc_gemv.cu: K and G multiples of 128, M <= 8) on fresh
 random inputs at awkward sizes, at the per-shape default and at every tile x K-split x stages variant
 (ANVIL_INT4_TC_R 1 / 2 x ANVIL_INT4_TC_KS 2 / 4 / 8 x ANVIL_INT4_TC_P 2 / 4), of both kernels (ANVIL_INT4_TC_V 1, and
-2: x in shared memory where it fits — M = 5 at K = 14,336 falls back to 1).
+2: x in shared memory where it fits — M = 5 at K = 14,336 falls back to 1; 3: that kernel with x stored as B
+fragments, at the plan and KS = 8).
 
 - Against the reference (dequantize, float64 product) under test_kernels_int4.py's bound.
 - The residual epilogue: `int4_gemv(..., residual=r)` == `r + int4_gemv(...)` bit for bit.
@@ -20,8 +21,9 @@ HAS_CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(
     not HAS_CUDA, reason="CUDA not available (torch.cuda.is_available() is False): the int4 CUDA kernels need a GPU"
 )
-VARIANTS = [("", "", "", v) for v in ("1", "2")]
+VARIANTS = [("", "", "", v) for v in ("1", "2", "3")]
 VARIANTS += [(r, ks, p, v) for v in ("1", "2") for r in ("1", "2") for ks in ("2", "4", "8") for p in ("2", "4")]
+VARIANTS += [(r, "8", p, "3") for r in ("1", "2") for p in ("2", "4")]
 # N not a multiple of 16 or of a block's rows; K of 1, 3, 20 and 112 chunks of 128 (fewer chunks than warps, not a
 # multiple of KS x P); G = 128, 256 and G = K (one group per row)
 SHAPES = [(9, 128, 128), (200, 384, 128), (333, 2560, 256), (4001, 3072, 3072), (1000, 14336, 128)]
@@ -40,7 +42,7 @@ def _set(monkeypatch, r, ks, p, v):
 @pytest.mark.parametrize("n,k,group", SHAPES)
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
 def test_int4_tc_gemv_matches_reference_gpu(n, k, group, m, monkeypatch):
-    for v in VARIANTS if m in (1, 5) else VARIANTS[:2]:
+    for v in VARIANTS if m in (1, 5) else VARIANTS[:3]:
         _set(monkeypatch, *v)
         for dtype in ("bfloat16", "float16"):
             gpu_case(kind="int4_cuda", n=n, k=k, m=m, dtype=dtype, group=group, seed=n + m, bias=m != 2)
