@@ -308,7 +308,8 @@ void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, con
 at::Tensor int4_call(const char* name, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                      const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias,
                      const c10::optional<at::Tensor>& residual, int max_m, int64_t align, bool pdl,
-                     cudaError_t (*launch)(const anvil::Int4GemvParams&, anvil::DType, cudaStream_t)) {
+                     cudaError_t (*launch)(const anvil::Int4GemvParams&, anvil::DType, cudaStream_t),
+                     const c10::optional<at::Tensor>& norm_weight = c10::nullopt, double eps = 0.0) {
   const std::string op = std::string("anvil.") + name;
   check_cuda(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
@@ -341,6 +342,18 @@ at::Tensor int4_call(const char* name, const at::Tensor& x, const at::Tensor& qw
                 shape_str(*residual));
   }
   TORCH_CHECK(aligned16(x) && aligned16(qweight), op, ": x and qweight must be 16-byte aligned");
+  if (norm_weight) {
+    check_same(x, *norm_weight, "x", "norm_weight");
+    TORCH_CHECK(norm_weight->is_contiguous() && norm_weight->dim() == 1 && norm_weight->size(0) == k &&
+                    aligned16(*norm_weight),
+                op, ": norm_weight must be a contiguous, 16-byte aligned [K] = [", std::to_string(k), "], got ",
+                shape_str(*norm_weight));
+    TORCH_CHECK(anvil::int4_tc_gemv_takes_norm((int)m, (int)n, (int)k, (int)group_size), op, ": M = ",
+                std::to_string(m), ", K = ", std::to_string(k), ", group ", std::to_string(group_size),
+                " is not a shape the fused RMSNorm takes (the tensor-core GEMV's x-in-shared-memory kernel: K and G "
+                "multiples of 128, M <= 8, x and the K-split sums in 46 KB, ANVIL_INT4_TC_V >= 2, ANVIL_INT4_GEMV_TC "
+                "not 0); ask int4_gemv_takes_norm first, else rms_norm then int4_gemv");
+  }
   const at::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({m, n}, x.options());
   anvil::Int4GemvParams p{};
@@ -351,6 +364,8 @@ at::Tensor int4_call(const char* name, const at::Tensor& x, const at::Tensor& qw
   p.m = (int)m; p.n = (int)n; p.k = (int)k; p.group = (int)group_size;
   p.num_sms = num_sms(x.get_device());
   p.pdl = pdl ? pdl_mode(x.get_device()) : 0;
+  p.norm_w = norm_weight ? norm_weight->data_ptr() : nullptr;
+  p.norm_eps = (float)eps;
   ok(launch(p, dtype_of(x), at::cuda::getCurrentCUDAStream()), name);
   return y;
 }
@@ -360,6 +375,18 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
                      const c10::optional<at::Tensor>& residual) {
   return int4_call("int4_gemv", x, qweight, scales, zeros, group_size, bias, residual, anvil::kInt4GemvMaxM, 32,
                    true, anvil::launch_int4_gemv);
+}
+
+// int4_gemv of rms_norm(x, norm_weight, eps), the norm inside the kernel (int4_tc_gemv.cu's stage_x).
+at::Tensor int4_gemv_norm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                          const at::Tensor& zeros, int64_t group_size, const at::Tensor& norm_weight, double eps,
+                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual) {
+  return int4_call("int4_gemv_norm", x, qweight, scales, zeros, group_size, bias, residual, anvil::kInt4GemvMaxM,
+                   128, true, anvil::launch_int4_gemv, norm_weight, eps);
+}
+
+bool int4_gemv_takes_norm(int64_t m, int64_t n, int64_t k, int64_t group_size) {
+  return anvil::int4_tc_gemv_takes_norm((int)m, (int)n, (int)k, (int)group_size);
 }
 
 at::Tensor int4_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
@@ -385,6 +412,9 @@ TORCH_LIBRARY(anvil, m) {
         "Tensor? residual=None) -> Tensor");
   m.def("int4_mma(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias, "
         "Tensor? residual=None) -> Tensor");
+  m.def("int4_gemv_norm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor norm_weight, "
+        "float eps, Tensor? bias, Tensor? residual=None) -> Tensor");
+  m.def("int4_gemv_takes_norm(int m, int n, int k, int group_size) -> bool", &int4_gemv_takes_norm);
 }
 
 TORCH_LIBRARY_IMPL(anvil, CUDA, m) {
@@ -397,4 +427,5 @@ TORCH_LIBRARY_IMPL(anvil, CUDA, m) {
   m.impl("write_kv", &write_kv);
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int4_mma", &int4_mma);
+  m.impl("int4_gemv_norm", &int4_gemv_norm);
 }

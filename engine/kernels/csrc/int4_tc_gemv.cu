@@ -205,6 +205,59 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
 // when G > 128.
 constexpr int kXChunkU4 = 20;  // uint4 slots per 128-column chunk of x in shared memory (4 quarters x 5)
 
+// Shared-memory slot of x's 16-byte unit u ((row, chunk, quarter, i) -> 80-byte quarters, see above).
+__device__ __forceinline__ int x_slot(int u) { return (u >> 4) * kXChunkU4 + ((u >> 2) & 3) * 5 + (u & 3); }
+
+// x [m, k] into shared memory (FRAGS: as B fragments). With norm_w, RMSNorm on the way, as engine/kernels/triton/
+// fused.py's _rms_norm_kernel computes it: rstd = 1 / sqrt(sum x^2 / k + eps) per row (fp32; the sum in another
+// order, so within an ulp of it, not bit for bit), then round(w * round(x * rstd)) in T.
+template <typename T, int KS, bool FRAGS>
+__device__ __forceinline__ void stage_x(uint4* xsm, const T* __restrict__ x, const T* __restrict__ norm_w,
+                                        float eps, int m, int k) {
+  const int kw = k >> 3, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint4* x4 = reinterpret_cast<const uint4*>(x);
+  if (norm_w == nullptr) {
+    for (int u = threadIdx.x; u < m * kw; u += KS * 32) xsm[x_slot(u)] = FRAGS ? b_frags(__ldg(x4 + u)) : __ldg(x4 + u);
+    __syncthreads();
+    return;
+  }
+  __shared__ float part[kInt4GemvMaxM][KS], rstd[kInt4GemvMaxM];
+  for (int row = 0; row < m; ++row) {
+    float sq = 0.f;
+    for (int u = threadIdx.x; u < kw; u += KS * 32) {
+      const uint4 v = __ldg(x4 + row * kw + u);
+      xsm[x_slot(row * kw + u)] = v;
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sq = fmaf(to_f<T>(e[i]), to_f<T>(e[i]), sq);
+    }
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    if (lane == 0) part[row][warp] = sq;
+  }
+  __syncthreads();
+  if (threadIdx.x < m) {
+    float sq = 0.f;
+    for (int w = 0; w < KS; ++w) sq += part[threadIdx.x][w];
+    rstd[threadIdx.x] = 1.f / sqrtf(sq / (float)k + eps);
+  }
+  __syncthreads();
+  const uint4* w4 = reinterpret_cast<const uint4*>(norm_w);
+  for (int row = 0; row < m; ++row)
+    for (int u = threadIdx.x; u < kw; u += KS * 32) {
+      const uint4 v = xsm[x_slot(row * kw + u)], wv = __ldg(w4 + u);
+      const T* e = reinterpret_cast<const T*>(&v);
+      const T* we = reinterpret_cast<const T*>(&wv);
+      uint32_t o[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        o[i] = pack2<T>(to_f<T>(we[2 * i]) * round_to<T>(to_f<T>(e[2 * i]) * rstd[row]),
+                        to_f<T>(we[2 * i + 1]) * round_to<T>(to_f<T>(e[2 * i + 1]) * rstd[row]));
+      const uint4 y = make_uint4(o[0], o[1], o[2], o[3]);
+      xsm[x_slot(row * kw + u)] = FRAGS ? b_frags(y) : y;
+    }
+  __syncthreads();
+}
+
 // FRAGS (ANVIL_INT4_TC_V=3, not yet timed on a GPU): x is stored as B fragments (b_frags once per block instead of
 // two byte-permutes per 16-byte read per chunk: 16 fewer instructions per chunk), and R = 1, P = 2 is built for 3
 // blocks per SM (80 registers, one spilled word; without the bound it takes 82 -> 2 blocks, and qkv's 384 blocks no
@@ -216,7 +269,8 @@ __global__ void __launch_bounds__(KS * 32, FRAGS && R == 1 && P == 2 ? 3 : 0) in
                                                                   const T* __restrict__ zeros,
                                                                   const T* __restrict__ bias,
                                                                   const T* __restrict__ residual, T* __restrict__ y,
-                                                                  int m, int n, int k, int group, int pdl) {
+                                                                  int m, int n, int k, int group, int pdl,
+                                                                  const T* __restrict__ norm_w, float eps) {
   extern __shared__ uint4 xsm[];  // x [m, chunks, 4 quarters, 5 slots (4 used)] (FRAGS: as b_frags gives it)
   __shared__ float red[KS][R * 4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -256,10 +310,7 @@ __global__ void __launch_bounds__(KS * 32, FRAGS && R == 1 && P == 2 ? 3 : 0) in
 #pragma unroll
   for (int p = 0; p < P; ++p) load(p, p);
   pdl_enter(pdl);  // the weights are constants; x (and the residual, y) belong to the previous kernels
-  const uint4* x4 = reinterpret_cast<const uint4*>(x);
-  for (int u = threadIdx.x; u < m * kw; u += KS * 32)  // slot (row, chunk, quarter, i) of x's uint4 u
-    xsm[(u >> 4) * kXChunkU4 + ((u >> 2) & 3) * 5 + (u & 3)] = FRAGS ? b_frags(__ldg(x4 + u)) : __ldg(x4 + u);
-  __syncthreads();
+  stage_x<T, KS, FRAGS>(xsm, x, norm_w, eps, m, k);
   const uint4* xl = xsm + (int64_t)min(g, m - 1) * chunks * kXChunkU4 + 5 * t;
 
   float acc[R][4];
@@ -285,18 +336,28 @@ __global__ void __launch_bounds__(KS * 32, FRAGS && R == 1 && P == 2 ? 3 : 0) in
   block_sum_store<T, R, KS>(red, acc, bias, residual, y, m, n, nb);
 }
 
+size_t x_bytes(int m, int k) { return (size_t)m * (k >> 7) * kXChunkU4 * sizeof(uint4); }
+
+// Whether the x-in-shared-memory kernel takes (m, k) at R tiles x KS warps: x and the K-split sums in 46 KB.
+bool sx_fits(int m, int k, int r, int ks) { return x_bytes(m, k) + sizeof(float) * ks * r * 4 * 32 <= 46 * 1024; }
+
 template <typename T, int R, int KS, int P>
 cudaError_t launch_cfg(const Int4GemvParams& p, int variant, cudaStream_t st) {
   const int blocks = (p.n + 16 * R - 1) / (16 * R);
-  const size_t xbytes = (size_t)p.m * (p.k >> 7) * kXChunkU4 * sizeof(uint4);
-  const bool sx = variant >= 2 && xbytes + sizeof(float) * KS * R * 4 * 32 <= 46 * 1024;
-  auto kernel = !sx ? int4_tc_gemv_kernel<T, R, KS, P>
-                : variant == 3 ? int4_tc_gemv_sx_kernel<T, R, KS, P, true> : int4_tc_gemv_sx_kernel<T, R, KS, P, false>;
-  return launch_kernel(kernel, blocks, KS * 32,
-                       sx ? xbytes : 0, st, p.pdl != 0, static_cast<const T*>(p.x),
+  const bool sx = variant >= 2 && sx_fits(p.m, p.k, R, KS);
+  if (!sx && p.norm_w) return cudaErrorNotSupported;  // callers ask int4_tc_gemv_takes_norm first
+  if (!sx)
+    return launch_kernel(int4_tc_gemv_kernel<T, R, KS, P>, blocks, KS * 32, 0, st, p.pdl != 0,
+                         static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight),
+                         static_cast<const T*>(p.scales), static_cast<const T*>(p.zeros),
+                         static_cast<const T*>(p.bias), static_cast<const T*>(p.residual), static_cast<T*>(p.y),
+                         p.m, p.n, p.k, p.group, p.pdl);
+  return launch_kernel(variant == 3 ? int4_tc_gemv_sx_kernel<T, R, KS, P, true> : int4_tc_gemv_sx_kernel<T, R, KS, P, false>,
+                       blocks, KS * 32, x_bytes(p.m, p.k), st, p.pdl != 0, static_cast<const T*>(p.x),
                        static_cast<const uint32_t*>(p.qweight), static_cast<const T*>(p.scales),
                        static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias),
-                       static_cast<const T*>(p.residual), static_cast<T*>(p.y), p.m, p.n, p.k, p.group, p.pdl);
+                       static_cast<const T*>(p.residual), static_cast<T*>(p.y), p.m, p.n, p.k, p.group, p.pdl,
+                       static_cast<const T*>(p.norm_w), p.norm_eps);
 }
 
 template <typename T, int R, int KS>
@@ -329,17 +390,34 @@ void int4_tc_gemv_plan(int m, int n, int variant, int* r, int* ks, int* stages) 
 // Env ANVIL_INT4_TC_R (1 / 2), ANVIL_INT4_TC_KS (2 / 4 / 8) and ANVIL_INT4_TC_P (2 / 4), read per call, override
 // the plan (tuning knobs for benchmarks/bench_int4.py); ANVIL_INT4_TC_V: 2 (the default) the x-in-shared-memory kernel
 // where x fits, 3 the same with x stored as B fragments, 1 the first kernel.
+struct TcChoice {
+  int variant, r, ks, stages;
+};
+TcChoice tc_choice(int m, int n) {
+  TcChoice c{env_int("ANVIL_INT4_TC_V", 2), 0, 0, 0};
+  int4_tc_gemv_plan(m, n, c.variant, &c.r, &c.ks, &c.stages);
+  c.r = env_int("ANVIL_INT4_TC_R", c.r) >= 2 ? 2 : 1;
+  const int ks = env_int("ANVIL_INT4_TC_KS", c.ks);
+  c.ks = ks <= 2 ? 2 : ks <= 4 ? 4 : 8;
+  c.stages = env_int("ANVIL_INT4_TC_P", c.stages) >= 4 ? 4 : 2;
+  return c;
+}
+
+bool int4_tc_gemv_takes_norm(int m, int n, int k, int group) {
+  if (m < 1 || m > kInt4GemvMaxM || k % 128 != 0 || group <= 0 || group % 128 != 0 || k % group != 0 ||
+      env_int("ANVIL_INT4_GEMV_TC", 1) == 0)
+    return false;
+  const TcChoice c = tc_choice(m, n);
+  return c.variant >= 2 && sx_fits(m, k, c.r, c.ks);
+}
+
 cudaError_t launch_int4_tc_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st) {
   if (p.m < 1 || p.m > kInt4GemvMaxM || p.k % 128 != 0 || p.group % 128 != 0 || p.k % p.group != 0)
     return cudaErrorInvalidValue;
-  const int variant = env_int("ANVIL_INT4_TC_V", 2);
-  int r, ks, stages;
-  int4_tc_gemv_plan(p.m, p.n, variant, &r, &ks, &stages);
-  r = env_int("ANVIL_INT4_TC_R", r);
-  ks = env_int("ANVIL_INT4_TC_KS", ks);
-  stages = env_int("ANVIL_INT4_TC_P", stages);
+  const TcChoice c = tc_choice(p.m, p.n);
   return ANVIL_HALF_SWITCH(dt, T, [&] {
-    return r >= 2 ? launch_ks<T, 2>(p, ks, stages, variant, st) : launch_ks<T, 1>(p, ks, stages, variant, st);
+    return c.r == 2 ? launch_ks<T, 2>(p, c.ks, c.stages, c.variant, st)
+                    : launch_ks<T, 1>(p, c.ks, c.stages, c.variant, st);
   });
 }
 
