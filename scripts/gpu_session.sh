@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|decode-ab|int4-tc2|int4-norm OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|decode-ab|int4-tc2|int4-prologue OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -171,16 +171,18 @@ int4-tc2)  # the x-in-shared-memory tensor-core GEMV (ANVIL_INT4_TC_V=2) against
     tests/engine/quant/test_kernels_int4_tc.py tests/engine/quant/test_kernels_int4_fused.py 2>&1 | tail -15 \
     > "$out/int4-tc2-tests.log"
   ;;
-int4-norm)  # the RMSNorm prologue in the int4 tensor-core GEMV (ANVIL_INT4_FUSED_NORM=1) and x stored as B fragments
-  # (ANVIL_INT4_TC_V=3): their GPU tests, the kernels at M = 1, then the int4 model's decode once per VARIANTS entry
+int4-prologue)  # the RMSNorm / SwiGLU prologues in the int4 tensor-core GEMV (ANVIL_INT4_FUSED_NORM=1,
+  # ANVIL_INT4_FUSED_ACT=1) and x stored as B fragments (ANVIL_INT4_TC_V=3): their GPU tests, the kernels at M = 1,
+  # then the int4 model's decode once per VARIANTS entry (~470 s in all)
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
   timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider --tb=short -rf \
-    tests/engine/quant/test_kernels_int4_norm.py tests/engine/quant/test_kernels_int4_tc.py \
-    tests/engine/quant/test_kernels_int4_fused.py 2>&1 | tail -15 > "$out/int4-norm-tests.log"
+    tests/engine/quant/test_kernels_int4_prologue.py tests/engine/quant/test_kernels_int4_tc.py \
+    tests/engine/quant/test_kernels_int4_fused.py 2>&1 | tail -15 > "$out/int4-prologue-tests.log"
   timeout "${KERNEL_TIMEOUT:-100}" python3 benchmarks/bench_int4.py --ms 1 --no-nf4 --iters 50 \
     --out "$out/int4-kernels-tc3.json" 2>&1 | grep -E "int4_cuda |int4_tc2|int4_tc3|bf16" > "$out/int4-kernels-tc3.log"
   i=0
-  for v in ${VARIANTS:-- ANVIL_INT4_FUSED_NORM=1 ANVIL_INT4_TC_V=3 ANVIL_INT4_FUSED_NORM=1,ANVIL_INT4_TC_V=3}; do
+  fp=ANVIL_INT4_FUSED_NORM=1,ANVIL_INT4_FUSED_ACT=1
+  for v in ${VARIANTS:-- $fp ANVIL_INT4_TC_V=3 $fp,ANVIL_INT4_TC_V=3}; do
     i=$((i + 1)); tag=$(echo "$v" | tr ',=' '-_'); [ "$v" = "-" ] && tag=off
     ( [ "$v" = "-" ] || export ${v//,/ }; timeout "${BENCH_TIMEOUT:-110}" python3 benchmarks/core_bench.py --parts decode \
       --quant rtn --out "$out/core-bench-rtn-$i-$tag.json" 2>&1 | tail -6 > "$out/core-bench-rtn-$i-$tag.log" )

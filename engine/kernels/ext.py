@@ -219,18 +219,19 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     return _ops().int4_gemv(x, qweight, scales, zeros, int(group_size), bias, residual)
 
 
-_TAKES_NORM: dict[tuple, bool] = {}
+_TAKES_PROLOGUE: dict[tuple, bool] = {}
 _TC_ENV = ("ANVIL_INT4_GEMV_TC", "ANVIL_INT4_TC_V", "ANVIL_INT4_TC_R", "ANVIL_INT4_TC_KS", "ANVIL_INT4_TC_P")
 
 
-def int4_gemv_takes_norm(m: int, n: int, k: int, group_size: int) -> bool:
-    """Whether `int4_gemv_norm` takes x [m, k] against an [n, k] weight under the current env: the tensor-core GEMV's
+def int4_gemv_takes_prologue(m: int, n: int, k: int, group_size: int) -> bool:
+    """Whether `int4_gemv_norm` / `int4_gemv_swiglu` take m rows against an [n, k] weight (x [m, k], for SwiGLU
+    [m, 2k]) under the current env: the tensor-core GEMV's
     x-in-shared-memory kernel (int4_tc_gemv.cu: K, G multiples of 128, M <= 8, x and its K-split sums in 46 KB,
     ANVIL_INT4_TC_V >= 2). The extension's own rule, asked once per shape and env."""
     key = (m, n, k, group_size, *(os.environ.get(e) for e in _TC_ENV))
-    if key not in _TAKES_NORM:
-        _TAKES_NORM[key] = bool(_ops().int4_gemv_takes_norm(m, n, k, group_size))
-    return _TAKES_NORM[key]
+    if key not in _TAKES_PROLOGUE:
+        _TAKES_PROLOGUE[key] = bool(_ops().int4_gemv_takes_prologue(m, n, k, group_size))
+    return _TAKES_PROLOGUE[key]
 
 
 def int4_gemv_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -238,8 +239,17 @@ def int4_gemv_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """`int4_gemv(rms_norm(x, norm_weight, eps), ...)` in one kernel: the RMSNorm applied as x is staged in shared
     memory (fp32 sums in another order than the Triton kernel's, so within an ulp of the unfused path, not bit for
-    bit). Only where `int4_gemv_takes_norm`; elsewhere a clear error."""
+    bit). Only where `int4_gemv_takes_prologue`; elsewhere a clear error."""
     return _ops().int4_gemv_norm(x, qweight, scales, zeros, int(group_size), norm_weight, float(eps), bias, residual)
+
+
+def int4_gemv_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int, bias: torch.Tensor | None = None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """`int4_gemv(silu_and_mul(x), ...)` for x [M, 2K] = [gate | up] in one kernel (the SwiGLU computed as x is
+    staged, `__expf` for the Triton kernel's exp, so within an ulp of the unfused path). Only where
+    `int4_gemv_takes_prologue`; elsewhere a clear error."""
+    return _ops().int4_gemv_swiglu(x, qweight, scales, zeros, int(group_size), bias, residual)
 
 
 INT4_MMA_MAX_M = 64  # anvil::kInt4MmaMaxM

@@ -11,7 +11,8 @@ ANVIL_INT4_DEQUANT_M = 64 rows (prefill) dequantize into x.dtype (Triton) and ru
 Triton kernels (the decode kernel for M <= 16, GEMM above, or what the config table names). The CUDA kernels add
 a Linear's residual in their epilogue (Int4LinearMethod.apply); on sm_90 its norm / SwiGLU prologues run on the Triton
 PDL kernels, so the GEMV (a PDL launch) loads its first weights while they run; with ANVIL_INT4_FUSED_NORM=1 the norm
-runs inside the tensor-core GEMV where it takes the shape (ext.int4_gemv_norm). NF4: Triton,
+runs inside the tensor-core GEMV where it takes the shape (ext.int4_gemv_norm), with ANVIL_INT4_FUSED_ACT=1 the
+SwiGLU (ext.int4_gemv_swiglu). NF4: Triton,
 fused for M <= 32, else dequantize + F.linear. Elsewhere the torch reference (dequantize into x.dtype, F.linear).
 """
 
@@ -35,8 +36,10 @@ except ImportError:  # pragma: no cover - only before the restructure lands
 INT4_KERNEL = os.environ.get("ANVIL_INT4_KERNEL", "auto")  # auto (by rows, see above) | mma | gemv | triton
 INT4_CUDA_MAX_M = int(os.environ.get("ANVIL_INT4_CUDA_MAX_M", "8"))  # rows up to which the CUDA GEMV runs (<= 8)
 INT4_DEQUANT_M = int(os.environ.get("ANVIL_INT4_DEQUANT_M", "64"))  # above this many rows: dequantize + F.linear
-# the RMSNorm prologue inside the tensor-core GEMV (ext.int4_gemv_norm) where it takes the shape; off until timed
+# the RMSNorm / SwiGLU prologues inside the tensor-core GEMV (ext.int4_gemv_norm / _swiglu) where it takes the
+# shape; off until timed on a GPU
 INT4_FUSED_NORM = os.environ.get("ANVIL_INT4_FUSED_NORM", "0") == "1"
+INT4_FUSED_ACT = os.environ.get("ANVIL_INT4_FUSED_ACT", "0") == "1"
 
 
 def _pdl_prologues() -> bool:
@@ -87,9 +90,9 @@ class Int4LinearMethod(LinearMethod):
     def apply(self, layer, x, norm=None, act=False, residual=None):
         """The base class's composition, with the residual add fused into the CUDA kernels' epilogue. On sm_90
         the prologues run the Triton PDL kernels (engine/kernels/triton/fused.py: they let the int4 GEMV start,
-        and load its first weights, while they run); elsewhere engine.ops. With ANVIL_INT4_FUSED_NORM=1 a norm
-        prologue runs inside the tensor-core GEMV where it takes the call (`_fused_norm`)."""
-        if norm is not None and not act and (y := self._fused_norm(layer, x, norm, residual)) is not None:
+        and load its first weights, while they run); elsewhere engine.ops. With ANVIL_INT4_FUSED_NORM=1 /
+        ANVIL_INT4_FUSED_ACT=1 the prologue runs inside the tensor-core GEMV where it takes the call (`_fused`)."""
+        if (norm is not None) != bool(act) and (y := self._fused(layer, x, norm, act, residual)) is not None:
             return y
         if (norm is not None or act) and x.is_cuda and _pdl_prologues():
             from engine.kernels.triton import fused
@@ -107,24 +110,28 @@ class Int4LinearMethod(LinearMethod):
                 x = ops.silu_and_mul(x)
         return self.matmul(layer, x, residual)
 
-    def _fused_norm(self, layer, x, norm, residual) -> torch.Tensor | None:
-        """W @ rms_norm(x) (+ bias) (+ residual) in one CUDA kernel (ext.int4_gemv_norm), or None where matmul
-        would not pick the CUDA GEMV's tensor-core path for these rows or that kernel does not take the shape."""
-        if not (INT4_FUSED_NORM and x.is_cuda and INT4_KERNEL in ("auto", "gemv") and not self.has_g_idx
-                and not self.has_in_scale and norm.weight.dtype == x.dtype):  # fmt: skip
+    def _fused(self, layer, x, norm, act, residual) -> torch.Tensor | None:
+        """W @ rms_norm(x) or W @ silu_and_mul(x) (+ bias) (+ residual) in one CUDA kernel (ext.int4_gemv_norm /
+        _swiglu), or None where that is off, matmul would not pick the CUDA GEMV's tensor-core path for these rows,
+        or the kernel does not take the shape."""
+        on = INT4_FUSED_ACT if act else (INT4_FUSED_NORM and norm.weight.dtype == x.dtype)
+        if not (on and x.is_cuda and INT4_KERNEL in ("auto", "gemv") and not self.has_g_idx and not self.has_in_scale):
             return None
         from engine.kernels import ext
 
         x2 = x.reshape(-1, x.shape[-1])
-        m, k = x2.shape
-        n = layer.qweight.shape[0]
-        if not (m <= INT4_CUDA_MAX_M and x2.is_contiguous() and ext.int4_gemv_supported(x2, self.group_size, None)
-                and ext.int4_gemv_takes_norm(m, n, k, self.group_size)):  # fmt: skip
+        m, k, n = x2.shape[0], layer.qweight.shape[1] * 8, layer.qweight.shape[0]
+        if not (m <= INT4_CUDA_MAX_M and x2.is_contiguous() and x2.dtype in (torch.float16, torch.bfloat16)
+                and x2.shape[1] == (2 * k if act else k) and ext.is_available()
+                and ext.int4_gemv_takes_prologue(m, n, k, self.group_size)):  # fmt: skip
             return None
         r2 = None if residual is None else residual.reshape(m, n)
         fused = r2 if r2 is not None and r2.dtype == x2.dtype and r2.is_contiguous() else None
-        y = ext.int4_gemv_norm(x2, layer.qweight, layer.scales, layer.zeros, self.group_size, norm.weight,
-                               norm.eps, layer.bias, fused)  # fmt: skip
+        args = (x2, layer.qweight, layer.scales, layer.zeros, self.group_size)
+        if act:
+            y = ext.int4_gemv_swiglu(*args, layer.bias, fused)
+        else:
+            y = ext.int4_gemv_norm(*args, norm.weight, norm.eps, layer.bias, fused)
         if r2 is not None and fused is None:
             y = r2 + y
         return y.view(*x.shape[:-1], n)

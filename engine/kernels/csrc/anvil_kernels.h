@@ -99,14 +99,15 @@ struct Int4GemvParams {
   int pdl;      // 0 plain launch; 1 PDL (sm_90+; the kernel waits before reading x, then triggers); 2 trigger first
   const void* norm_w = nullptr;  // [K]: x is RMSNorm-ed in the kernel (int4_gemv_norm; the tensor-core path only)
   float norm_eps = 0.f;
+  int act = 0;  // 1: x is [M, 2K] = [gate | up], the kernel stages silu(gate) * up (int4_gemv_swiglu; the same path)
 };
 cudaError_t launch_int4_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st);
 // int4_gemv's tensor-core path (int4_tc_gemv.cu) for K % 128 == 0 and G % 128 == 0, which launch_int4_gemv takes
 // unless env ANVIL_INT4_GEMV_TC=0 (then the FMA kernel of int4_gemv.cu runs every shape)
 cudaError_t launch_int4_tc_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st);
-// Whether launch_int4_gemv fuses an RMSNorm of x (Int4GemvParams::norm_w) for this shape under the current env: the
+// Whether launch_int4_gemv fuses a prologue (Int4GemvParams::norm_w, ::act) for this shape under the current env: the
 // tensor-core path's x-in-shared-memory kernel (ANVIL_INT4_TC_V >= 2, x and its K-split sums in 46 KB of shared memory)
-bool int4_tc_gemv_takes_norm(int m, int n, int k, int group);
+bool int4_tc_gemv_takes_prologue(int m, int n, int k, int group);
 
 // ---- int4 weight-only matmul on the tensor cores (decode, small batches): the same buffers and math as
 // int4_gemv, 1 <= M <= kInt4MmaMaxM, K % 128 == 0, G % 128 == 0 (int4_mma.cu) ----

@@ -309,13 +309,15 @@ at::Tensor int4_call(const char* name, const at::Tensor& x, const at::Tensor& qw
                      const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias,
                      const c10::optional<at::Tensor>& residual, int max_m, int64_t align, bool pdl,
                      cudaError_t (*launch)(const anvil::Int4GemvParams&, anvil::DType, cudaStream_t),
-                     const c10::optional<at::Tensor>& norm_weight = c10::nullopt, double eps = 0.0) {
+                     const c10::optional<at::Tensor>& norm_weight = c10::nullopt, double eps = 0.0,
+                     bool act = false) {
   const std::string op = std::string("anvil.") + name;
   check_cuda(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
               ": float16 or bfloat16 x only, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous [M, K] tensor, got ", shape_str(x));
-  const int64_t m = x.size(0), k = x.size(1), n = qweight.dim() == 2 ? qweight.size(0) : -1;
+  TORCH_CHECK(!act || x.size(1) % 2 == 0, op, ": x must be [M, 2K] = [gate | up], got ", shape_str(x));
+  const int64_t m = x.size(0), k = act ? x.size(1) / 2 : x.size(1), n = qweight.dim() == 2 ? qweight.size(0) : -1;
   TORCH_CHECK(m >= 1 && m <= max_m, op, ": 1 <= M <= ", std::to_string(max_m), " rows, got ", std::to_string(m));
   TORCH_CHECK(qweight.device() == x.device() && qweight.scalar_type() == at::kInt && qweight.is_contiguous() &&
                   qweight.dim() == 2 && qweight.size(1) * 8 == k,
@@ -348,12 +350,13 @@ at::Tensor int4_call(const char* name, const at::Tensor& x, const at::Tensor& qw
                     aligned16(*norm_weight),
                 op, ": norm_weight must be a contiguous, 16-byte aligned [K] = [", std::to_string(k), "], got ",
                 shape_str(*norm_weight));
-    TORCH_CHECK(anvil::int4_tc_gemv_takes_norm((int)m, (int)n, (int)k, (int)group_size), op, ": M = ",
-                std::to_string(m), ", K = ", std::to_string(k), ", group ", std::to_string(group_size),
-                " is not a shape the fused RMSNorm takes (the tensor-core GEMV's x-in-shared-memory kernel: K and G "
-                "multiples of 128, M <= 8, x and the K-split sums in 46 KB, ANVIL_INT4_TC_V >= 2, ANVIL_INT4_GEMV_TC "
-                "not 0); ask int4_gemv_takes_norm first, else rms_norm then int4_gemv");
   }
+  if (norm_weight || act)
+    TORCH_CHECK(anvil::int4_tc_gemv_takes_prologue((int)m, (int)n, (int)k, (int)group_size), op, ": M = ",
+                std::to_string(m), ", K = ", std::to_string(k), ", group ", std::to_string(group_size),
+                " is not a shape the fused prologues take (the tensor-core GEMV's x-in-shared-memory kernel: K and G "
+                "multiples of 128, M <= 8, x and the K-split sums in 46 KB, ANVIL_INT4_TC_V >= 2, ANVIL_INT4_GEMV_TC "
+                "not 0); ask int4_gemv_takes_prologue first, else run the norm / SwiGLU kernel, then int4_gemv");
   const at::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({m, n}, x.options());
   anvil::Int4GemvParams p{};
@@ -366,6 +369,7 @@ at::Tensor int4_call(const char* name, const at::Tensor& x, const at::Tensor& qw
   p.pdl = pdl ? pdl_mode(x.get_device()) : 0;
   p.norm_w = norm_weight ? norm_weight->data_ptr() : nullptr;
   p.norm_eps = (float)eps;
+  p.act = act ? 1 : 0;
   ok(launch(p, dtype_of(x), at::cuda::getCurrentCUDAStream()), name);
   return y;
 }
@@ -385,8 +389,16 @@ at::Tensor int4_gemv_norm(const at::Tensor& x, const at::Tensor& qweight, const 
                    128, true, anvil::launch_int4_gemv, norm_weight, eps);
 }
 
-bool int4_gemv_takes_norm(int64_t m, int64_t n, int64_t k, int64_t group_size) {
-  return anvil::int4_tc_gemv_takes_norm((int)m, (int)n, (int)k, (int)group_size);
+// int4_gemv of silu(gate) * up for x [M, 2K] = [gate | up], the SwiGLU inside the kernel.
+at::Tensor int4_gemv_swiglu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& residual) {
+  return int4_call("int4_gemv_swiglu", x, qweight, scales, zeros, group_size, bias, residual, anvil::kInt4GemvMaxM,
+                   128, true, anvil::launch_int4_gemv, c10::nullopt, 0.0, true);
+}
+
+bool int4_gemv_takes_prologue(int64_t m, int64_t n, int64_t k, int64_t group_size) {
+  return anvil::int4_tc_gemv_takes_prologue((int)m, (int)n, (int)k, (int)group_size);
 }
 
 at::Tensor int4_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
@@ -414,7 +426,9 @@ TORCH_LIBRARY(anvil, m) {
         "Tensor? residual=None) -> Tensor");
   m.def("int4_gemv_norm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor norm_weight, "
         "float eps, Tensor? bias, Tensor? residual=None) -> Tensor");
-  m.def("int4_gemv_takes_norm(int m, int n, int k, int group_size) -> bool", &int4_gemv_takes_norm);
+  m.def("int4_gemv_swiglu(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias, "
+        "Tensor? residual=None) -> Tensor");
+  m.def("int4_gemv_takes_prologue(int m, int n, int k, int group_size) -> bool", &int4_gemv_takes_prologue);
 }
 
 TORCH_LIBRARY_IMPL(anvil, CUDA, m) {
@@ -428,4 +442,5 @@ TORCH_LIBRARY_IMPL(anvil, CUDA, m) {
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int4_mma", &int4_mma);
   m.impl("int4_gemv_norm", &int4_gemv_norm);
+  m.impl("int4_gemv_swiglu", &int4_gemv_swiglu);
 }

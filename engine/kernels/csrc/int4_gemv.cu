@@ -247,7 +247,7 @@ cudaError_t launch_int4_gemv(const Int4GemvParams& p, DType dt, cudaStream_t st)
     return cudaErrorInvalidValue;
   if (p.k % 128 == 0 && p.group % 128 == 0 && env_int("ANVIL_INT4_GEMV_TC", 1) != 0)
     return launch_int4_tc_gemv(p, dt, st);
-  if (p.norm_w) return cudaErrorNotSupported;  // the fused RMSNorm is the tensor-core path's (int4_tc_gemv_takes_norm)
+  if (p.norm_w || p.act) return cudaErrorNotSupported;  // the prologues are the tensor-core path's (..._takes_prologue)
   return ANVIL_HALF_SWITCH(dt, T, [&] { return launch_t<T>(p, st); });
 }
 

@@ -210,12 +210,32 @@ __device__ __forceinline__ int x_slot(int u) { return (u >> 4) * kXChunkU4 + ((u
 
 // x [m, k] into shared memory (FRAGS: as B fragments). With norm_w, RMSNorm on the way, as engine/kernels/triton/
 // fused.py's _rms_norm_kernel computes it: rstd = 1 / sqrt(sum x^2 / k + eps) per row (fp32; the sum in another
-// order, so within an ulp of it, not bit for bit), then round(w * round(x * rstd)) in T.
+// order, so within an ulp of it, not bit for bit), then round(w * round(x * rstd)) in T. With act, x is [m, 2k] =
+// [gate | up] and what is staged is round(round(silu(gate)) * up), _silu_mul_kernel's rounding.
 template <typename T, int KS, bool FRAGS>
 __device__ __forceinline__ void stage_x(uint4* xsm, const T* __restrict__ x, const T* __restrict__ norm_w,
-                                        float eps, int m, int k) {
+                                        float eps, int act, int m, int k) {
   const int kw = k >> 3, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const uint4* x4 = reinterpret_cast<const uint4*>(x);
+  if (act) {
+    for (int row = 0; row < m; ++row)
+      for (int u = threadIdx.x; u < kw; u += KS * 32) {
+        const uint4 gv = __ldg(x4 + row * 2 * kw + u), uv = __ldg(x4 + row * 2 * kw + kw + u);
+        const T* ge = reinterpret_cast<const T*>(&gv);
+        const T* ue = reinterpret_cast<const T*>(&uv);
+        uint32_t o[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float g0 = to_f<T>(ge[2 * i]), g1 = to_f<T>(ge[2 * i + 1]);
+          o[i] = pack2<T>(round_to<T>(g0 / (1.f + __expf(-g0))) * to_f<T>(ue[2 * i]),
+                          round_to<T>(g1 / (1.f + __expf(-g1))) * to_f<T>(ue[2 * i + 1]));
+        }
+        const uint4 y = make_uint4(o[0], o[1], o[2], o[3]);
+        xsm[x_slot(row * kw + u)] = FRAGS ? b_frags(y) : y;
+      }
+    __syncthreads();
+    return;
+  }
   if (norm_w == nullptr) {
     for (int u = threadIdx.x; u < m * kw; u += KS * 32) xsm[x_slot(u)] = FRAGS ? b_frags(__ldg(x4 + u)) : __ldg(x4 + u);
     __syncthreads();
@@ -270,7 +290,7 @@ __global__ void __launch_bounds__(KS * 32, FRAGS && R == 1 && P == 2 ? 3 : 0) in
                                                                   const T* __restrict__ bias,
                                                                   const T* __restrict__ residual, T* __restrict__ y,
                                                                   int m, int n, int k, int group, int pdl,
-                                                                  const T* __restrict__ norm_w, float eps) {
+                                                                  const T* __restrict__ norm_w, float eps, int act) {
   extern __shared__ uint4 xsm[];  // x [m, chunks, 4 quarters, 5 slots (4 used)] (FRAGS: as b_frags gives it)
   __shared__ float red[KS][R * 4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -310,7 +330,7 @@ __global__ void __launch_bounds__(KS * 32, FRAGS && R == 1 && P == 2 ? 3 : 0) in
 #pragma unroll
   for (int p = 0; p < P; ++p) load(p, p);
   pdl_enter(pdl);  // the weights are constants; x (and the residual, y) belong to the previous kernels
-  stage_x<T, KS, FRAGS>(xsm, x, norm_w, eps, m, k);
+  stage_x<T, KS, FRAGS>(xsm, x, norm_w, eps, act, m, k);
   const uint4* xl = xsm + (int64_t)min(g, m - 1) * chunks * kXChunkU4 + 5 * t;
 
   float acc[R][4];
@@ -345,7 +365,7 @@ template <typename T, int R, int KS, int P>
 cudaError_t launch_cfg(const Int4GemvParams& p, int variant, cudaStream_t st) {
   const int blocks = (p.n + 16 * R - 1) / (16 * R);
   const bool sx = variant >= 2 && sx_fits(p.m, p.k, R, KS);
-  if (!sx && p.norm_w) return cudaErrorNotSupported;  // callers ask int4_tc_gemv_takes_norm first
+  if (!sx && (p.norm_w || p.act)) return cudaErrorNotSupported;  // callers ask int4_tc_gemv_takes_prologue first
   if (!sx)
     return launch_kernel(int4_tc_gemv_kernel<T, R, KS, P>, blocks, KS * 32, 0, st, p.pdl != 0,
                          static_cast<const T*>(p.x), static_cast<const uint32_t*>(p.qweight),
@@ -357,7 +377,7 @@ cudaError_t launch_cfg(const Int4GemvParams& p, int variant, cudaStream_t st) {
                        static_cast<const uint32_t*>(p.qweight), static_cast<const T*>(p.scales),
                        static_cast<const T*>(p.zeros), static_cast<const T*>(p.bias),
                        static_cast<const T*>(p.residual), static_cast<T*>(p.y), p.m, p.n, p.k, p.group, p.pdl,
-                       static_cast<const T*>(p.norm_w), p.norm_eps);
+                       static_cast<const T*>(p.norm_w), p.norm_eps, p.act);
 }
 
 template <typename T, int R, int KS>
@@ -403,7 +423,7 @@ TcChoice tc_choice(int m, int n) {
   return c;
 }
 
-bool int4_tc_gemv_takes_norm(int m, int n, int k, int group) {
+bool int4_tc_gemv_takes_prologue(int m, int n, int k, int group) {
   if (m < 1 || m > kInt4GemvMaxM || k % 128 != 0 || group <= 0 || group % 128 != 0 || k % group != 0 ||
       env_int("ANVIL_INT4_GEMV_TC", 1) == 0)
     return false;
