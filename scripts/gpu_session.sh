@@ -190,10 +190,10 @@ int4-prologue)  # the RMSNorm / SwiGLU prologues in the int4 tensor-core GEMV (A
   tail -n 5 "$out"/core-bench-rtn-*.log
   ;;
 decode-ab)  # the core's GPU tests, then core_bench decode once per VARIANTS entry (comma-separated env settings, "-"
-  # for none; default: off and each switch alone: ~170 s of tests + 4 x 40-110 s, one device call; then e.g.
+  # for none; default: off and each switch alone: ~175 s of tests (56 at 3dd5891) + 4 x 31-90 s, one call; then e.g.
   # TESTS=0 VARIANTS="- $all" for the three together), each with the step check of ANVIL_STEP_TUNE
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
-  [ "${TESTS:-1}" = 0 ] || timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --tb=line -rf \
+  [ "${TESTS:-1}" = 0 ] || timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider --tb=line -rf \
     tests/engine/test_core_gpu.py ${TEST_EXTRA:-} 2>&1 | tail -15 > "$out/gpu-tests.log"
   i=0
   all=ANVIL_QKV_ROPE=1,ANVIL_DECODE_FUSED_MERGE=1,ANVIL_PREFETCH_WO=1
