@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import random
 import statistics
@@ -247,6 +248,8 @@ def main() -> None:
     args = ap.parse_args()
     parts = args.parts.split(",")
     cuda = args.device == "cuda"
+    if not cuda and "decode" in parts:
+        ap.error("--parts decode times against the GPU's copy bandwidth: it needs --device cuda (cb and long run on a CPU)")
     if not cuda:
         torch.set_num_threads(args.threads)
     dtype = "bfloat16" if cuda else "float32"
@@ -254,7 +257,8 @@ def main() -> None:
                                       "python": platform.python_version(), "threads": torch.get_num_threads(),
                                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
            "engine": engine.__version__, "model": args.model or f"synthetic:{args.preset}", "dtype": dtype,
-           "quant": args.quant}  # fmt: skip
+           "quant": args.quant,
+           "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ANVIL_") and k != "ANVIL_COMMIT"}}  # fmt: skip
     if cuda:
         res["copy_gb_s"] = copy_bandwidth_gb_s()
         print(f"copy bandwidth {res['copy_gb_s']:.0f} GB/s", flush=True)
