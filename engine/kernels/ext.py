@@ -227,7 +227,7 @@ def int4_gemv_takes_prologue(m: int, n: int, k: int, group_size: int) -> bool:
     """Whether `int4_gemv_norm` / `int4_gemv_swiglu` take m rows against an [n, k] weight (x [m, k], for SwiGLU
     [m, 2k]) under the current env: the tensor-core GEMV's
     x-in-shared-memory kernel (int4_tc_gemv.cu: K, G multiples of 128, M <= 8, x and its K-split sums in 46 KB,
-    ANVIL_INT4_TC_V >= 2). The extension's own rule, asked once per shape and env."""
+    ANVIL_INT4_TC_V >= 2, 3 the default). The extension's own rule, asked once per shape and env."""
     key = (m, n, k, group_size, *(os.environ.get(e) for e in _TC_ENV))
     if key not in _TAKES_PROLOGUE:
         _TAKES_PROLOGUE[key] = bool(_ops().int4_gemv_takes_prologue(m, n, k, group_size))

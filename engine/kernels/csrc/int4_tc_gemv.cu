@@ -194,8 +194,8 @@ __global__ void __launch_bounds__(KS * 32) int4_tc_gemv_kernel(const T* __restri
   block_sum_store<T, R, KS>(red, acc, bias, residual, y, m, n, nb);
 }
 
-// The x-in-shared-memory variant (ANVIL_INT4_TC_V=2, the default; m * 128-column chunks * 320 bytes of x within the shared-memory
-// budget, else the kernel above). Same lanes, MMAs and values; what changes is the cost per chunk, from the sm_90
+// The x-in-shared-memory variant (ANVIL_INT4_TC_V=2; =3, the default, stores x as B fragments; m * 128-column
+// chunks * 320 bytes of x within the shared-memory budget, else the kernel above). Same lanes, MMAs and values; what changes is the cost per chunk, from the sm_90
 // SASS of the kernel above at R = 2, P = 2 (374 instructions per chunk, ~23 per 32-bit word of W; ncu: 2.2 cycles
 // of long-scoreboard stall per issued instruction): x is copied into shared memory once per block after the PDL wait
 // and read per chunk from there (its global loads were consumed at once, an L1 / L2 latency every chunk); each
@@ -278,10 +278,11 @@ __device__ __forceinline__ void stage_x(uint4* xsm, const T* __restrict__ x, con
   __syncthreads();
 }
 
-// FRAGS (ANVIL_INT4_TC_V=3, not yet timed on a GPU): x is stored as B fragments (b_frags once per block instead of
-// two byte-permutes per 16-byte read per chunk: 16 fewer instructions per chunk), and R = 1, P = 2 is built for 3
-// blocks per SM (80 registers, one spilled word; without the bound it takes 82 -> 2 blocks, and qkv's 384 blocks no
-// longer fit one wave).
+// FRAGS (ANVIL_INT4_TC_V=3, the default since the H200 run of 3bb5e2c: qkv / wo / w13 / w2 at M = 1 in 6.1 / 4.9
+// / 22.8 / 11.2 us vs 6.2 / 5.1 / 23.0 / 11.9 for V=2; decode b1 447.3 vs 435.8 tok/s in the same run): x is stored
+// as B fragments (b_frags once per block instead of two byte-permutes per 16-byte read per chunk: 16 fewer
+// instructions per chunk), and R = 1, P = 2 is built for 3 blocks per SM (80 registers, one spilled word; without the
+// bound it takes 82 -> 2 blocks, and qkv's 384 blocks no longer fit one wave).
 template <typename T, int R, int KS, int P, bool FRAGS>
 __global__ void __launch_bounds__(KS * 32, FRAGS && R == 1 && P == 2 ? 3 : 0) int4_tc_gemv_sx_kernel(const T* __restrict__ x,
                                                                   const uint32_t* __restrict__ qweight,
@@ -408,13 +409,13 @@ void int4_tc_gemv_plan(int m, int n, int variant, int* r, int* ks, int* stages) 
 }
 
 // Env ANVIL_INT4_TC_R (1 / 2), ANVIL_INT4_TC_KS (2 / 4 / 8) and ANVIL_INT4_TC_P (2 / 4), read per call, override
-// the plan (tuning knobs for benchmarks/bench_int4.py); ANVIL_INT4_TC_V: 2 (the default) the x-in-shared-memory kernel
-// where x fits, 3 the same with x stored as B fragments, 1 the first kernel.
+// the plan (tuning knobs for benchmarks/bench_int4.py); ANVIL_INT4_TC_V: 3 (the default) the x-in-shared-memory kernel
+// with x stored as B fragments where x fits, 2 the same with x stored as loaded, 1 the first kernel.
 struct TcChoice {
   int variant, r, ks, stages;
 };
 TcChoice tc_choice(int m, int n) {
-  TcChoice c{env_int("ANVIL_INT4_TC_V", 2), 0, 0, 0};
+  TcChoice c{env_int("ANVIL_INT4_TC_V", 3), 0, 0, 0};
   int4_tc_gemv_plan(m, n, c.variant, &c.r, &c.ks, &c.stages);
   c.r = env_int("ANVIL_INT4_TC_R", c.r) >= 2 ? 2 : 1;
   const int ks = env_int("ANVIL_INT4_TC_KS", c.ks);
