@@ -175,7 +175,7 @@ int4-prologue)  # the RMSNorm / SwiGLU prologues in the int4 tensor-core GEMV (A
   # ANVIL_INT4_FUSED_ACT=1) and x stored as B fragments (ANVIL_INT4_TC_V=3): their GPU tests, the kernels at M = 1,
   # then the int4 model's decode once per VARIANTS entry (~470 s in all)
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
-  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider --tb=short -rf \
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider --tb=short -rf \
     tests/engine/quant/test_kernels_int4_prologue.py tests/engine/quant/test_kernels_int4_tc.py \
     tests/engine/quant/test_kernels_int4_fused.py 2>&1 | tail -15 > "$out/int4-prologue-tests.log"
   timeout "${KERNEL_TIMEOUT:-100}" python3 benchmarks/bench_int4.py --ms 1 --no-nf4 --iters 50 \
