@@ -42,7 +42,7 @@ class TritonBackend(AttentionBackend):
         self.qkv_rope_on = os.environ.get("ANVIL_QKV_ROPE", "0") == "1"
         # ANVIL_DECODE_FUSED_MERGE=1 (off): the last split of each (sequence, KV head) merges the partials in the
         # split kernel (paged_decode_attention(fused=True)) instead of a merge kernel after it. It lost at 01e4e85
-        # (221.6 vs 233 tok/s), a run whose GEMV choices were not checked on the step; re-measured since the check
+        # (221.6 vs 233 tok/s) and at 2a97238 (218.6 vs 235.4); since 9359d51+ it merges only the splits with keys
         self.fused_merge = os.environ.get("ANVIL_DECODE_FUSED_MERGE", "0") == "1"
         # ANVIL_PREFETCH_WO=<B> (off: 0): in all-decode steps of <= B sequences the split-KV programs ask L2 for the
         # output projection's weights (paged_decode_attention(prefetch=)): HBM is idle during batch-1 attention

@@ -33,7 +33,7 @@ def _paged_decode_split_kernel(
     out_ptr, cnt_ptr, stride_outb, stride_outh, num_kv_heads,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr,
-    FUSED: tl.constexpr,
+    FUSED: tl.constexpr, SPLITS_PAD: tl.constexpr,
     PDL: tl.constexpr,
     pf_ptr=None, pf_lines=0, PF: tl.constexpr = False, PF_BLOCK: tl.constexpr = 256,
 ):  # fmt: skip
@@ -48,6 +48,9 @@ def _paged_decode_split_kernel(
     chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, n)
+    # splits that hold keys (split 0 also for an empty row): the fused merge waits for and reads these alone
+    n_act = tl.where(span > 0, tl.cdiv(span, tl.maximum(chunk, 1)), 1)
+    active = split < n_act
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, BLOCK_D)
@@ -91,36 +94,38 @@ def _paged_decode_split_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    keep = split >= 0  # the merge kernel reads every split's partial
+    if FUSED:
+        keep = active  # the fused merge reads the n_act splits with keys alone
     tl.store(
         o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
         out,
-        mask=mask_g[:, None] & mask_d[None, :],
+        mask=mask_g[:, None] & mask_d[None, :] & keep,
     )
-    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g)
+    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g & keep)
     if FUSED:
-        # The last split of this (sequence, KV head) to finish merges all of them: the acq_rel counter makes the
-        # other splits' partial stores visible to it. It resets the counter for the next call (graph replays).
-        done = tl.atomic_add(cnt_ptr + b * num_kv_heads + kvh, 1, sem="acq_rel")
-        if done == NUM_SPLITS - 1:
-            gmask = mask_g[:, None] & mask_d[None, :]
-            mx = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-            for s in range(NUM_SPLITS):
-                ls = tl.load(lse_ptr + b * stride_lb + heads * stride_lh + s, mask=mask_g, other=float("-inf"))
-                mx = tl.maximum(mx, ls)
-            mx = tl.where(mx == float("-inf"), 0.0, mx)
-            den = tl.zeros([GROUP_PAD], tl.float32)
-            acc2 = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-            for s in range(NUM_SPLITS):
-                ls = tl.load(lse_ptr + b * stride_lb + heads * stride_lh + s, mask=mask_g, other=float("-inf"))
-                w = tl.exp(ls - mx)  # 0 for empty splits
-                o_s = tl.load(o_ptr + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + offs_d[None, :],
-                              mask=gmask, other=0.0)  # fmt: skip
-                den += w
-                acc2 += w[:, None] * o_s
-            res = acc2 / tl.where(den == 0.0, 1.0, den)[:, None]
-            tl.store(out_ptr + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :],
-                     res.to(out_ptr.dtype.element_ty), mask=gmask)  # fmt: skip
-            tl.atomic_xchg(cnt_ptr + b * num_kv_heads + kvh, 0)
+        # The last of this (sequence, KV head)'s n_act splits with keys to finish merges them (a split without
+        # keys stores nothing and does not count): the acq_rel counter makes the other splits' partial stores
+        # visible to it. It resets the counter for the next call (graph replays). The merge is the merge kernel's,
+        # head by head, all n_act splits of a head in one load.
+        if active:
+            done = tl.atomic_add(cnt_ptr + b * num_kv_heads + kvh, 1, sem="acq_rel")
+            if done == n_act - 1:
+                offs_s = tl.arange(0, SPLITS_PAD)
+                mask_s = offs_s < n_act
+                for g in tl.static_range(GROUP):
+                    hh = kvh * GROUP + g
+                    ls = tl.load(lse_ptr + b * stride_lb + hh * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+                    mx = tl.max(ls, 0)
+                    mx = tl.where(mx == float("-inf"), 0.0, mx)
+                    w = tl.exp(ls - mx)  # 0 for empty splits
+                    den = tl.sum(w, 0)
+                    o_s = tl.load(o_ptr + b * stride_ob + hh * stride_oh + offs_s[:, None] * stride_os
+                                  + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
+                    res = tl.sum(w[:, None] * o_s, 0) / tl.where(den == 0.0, 1.0, den)
+                    tl.store(out_ptr + b * stride_outb + hh * stride_outh + offs_d,
+                             res.to(out_ptr.dtype.element_ty), mask=mask_d)  # fmt: skip
+                tl.atomic_xchg(cnt_ptr + b * num_kv_heads + kvh, 0)
     if PF:
         # A constant buffer (the next projection's weights) asked of L2 once this program's own K/V reads are
         # done (issued first, they would queue ahead of them in HBM): it streams during the merge and wo's ramp.
@@ -211,9 +216,11 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """q [B, H, D]; k_cache/v_cache [NB, Hkv, PAGE, D] (last dim contiguous); block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (0 = padding row -> zeros). Returns out [B, H, D] in q.dtype. Graph-safe: no host sync.
-    fused: the last split of each (sequence, KV head) merges the partials in the same kernel (one launch instead
-    of two). Off by default: on the H200 it made batch-1 decode slower (221.6 vs 233 tok/s, results/gpu/
-    core-h200/core-bench-01e4e85.json), the serial merge in 8 programs costing more than the launch it saves.
+    fused: the last of each (sequence, KV head)'s splits that hold keys merges them in the same kernel (one launch
+    instead of two; splits without keys store nothing). Off by default: its first version (the last of all splits
+    merging all of them, one split after another) made batch-1 decode slower on the H200 (221.6 vs 233 tok/s,
+    results/gpu/core-h200/core-bench-01e4e85.json; 218.6 vs 235.4 at 2a97238); this one merges only the splits with
+    keys, all of a head's in one load.
     prefetch: a contiguous CUDA tensor that the split programs ask L2 for, spread over them (the next projection's
     weights, while batch-1 attention leaves HBM idle; the values are not touched)."""
     b, h, d = q.shape
@@ -253,6 +260,7 @@ def paged_decode_attention(
         out, cnt, out.stride(0), out.stride(1), hkv,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, PREC=prec, FUSED=fused,
+        SPLITS_PAD=triton.next_power_of_2(num_splits),
         pf_ptr=pf if pf is not None else lse, pf_lines=num_lines(pf) if pf is not None else 0, PF=pf is not None,
         PF_BLOCK=PF_BLOCK, num_warps=4, num_stages=2, **launch(),
     )  # fmt: skip
