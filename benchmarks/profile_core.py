@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from engine import LLM, EngineConfig
 from engine.presets import synthetic
+from harness.envinfo import gpu_record
 
 
 def kernel_table(prof, steps: int, top: int = 30) -> dict:
@@ -201,8 +202,8 @@ def main() -> None:
         from engine.quant import quantize_model
 
         quantize_model(lm.model, args.quant)
-    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset,
-                 "quant": args.quant}  # fmt: skip
+    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "env": gpu_record(),
+                 "preset": args.preset, "quant": args.quant}  # fmt: skip
     for part in args.parts.split(","):
         try:
             if part == "b1":
