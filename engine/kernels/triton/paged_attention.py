@@ -21,6 +21,23 @@ from engine.kernels.triton.prefetch import num_lines, spread_prefetch
 
 
 @triton.jit
+def _merge_splits(o_row, lse_row, out_row, stride_os, n_splits, offs_d, mask_d, SPLITS_PAD: tl.constexpr):
+    """out_row[:D] = the first n_splits partials o_row[s, :D] weighted by exp(lse_row[s]) (zeros for a row without
+    keys): the merge of one (sequence, head), shared by the merge kernel and the split kernel's fused merge."""
+    offs_s = tl.arange(0, SPLITS_PAD)
+    mask_s = offs_s < n_splits
+    lse = tl.load(lse_row + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m)  # 0 for empty splits
+    denom = tl.sum(w, 0)
+    o = tl.load(o_row + offs_s[:, None] * stride_os + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :],
+                other=0.0)  # [S, D]  # fmt: skip
+    out = tl.sum(w[:, None] * o, 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(out_row + offs_d, out.to(out_row.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
 def _paged_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr,
     scale, window,
@@ -106,25 +123,16 @@ def _paged_decode_split_kernel(
     if FUSED:
         # The last of this (sequence, KV head)'s n_act splits with keys to finish merges them (a split without
         # keys stores nothing and does not count): the acq_rel counter makes the other splits' partial stores
-        # visible to it. It resets the counter for the next call (graph replays). The merge is the merge kernel's,
-        # head by head, all n_act splits of a head in one load.
+        # visible to it. It resets the counter for the next call (graph replays). The merge is the merge kernel's
+        # (_merge_splits), head by head, all n_act splits of a head in one load.
         if active:
             done = tl.atomic_add(cnt_ptr + b * num_kv_heads + kvh, 1, sem="acq_rel")
             if done == n_act - 1:
-                offs_s = tl.arange(0, SPLITS_PAD)
-                mask_s = offs_s < n_act
                 for g in tl.static_range(GROUP):
                     hh = kvh * GROUP + g
-                    ls = tl.load(lse_ptr + b * stride_lb + hh * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
-                    mx = tl.max(ls, 0)
-                    mx = tl.where(mx == float("-inf"), 0.0, mx)
-                    w = tl.exp(ls - mx)  # 0 for empty splits
-                    den = tl.sum(w, 0)
-                    o_s = tl.load(o_ptr + b * stride_ob + hh * stride_oh + offs_s[:, None] * stride_os
-                                  + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
-                    res = tl.sum(w[:, None] * o_s, 0) / tl.where(den == 0.0, 1.0, den)
-                    tl.store(out_ptr + b * stride_outb + hh * stride_outh + offs_d,
-                             res.to(out_ptr.dtype.element_ty), mask=mask_d)  # fmt: skip
+                    _merge_splits(o_ptr + b * stride_ob + hh * stride_oh, lse_ptr + b * stride_lb + hh * stride_lh,
+                                  out_ptr + b * stride_outb + hh * stride_outh, stride_os, n_act, offs_d, mask_d,
+                                  SPLITS_PAD)  # fmt: skip
                 tl.atomic_xchg(cnt_ptr + b * num_kv_heads + kvh, 0)
     if PF:
         # A constant buffer (the next projection's weights) asked of L2 once this program's own K/V reads are
@@ -146,22 +154,10 @@ def _paged_decode_merge_kernel(
         pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
-    offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
-    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m)  # 0 for empty splits
-    denom = tl.sum(w, 0)
-    o = tl.load(
-        o_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-        mask=mask_s[:, None] & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )  # [S, D]
-    out = tl.sum(w[:, None] * o, 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)  # fmt: skip
+    _merge_splits(o_ptr + b * stride_ob + h * stride_oh, lse_ptr + b * stride_lb + h * stride_lh,
+                  out_ptr + b * stride_outb + h * stride_outh, stride_os, NUM_SPLITS, offs_d, offs_d < HEAD_DIM,
+                  SPLITS_PAD)  # fmt: skip
 
 
 BLOCK_N = 64
