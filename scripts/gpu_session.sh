@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|decode-ab|int4-tc2|int4-prologue OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|decode-ab|int4-tc2|int4-prologue|decode-attn OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -237,6 +237,31 @@ int4-tc-ncu)  # ncu on int4_gemv's tensor-core kernel at M = 1, w13 and wo (the 
       --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section InstructionStats \
       --section ComputeWorkloadAnalysis python3 /tmp/gemv1.py > "$out/ncu-tc-n$shape-m1.txt" 2>&1
   done
+  ;;
+decode-attn)  # the split-KV decode kernel's knobs (ANVIL_DECODE_FUSED_MERGE / _MIN_CHUNK / _WARPS / _BLOCK_N): its GPU
+  # tests, bench_decode_attention.py over batch x context, then core_bench decode (bf16, then QUANT=rtn's int4) once
+  # per VARIANTS entry (comma-separated env settings, "-" for none)
+  python3 -m engine.kernels.build > "$out/build.log" 2>&1
+  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/engine/test_triton_kernels.py \
+    -k paged_attention 2>&1 | tail -8 > "$out/decode-attn-tests.log"
+  timeout "${KERNEL_TIMEOUT:-150}" python3 benchmarks/bench_decode_attention.py --out "$out/decode-attn.json" \
+    ${ATTN_ARGS:-} 2>&1 | tail -120 > "$out/decode-attn.log"
+  i=0
+  for q in ${QUANTS:-none rtn}; do
+    for v in ${VARIANTS:--}; do
+      i=$((i + 1)); tag=$(echo "$v" | tr ',=' '-_'); [ "$v" = "-" ] && tag=off
+      ( [ "$v" = "-" ] || export ${v//,/ }; timeout "${BENCH_TIMEOUT:-120}" python3 benchmarks/core_bench.py --parts decode \
+        $([ "$q" = none ] || echo --quant $q) --out "$out/core-bench-$q-$i-$tag.json" 2>&1 | tail -4 \
+        > "$out/core-bench-$q-$i-$tag.log" )
+    done
+  done
+  python3 - "$out" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/core-bench-*.json")):
+    d = json.load(open(f))["decode"]
+    print(f.split("/")[-1], {b: round(r["decode_tok_s"], 1) for b, r in d["decode"].items()},
+          "ttft", round(d["ttft_2048_ms"]["median"], 2))
+PY
   ;;
 *)
   echo "unknown part $part" >&2

@@ -44,6 +44,10 @@ class TritonBackend(AttentionBackend):
         # split kernel (paged_decode_attention(fused=True)) instead of a merge kernel after it. It lost at 01e4e85
         # (221.6 vs 233 tok/s) and at 2a97238 (218.6 vs 235.4); since 9359d51+ it merges only the splits with keys
         self.fused_merge = os.environ.get("ANVIL_DECODE_FUSED_MERGE", "0") == "1"
+        # ANVIL_DECODE_MIN_CHUNK=<keys> (0: off): the fewest keys a decode split takes, so a short sequence sits in
+        # one split (which then writes the output itself when fused) or few; ANVIL_DECODE_WARPS / _BLOCK_N: the
+        # split kernel's warps (4) and keys per tile (64). Tuning knobs, timed by benchmarks/bench_decode_attention.py
+        self.decode_cfg = _decode_knobs(paged_attention.BLOCK_N)
         # ANVIL_PREFETCH_WO=<B> (off: 0): in all-decode steps of <= B sequences the split-KV programs ask L2 for the
         # output projection's weights (paged_decode_attention(prefetch=)): HBM is idle during batch-1 attention
         self.prefetch_max_b = int(os.environ.get("ANVIL_PREFETCH_WO", "0") or 0)
@@ -62,12 +66,12 @@ class TritonBackend(AttentionBackend):
         """An all-decode step: split-KV attention of q [T, H, D] -> [T, H * D], with the switches above."""
         pf = prefetch if a.num_seqs <= self.prefetch_max_b else None
         o = self._decode(q, k_cache, v_cache, a.block_tables, a.seq_lens, spec.scale, spec.window,
-                         num_splits=a.num_splits, fused=self.fused_merge, prefetch=pf)  # fmt: skip
+                         num_splits=a.num_splits, fused=self.fused_merge, prefetch=pf, **self.decode_cfg)  # fmt: skip
         return o.view(q.shape[0], spec.n_heads * spec.head_dim)
 
     def info(self) -> dict:
         return {**super().info(), "qkv_rope": self.qkv_rope_on, "decode_fused_merge": self.fused_merge,
-                "prefetch_wo_max_batch": self.prefetch_max_b}
+                "prefetch_wo_max_batch": self.prefetch_max_b, "decode": dict(self.decode_cfg)}
 
     def num_splits(self, batch_size: int, n_kv_heads: int, max_seq_len: int) -> int:
         return self._choose_splits(batch_size, n_kv_heads, max_seq_len, self.num_sms)
@@ -83,7 +87,7 @@ class TritonBackend(AttentionBackend):
         q = torch.zeros(4, h, d, dtype=dt, device=dev)
         for s in (1 << i for i in range(MAX_SPLITS.bit_length())):  # every power of two up to MAX_SPLITS
             self._decode(q[:1], k_cache, v_cache, bt[:1], lens[:1], spec.scale, spec.window, num_splits=s,
-                         fused=self.fused_merge)
+                         fused=self.fused_merge, **self.decode_cfg)
         for q_len in (1, 3, 8, 12, 24, 100, 300):  # every BLOCK_M the launcher picks (16..256 rows at GQA 4:1)
             qq = torch.zeros(3 * q_len, h, d, dtype=dt, device=dev)
             cu = torch.arange(0, 4 * q_len, q_len, dtype=torch.int32, device=dev)
@@ -109,7 +113,8 @@ class TritonBackend(AttentionBackend):
         out = torch.empty_like(q)
         if nd:
             self._decode(q[:nd], k_cache, v_cache, a.block_tables[:nd], a.seq_lens[:nd], spec.scale, spec.window,
-                         num_splits=self.num_splits(nd, hkv, a.max_seq_len), out=out[:nd])  # fmt: skip
+                         num_splits=self.num_splits(nd, hkv, a.max_seq_len), out=out[:nd], fused=self.fused_merge,
+                         **self.decode_cfg)  # fmt: skip
         if sdpa:
             self._fresh(q, k_out, qkv[:, (h + hkv) * d :].view(t, hkv, d), a, spec, out, nd, a.num_seqs)
         else:  # every prompt row of the step in one launch, over the cache rope_kv has just written
@@ -157,3 +162,22 @@ class TritonBackend(AttentionBackend):
         else:
             o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale)
         return o[:, :, :n].transpose(1, 2)
+
+
+def _decode_knobs(block_n: int) -> dict:
+    """The split kernel's knobs from ANVIL_DECODE_MIN_CHUNK / _WARPS / _BLOCK_N, checked here (a bad value is an error
+    at start-up that names the variable, not an assertion at the first decode step)."""
+    cfg = {}
+    for key, name, default, ok in (("min_chunk", "ANVIL_DECODE_MIN_CHUNK", 0, lambda v: v >= 0),
+                                   ("num_warps", "ANVIL_DECODE_WARPS", 4, lambda v: v in (1, 2, 4, 8)),
+                                   ("block_n", "ANVIL_DECODE_BLOCK_N", block_n, lambda v: v in (16, 32, 64, 128))):
+        raw = os.environ.get(name, "")
+        try:
+            cfg[key] = int(raw) if raw else default
+        except ValueError:
+            raise ValueError(f"{name}={raw!r}: expected an integer") from None
+        if not ok(cfg[key]):
+            raise ValueError(f"{name}={raw!r}: out of range (min_chunk >= 0, warps 1/2/4/8, block_n 16/32/64/128)")
+    if cfg["min_chunk"] % cfg["block_n"]:
+        raise ValueError(f"ANVIL_DECODE_MIN_CHUNK={cfg['min_chunk']}: a multiple of the block_n {cfg['block_n']}")
+    return cfg

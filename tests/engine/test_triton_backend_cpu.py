@@ -199,9 +199,10 @@ DECODE = textwrap.dedent(
     from engine.kernels import reference_paged as RP
     from engine.kernels.triton.paged_attention import paged_decode_attention
 
-    # split-KV decode, the merge kernel and the fused merge (the last of the splits that hold keys merges them):
-    # padding rows (0 keys), one key, sliding windows, fewer key chunks than splits, every split busy; repeated calls
-    # (the fused merge's counters reset themselves); a poisoned output (every element written)
+    # split-KV decode, the merge kernel and the fused merge (the last of the splits that hold keys merges them, or the
+    # one split that holds them all writes the output): padding rows (0 keys), one key, sliding windows, fewer key
+    # chunks than splits, every split busy, a minimum chunk per split (min_chunk: one split or few), 32-key tiles;
+    # repeated calls (the fused merge's counters reset themselves); a poisoned output (every element written)
     g = torch.Generator().manual_seed(0)
     for b, h, hkv, d, page, lens, window, splits in ((3, 8, 2, 128, 16, [1, 97, 1025], 0, None),
                                                      (2, 4, 4, 59, 8, [97, 0], 0, 3),
@@ -215,16 +216,25 @@ DECODE = textwrap.dedent(
         q = torch.randn(b, h, d, generator=g)
         sl = torch.tensor(lens, dtype=torch.int32)
         ref = RP.paged_decode_attention(q.double(), kc.double(), vc.double(), bt, sl, d**-0.5, window)
-        got = {}
-        for fused in (False, True):
-            for _ in range(3):
-                out = torch.full_like(q, float("nan"))
-                paged_decode_attention(q, kc, vc, bt, sl, d**-0.5, window=window, num_splits=splits, out=out,
-                                       fused=fused)
-                rel = ((out.double() - ref).norm() / ref.norm()).item()
-                assert torch.isfinite(out).all() and rel < 1e-5, (lens, splits, fused, rel)
-            got[fused] = out
-        assert torch.equal(got[True], got[False]), lens  # the same merge, over the same padded split vector
+        for min_chunk, block_n in ((0, 64), (128, 64), (1024, 64), (64, 32)):
+            got = {}
+            for fused in (False, True):
+                for _ in range(3):
+                    out = torch.full_like(q, float("nan"))
+                    paged_decode_attention(q, kc, vc, bt, sl, d**-0.5, window=window, num_splits=splits, out=out,
+                                           fused=fused, min_chunk=min_chunk, block_n=block_n)  # fmt: skip
+                    rel = ((out.double() - ref).norm() / ref.norm()).item()
+                    assert torch.isfinite(out).all() and rel < 1e-5, (lens, splits, fused, min_chunk, block_n, rel)
+                got[fused] = out
+            # the same merge (the fused one loads 8 splits at a time, the merge kernel all at once: rounding apart)
+            assert torch.allclose(got[True], got[False], rtol=1e-6, atol=1e-7), (lens, min_chunk, block_n)
+    for bad, msg in (({"min_chunk": 100}, "multiple of block_n"), ({"block_n": 48}, "block_n 48")):
+        try:
+            paged_decode_attention(q, kc, vc, bt, sl, d**-0.5, **bad)
+        except AssertionError as e:
+            assert msg in str(e), (bad, e)
+        else:
+            raise SystemExit(f"no error for {bad}")
     print("OK")
     """
 )

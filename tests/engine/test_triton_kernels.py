@@ -29,7 +29,9 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     ],
 )
 @pytest.mark.parametrize("fused", [True, False])
-def test_triton_paged_attention_matches_reference(b, h, hkv, d, page, lens, window, splits, dtype, fused):
+@pytest.mark.parametrize("knobs", [{}, {"min_chunk": 256}, {"num_warps": 8, "min_chunk": 2048}, {"block_n": 32}],
+                         ids=["default", "min256", "w8-min2048", "n32"])
+def test_triton_paged_attention_matches_reference(b, h, hkv, d, page, lens, window, splits, dtype, fused, knobs):
     from engine.kernels.triton.paged_attention import paged_decode_attention
 
     dev = "cuda"
@@ -43,14 +45,16 @@ def test_triton_paged_attention_matches_reference(b, h, hkv, d, page, lens, wind
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
     for _ in range(3):  # repeated calls: the fused merge's split counters must reset themselves
         out.fill_(float("nan"))
-        paged_decode_attention(q, kc, vc, bt, sl, d**-0.5, window=window, num_splits=splits, out=out, fused=fused)
+        paged_decode_attention(q, kc, vc, bt, sl, d**-0.5, window=window, num_splits=splits, out=out, fused=fused,
+                               **knobs)
         ref = RP.paged_decode_attention(q.double(), kc.double(), vc.double(), bt, sl, d**-0.5, window)
         assert torch.isfinite(out).all()
         assert _rel(out, ref) < TOL[dtype]
     # an L2 prefetch of another buffer (awkward size: not a multiple of the lines per program) changes nothing
     pf = torch.randn(3 * 1000 * 1000 + 7, device=dev, dtype=torch.bfloat16)
     before = pf.clone()
-    got = paged_decode_attention(q, kc, vc, bt, sl, d**-0.5, window=window, num_splits=splits, fused=fused, prefetch=pf)
+    got = paged_decode_attention(q, kc, vc, bt, sl, d**-0.5, window=window, num_splits=splits, fused=fused, prefetch=pf,
+                                 **knobs)
     assert torch.equal(got, out) and torch.equal(pf, before)
 
 

@@ -21,20 +21,33 @@ from engine.kernels.triton.prefetch import num_lines, spread_prefetch
 
 
 @triton.jit
-def _merge_splits(o_row, lse_row, out_row, stride_os, n_splits, offs_d, mask_d, SPLITS_PAD: tl.constexpr):
-    """out_row[:D] = the first n_splits partials o_row[s, :D] weighted by exp(lse_row[s]) (zeros for a row without
-    keys): the merge of one (sequence, head), shared by the merge kernel and the split kernel's fused merge."""
-    offs_s = tl.arange(0, SPLITS_PAD)
-    mask_s = offs_s < n_splits
-    lse = tl.load(lse_row + offs_s, mask=mask_s, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m)  # 0 for empty splits
-    denom = tl.sum(w, 0)
-    o = tl.load(o_row + offs_s[:, None] * stride_os + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :],
-                other=0.0)  # [S, D]  # fmt: skip
-    out = tl.sum(w[:, None] * o, 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(out_row + offs_d, out.to(out_row.dtype.element_ty), mask=mask_d)
+def _merge_splits(o_base, lse_base, out_base, stride_oh, stride_os, stride_lh, stride_outh, n_heads, n_splits,
+                  offs_d, mask_d, HEADS_PAD: tl.constexpr, SPLITS_BLOCK: tl.constexpr):  # fmt: skip
+    """out[h, :D] = the first n_splits partials o[h, s, :D] weighted by exp(lse[h, s]) (zeros for a row without
+    keys), for the n_heads heads h from the given bases at once, SPLITS_BLOCK splits per load (an online rescale
+    across loads): the merge kernel's (one head) and the split kernel's fused merge (the GROUP heads of a KV head).
+    Blocks past the last split with keys change nothing (weights 0, rescale 1), bit for bit."""
+    offs_h = tl.arange(0, HEADS_PAD)
+    mask_h = offs_h < n_heads
+    m = tl.full([HEADS_PAD], float("-inf"), tl.float32)
+    den = tl.zeros([HEADS_PAD], tl.float32)
+    acc = tl.zeros([HEADS_PAD, offs_d.shape[0]], tl.float32)
+    for s0 in range(0, n_splits, SPLITS_BLOCK):
+        offs_s = s0 + tl.arange(0, SPLITS_BLOCK)
+        mask_hs = mask_h[:, None] & (offs_s < n_splits)[None, :]
+        lse = tl.load(lse_base + offs_h[:, None] * stride_lh + offs_s[None, :], mask=mask_hs, other=float("-inf"))
+        o = tl.load(o_base + offs_h[:, None, None] * stride_oh + offs_s[None, :, None] * stride_os
+                    + offs_d[None, None, :], mask=mask_hs[:, :, None] & mask_d[None, None, :], other=0.0)  # fmt: skip
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)  # 0 on the first block
+        w = tl.exp(lse - m_safe[:, None])  # [Hp, S]; 0 for empty splits
+        den = den * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+        m = m_new
+    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+    tl.store(out_base + offs_h[:, None] * stride_outh + offs_d[None, :], out.to(out_base.dtype.element_ty),
+             mask=mask_h[:, None] & mask_d[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -47,8 +60,8 @@ def _paged_decode_split_kernel(
     stride_btb,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    out_ptr, cnt_ptr, stride_outb, stride_outh, num_kv_heads,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    out_ptr, cnt_ptr, stride_outb, stride_outh, num_kv_heads, min_chunk,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr,
     FUSED: tl.constexpr, SPLITS_PAD: tl.constexpr,
     PDL: tl.constexpr,
@@ -62,7 +75,7 @@ def _paged_decode_split_kernel(
     n = tl.load(lens_ptr + b)
     lo = tl.where(window > 0, tl.maximum(n - window, 0), 0)  # sliding window: first visible key
     span = tl.maximum(n - lo, 0)
-    chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N, min_chunk)  # min_chunk: fewer splits
     start = lo + split * chunk
     end = tl.minimum(start + chunk, n)
     # splits that hold keys (split 0 also for an empty row): the fused merge waits for and reads these alone
@@ -113,7 +126,7 @@ def _paged_decode_split_kernel(
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     keep = split >= 0  # the merge kernel reads every split's partial
     if FUSED:
-        keep = active  # the fused merge reads the n_act splits with keys alone
+        keep = active & (n_act > 1)  # the fused merge reads the n_act splits with keys alone (none when n_act = 1)
     tl.store(
         o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
         out,
@@ -121,18 +134,22 @@ def _paged_decode_split_kernel(
     )
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g & keep)
     if FUSED:
-        # The last of this (sequence, KV head)'s n_act splits with keys to finish merges them (a split without
-        # keys stores nothing and does not count): the acq_rel counter makes the other splits' partial stores
-        # visible to it. It resets the counter for the next call (graph replays). The merge is the merge kernel's
-        # (_merge_splits), head by head, all n_act splits of a head in one load.
-        if active:
+        if n_act == 1:  # one split holds every key (or the row is empty): it writes the output itself
+            if split == 0:
+                tl.store(out_ptr + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :],
+                         out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])  # fmt: skip
+        elif active:
+            # The last of this (sequence, KV head)'s n_act splits with keys to finish merges them (a split without
+            # keys stores nothing and does not count): the acq_rel counter makes the other splits' partial stores
+            # visible to it. It resets the counter for the next call (graph replays). The merge is the merge
+            # kernel's (_merge_splits), all GROUP heads and their n_act splits in one load.
             done = tl.atomic_add(cnt_ptr + b * num_kv_heads + kvh, 1, sem="acq_rel")
             if done == n_act - 1:
-                for g in tl.static_range(GROUP):
-                    hh = kvh * GROUP + g
-                    _merge_splits(o_ptr + b * stride_ob + hh * stride_oh, lse_ptr + b * stride_lb + hh * stride_lh,
-                                  out_ptr + b * stride_outb + hh * stride_outh, stride_os, n_act, offs_d, mask_d,
-                                  SPLITS_PAD)  # fmt: skip
+                h0 = kvh * GROUP
+                _merge_splits(o_ptr + b * stride_ob + h0 * stride_oh, lse_ptr + b * stride_lb + h0 * stride_lh,
+                              out_ptr + b * stride_outb + h0 * stride_outh, stride_oh, stride_os, stride_lh,
+                              stride_outh, GROUP, n_act, offs_d, mask_d, GROUP_P2,
+                              min(SPLITS_PAD, 8))  # fmt: skip
                 tl.atomic_xchg(cnt_ptr + b * num_kv_heads + kvh, 0)
     if PF:
         # A constant buffer (the next projection's weights) asked of L2 once this program's own K/V reads are
@@ -156,8 +173,8 @@ def _paged_decode_merge_kernel(
     h = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     _merge_splits(o_ptr + b * stride_ob + h * stride_oh, lse_ptr + b * stride_lb + h * stride_lh,
-                  out_ptr + b * stride_outb + h * stride_outh, stride_os, NUM_SPLITS, offs_d, offs_d < HEAD_DIM,
-                  SPLITS_PAD)  # fmt: skip
+                  out_ptr + b * stride_outb + h * stride_outh, stride_oh, stride_os, stride_lh, stride_outh, 1,
+                  NUM_SPLITS, offs_d, offs_d < HEAD_DIM, 1, SPLITS_PAD)  # fmt: skip  (one head: every split at once)
 
 
 BLOCK_N = 64
@@ -209,6 +226,9 @@ def paged_decode_attention(
     ws: tuple[torch.Tensor, torch.Tensor] | None = None,
     fused: bool = False,
     prefetch: torch.Tensor | None = None,
+    min_chunk: int = 0,
+    num_warps: int = 4,
+    block_n: int = BLOCK_N,
 ) -> torch.Tensor:
     """q [B, H, D]; k_cache/v_cache [NB, Hkv, PAGE, D] (last dim contiguous); block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (0 = padding row -> zeros). Returns out [B, H, D] in q.dtype. Graph-safe: no host sync.
@@ -216,7 +236,10 @@ def paged_decode_attention(
     instead of two; splits without keys store nothing). Off by default: its first version (the last of all splits
     merging all of them, one split after another) made batch-1 decode slower on the H200 (221.6 vs 233 tok/s,
     results/gpu/core-h200/core-bench-01e4e85.json; 218.6 vs 235.4 at 2a97238); this one merges only the splits with
-    keys, all of a head's in one load.
+    keys, all of its heads' in one load, and when one split holds every key (n_act = 1) that split writes the output.
+    min_chunk: the fewest keys a split takes (a multiple of block_n; 0 = the sequence spread over all num_splits
+    splits in BLOCK_N-key chunks): a short sequence then sits in one split or few, so fewer partials to merge.
+    num_warps / block_n: the split kernel's warps and keys per tile (tuning knobs: benchmarks/bench_decode_attention.py).
     prefetch: a contiguous CUDA tensor that the split programs ask L2 for, spread over them (the next projection's
     weights, while batch-1 attention leaves HBM idle; the values are not touched)."""
     b, h, d = q.shape
@@ -229,6 +252,8 @@ def paged_decode_attention(
     assert block_tables.dtype == torch.int32 and block_tables.stride(-1) == 1 and block_tables.shape[0] >= b
     assert seq_lens.dtype == torch.int32 and seq_lens.shape[0] >= b
     assert page & (page - 1) == 0, f"block size {page} must be a power of two"
+    assert block_n in (16, 32, 64, 128) and num_warps in (1, 2, 4, 8), f"block_n {block_n}, num_warps {num_warps}"
+    assert min_chunk >= 0 and min_chunk % block_n == 0, f"min_chunk {min_chunk}: a multiple of block_n {block_n}"
     if num_splits is None:
         num_splits = choose_num_splits(b, hkv, block_tables.shape[1] * page)
     o_part, lse = ws if ws is not None else workspace(b, h, d, num_splits, q.device)
@@ -253,12 +278,12 @@ def paged_decode_attention(
         block_tables.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
-        out, cnt, out.stride(0), out.stride(1), hkv,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d,
-        PAGE=page, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, PREC=prec, FUSED=fused,
+        out, cnt, out.stride(0), out.stride(1), hkv, int(min_chunk),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), GROUP_P2=triton.next_power_of_2(group),
+        HEAD_DIM=d, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, PREC=prec, FUSED=fused,
         SPLITS_PAD=triton.next_power_of_2(num_splits),
         pf_ptr=pf if pf is not None else lse, pf_lines=num_lines(pf) if pf is not None else 0, PF=pf is not None,
-        PF_BLOCK=PF_BLOCK, num_warps=4, num_stages=2, **launch(),
+        PF_BLOCK=PF_BLOCK, num_warps=num_warps, num_stages=2, **launch(),
     )  # fmt: skip
     if fused:
         return out
