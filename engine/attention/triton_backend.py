@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.attention.base import AttentionBackend, AttentionLayerSpec, RopeKV
 from engine.attention.metadata import ForwardBatch
-from engine.kernels.triton.paged_attention import MAX_SPLITS
+from engine.kernels.triton.paged_attention import MAX_SPLITS, SMALL_BATCH, default_block_n
 
 
 class TritonBackend(AttentionBackend):
@@ -46,8 +46,9 @@ class TritonBackend(AttentionBackend):
         self.fused_merge = os.environ.get("ANVIL_DECODE_FUSED_MERGE", "0") == "1"
         # ANVIL_DECODE_MIN_CHUNK=<keys> (0: off): the fewest keys a decode split takes, so a short sequence sits in
         # one split (which then writes the output itself when fused) or few; ANVIL_DECODE_WARPS / _BLOCK_N: the
-        # split kernel's warps (4) and keys per tile (64). Tuning knobs, timed by benchmarks/bench_decode_attention.py
-        self.decode_cfg = _decode_knobs(paged_attention.BLOCK_N)
+        # split kernel's warps (4) and keys per tile (32 up to 8 sequences, else 64). Tuning knobs, timed by
+        # benchmarks/bench_decode_attention.py; measured on the H200 in results/gpu/core-h200/decode-attn-*
+        self.decode_cfg = _decode_knobs()
         # ANVIL_PREFETCH_WO=<B> (off: 0): in all-decode steps of <= B sequences the split-KV programs ask L2 for the
         # output projection's weights (paged_decode_attention(prefetch=)): HBM is idle during batch-1 attention
         self.prefetch_max_b = int(os.environ.get("ANVIL_PREFETCH_WO", "0") or 0)
@@ -85,9 +86,12 @@ class TritonBackend(AttentionBackend):
         bt = torch.zeros(4, 32, dtype=torch.int32, device=dev)
         lens = torch.ones(4, dtype=torch.int32, device=dev)
         q = torch.zeros(4, h, d, dtype=dt, device=dev)
+        cfg = self.decode_cfg
+        tiles = [cfg["block_n"]] if cfg["block_n"] else sorted({default_block_n(1), default_block_n(SMALL_BATCH + 1)})
         for s in (1 << i for i in range(MAX_SPLITS.bit_length())):  # every power of two up to MAX_SPLITS
-            self._decode(q[:1], k_cache, v_cache, bt[:1], lens[:1], spec.scale, spec.window, num_splits=s,
-                         fused=self.fused_merge, **self.decode_cfg)
+            for bn in tiles:  # both tile sizes the launcher picks by batch size
+                self._decode(q[:1], k_cache, v_cache, bt[:1], lens[:1], spec.scale, spec.window, num_splits=s,
+                             fused=self.fused_merge, **{**cfg, "block_n": bn})  # fmt: skip
         for q_len in (1, 3, 8, 12, 24, 100, 300):  # every BLOCK_M the launcher picks (16..256 rows at GQA 4:1)
             qq = torch.zeros(3 * q_len, h, d, dtype=dt, device=dev)
             cu = torch.arange(0, 4 * q_len, q_len, dtype=torch.int32, device=dev)
@@ -164,13 +168,14 @@ class TritonBackend(AttentionBackend):
         return o[:, :, :n].transpose(1, 2)
 
 
-def _decode_knobs(block_n: int) -> dict:
+def _decode_knobs() -> dict:
     """The split kernel's knobs from ANVIL_DECODE_MIN_CHUNK / _WARPS / _BLOCK_N, checked here (a bad value is an error
-    at start-up that names the variable, not an assertion at the first decode step)."""
+    at start-up that names the variable, not an assertion at the first decode step); block_n None: the launcher's
+    default_block_n (32 keys per tile up to 8 sequences, else 64)."""
     cfg = {}
     for key, name, default, ok in (("min_chunk", "ANVIL_DECODE_MIN_CHUNK", 0, lambda v: v >= 0),
                                    ("num_warps", "ANVIL_DECODE_WARPS", 4, lambda v: v in (1, 2, 4, 8)),
-                                   ("block_n", "ANVIL_DECODE_BLOCK_N", block_n, lambda v: v in (16, 32, 64, 128))):
+                                   ("block_n", "ANVIL_DECODE_BLOCK_N", None, lambda v: v in (None, 16, 32, 64, 128))):
         raw = os.environ.get(name, "")
         try:
             cfg[key] = int(raw) if raw else default
@@ -178,6 +183,6 @@ def _decode_knobs(block_n: int) -> dict:
             raise ValueError(f"{name}={raw!r}: expected an integer") from None
         if not ok(cfg[key]):
             raise ValueError(f"{name}={raw!r}: out of range (min_chunk >= 0, warps 1/2/4/8, block_n 16/32/64/128)")
-    if cfg["min_chunk"] % cfg["block_n"]:
-        raise ValueError(f"ANVIL_DECODE_MIN_CHUNK={cfg['min_chunk']}: a multiple of the block_n {cfg['block_n']}")
+    if cfg["min_chunk"] % (cfg["block_n"] or 64):
+        raise ValueError(f"ANVIL_DECODE_MIN_CHUNK={cfg['min_chunk']}: a multiple of the block_n {cfg['block_n'] or 64}")
     return cfg

@@ -107,7 +107,7 @@ def test_core_on_gpu_equals_reference_loop(preset, gemv, graphs):
 @pytest.mark.parametrize("preset", ["tiny-test", "tiny-test-mistral", "tiny-test-qwen2"])
 @pytest.mark.parametrize("switches", [("ANVIL_QKV_ROPE",), ("ANVIL_DECODE_FUSED_MERGE",), ("ANVIL_PREFETCH_WO",),
                                       ("ANVIL_QKV_ROPE", "ANVIL_DECODE_FUSED_MERGE", "ANVIL_PREFETCH_WO"),
-                                      ("ANVIL_DECODE_FUSED_MERGE", "ANVIL_DECODE_MIN_CHUNK=64", "ANVIL_DECODE_BLOCK_N=32"),
+                                      ("ANVIL_DECODE_FUSED_MERGE", "ANVIL_DECODE_MIN_CHUNK=64", "ANVIL_DECODE_BLOCK_N=64"),
                                       ("ANVIL_DECODE_MIN_CHUNK=32", "ANVIL_DECODE_WARPS=8", "ANVIL_DECODE_BLOCK_N=32")])  # fmt: skip
 def test_decode_fusion_switches_on_gpu_equal_reference_loop(preset, switches, monkeypatch):
     # ANVIL_QKV_ROPE=1: one-token decode steps rotate and write the cache inside the qkv GEMV; ANVIL_DECODE_FUSED_MERGE=1:
@@ -131,10 +131,10 @@ def test_decode_fusion_switches_on_gpu_equal_reference_loop(preset, switches, mo
     assert info["qkv_rope"] == ("ANVIL_QKV_ROPE" in switches) and info["graph_fallback"] is None
     assert info["decode_fused_merge"] == ("ANVIL_DECODE_FUSED_MERGE" in switches)
     assert info["prefetch_wo_max_batch"] == ("ANVIL_PREFETCH_WO" in switches)
-    knobs = dict(sw.partition("=")[::2] for sw in switches if "=" in sw)
-    assert info["decode"] == {"min_chunk": int(knobs.get("ANVIL_DECODE_MIN_CHUNK", 0)),
-                              "num_warps": int(knobs.get("ANVIL_DECODE_WARPS", 4)),
-                              "block_n": int(knobs.get("ANVIL_DECODE_BLOCK_N", 64))}  # fmt: skip
+    knobs = {k: int(v) for k, _, v in (sw.partition("=") for sw in switches) if v}
+    assert info["decode"] == {"min_chunk": knobs.get("ANVIL_DECODE_MIN_CHUNK", 0),
+                              "num_warps": knobs.get("ANVIL_DECODE_WARPS", 4),
+                              "block_n": knobs.get("ANVIL_DECODE_BLOCK_N")}  # None: default_block_n  # fmt: skip
     assert bool(calls) == info["qkv_rope"], "the batch-1 graph's projection is not the one asked for"
     assert [llm.generate([p], max_tokens=40)[0].tokens for p in prompts] == ref
     assert [o.tokens for o in llm.generate(prompts, max_tokens=40)] == ref  # batched: the fused path at b1 only

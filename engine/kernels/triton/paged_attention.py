@@ -177,7 +177,16 @@ def _paged_decode_merge_kernel(
                   NUM_SPLITS, offs_d, offs_d < HEAD_DIM, 1, SPLITS_PAD)  # fmt: skip  (one head: every split at once)
 
 
-BLOCK_N = 64
+BLOCK_N = 64  # keys per tile above SMALL_BATCH sequences (and the unit choose_num_splits counts chunks in)
+SMALL_BATCH = 8
+
+
+def default_block_n(batch: int) -> int:
+    """Keys per tile of the split kernel: 32 up to SMALL_BATCH sequences, else 64. H200, Llama-3-8B heads, µs per call
+    of split + merge with L2 flushed (results/gpu/core-h200/decode-attn-7861607/): batch 1 at 256 / 1,024 / 4,096 keys
+    5.61 / 6.30 / 11.64 at 32 vs 6.07 / 7.22 / 11.36 at 64, batch 8 8.39 / 15.96 / 44.59 vs 9.86 / 17.34 / 44.34;
+    at batch 32, 64 keys win (4,096 keys: 133 vs 144 µs, results/gpu/core-h200/decode-attn-629952e/README.md)."""
+    return 32 if batch <= SMALL_BATCH else BLOCK_N
 
 
 MAX_SPLITS = 32  # a power of two
@@ -228,7 +237,7 @@ def paged_decode_attention(
     prefetch: torch.Tensor | None = None,
     min_chunk: int = 0,
     num_warps: int = 4,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """q [B, H, D]; k_cache/v_cache [NB, Hkv, PAGE, D] (last dim contiguous); block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (0 = padding row -> zeros). Returns out [B, H, D] in q.dtype. Graph-safe: no host sync.
@@ -239,7 +248,8 @@ def paged_decode_attention(
     keys, all of its heads' in one load, and when one split holds every key (n_act = 1) that split writes the output.
     min_chunk: the fewest keys a split takes (a multiple of block_n; 0 = the sequence spread over all num_splits
     splits in BLOCK_N-key chunks): a short sequence then sits in one split or few, so fewer partials to merge.
-    num_warps / block_n: the split kernel's warps and keys per tile (tuning knobs: benchmarks/bench_decode_attention.py).
+    num_warps / block_n: the split kernel's warps and keys per tile (tuning knobs: benchmarks/bench_decode_attention.py);
+    block_n None: default_block_n(B).
     prefetch: a contiguous CUDA tensor that the split programs ask L2 for, spread over them (the next projection's
     weights, while batch-1 attention leaves HBM idle; the values are not touched)."""
     b, h, d = q.shape
@@ -252,6 +262,7 @@ def paged_decode_attention(
     assert block_tables.dtype == torch.int32 and block_tables.stride(-1) == 1 and block_tables.shape[0] >= b
     assert seq_lens.dtype == torch.int32 and seq_lens.shape[0] >= b
     assert page & (page - 1) == 0, f"block size {page} must be a power of two"
+    block_n = default_block_n(b) if block_n is None else block_n
     assert block_n in (16, 32, 64, 128) and num_warps in (1, 2, 4, 8), f"block_n {block_n}, num_warps {num_warps}"
     assert min_chunk >= 0 and min_chunk % block_n == 0, f"min_chunk {min_chunk}: a multiple of block_n {block_n}"
     if num_splits is None:
