@@ -244,3 +244,35 @@ def test_split_kv_decode_and_its_fused_merge_equal_the_reference_under_the_inter
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
     r = subprocess.run([sys.executable, "-c", DECODE], capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@pytest.mark.parametrize(
+    "env,msg",
+    [
+        ({"ANVIL_DECODE_MIN_CHUNK": "100"}, "ANVIL_DECODE_MIN_CHUNK=100: a multiple of the block_n 64"),
+        ({"ANVIL_DECODE_MIN_CHUNK": "48", "ANVIL_DECODE_BLOCK_N": "32"}, "a multiple of the block_n 32"),
+        ({"ANVIL_DECODE_WARPS": "3"}, "ANVIL_DECODE_WARPS='3': out of range"),
+        ({"ANVIL_DECODE_BLOCK_N": "48"}, "ANVIL_DECODE_BLOCK_N='48': out of range"),
+        ({"ANVIL_DECODE_MIN_CHUNK": "lots"}, "ANVIL_DECODE_MIN_CHUNK='lots': expected an integer"),
+    ],
+)
+def test_decode_kernel_knobs_are_checked_when_the_backend_starts(env, msg, monkeypatch):
+    from engine.attention.triton_backend import TritonBackend
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError) as e:
+        TritonBackend()
+    assert msg in str(e.value)
+
+
+def test_decode_kernel_knobs_default_and_override(monkeypatch):
+    from engine.attention.triton_backend import TritonBackend
+    from engine.kernels.triton.paged_attention import default_block_n
+
+    assert TritonBackend().info()["decode"] == {"min_chunk": 0, "num_warps": 4, "block_n": None}
+    assert [default_block_n(b) for b in (1, 8, 9, 32)] == [32, 32, 64, 64]  # H200: 32-key tiles win up to 8 rows
+    monkeypatch.setenv("ANVIL_DECODE_MIN_CHUNK", "256")
+    monkeypatch.setenv("ANVIL_DECODE_BLOCK_N", "128")
+    monkeypatch.setenv("ANVIL_DECODE_WARPS", "8")
+    assert TritonBackend().info()["decode"] == {"min_chunk": 256, "num_warps": 8, "block_n": 128}
