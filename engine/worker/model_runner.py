@@ -132,10 +132,10 @@ class ModelRunner:
 
     def _refine_gemv(self) -> None:
         """The per-role GEMV choice checked on the captured step (engine/worker/step_tune.py) for the buckets of
-        env ANVIL_STEP_TUNE (default "1,8,32"; "0" off)."""
+        env ANVIL_STEP_TUNE (default "1"; "0" off)."""
         from engine.worker import step_tune, tuning
 
-        spec = os.environ.get("ANVIL_STEP_TUNE", "1,8,32")
+        spec = os.environ.get("ANVIL_STEP_TUNE", "1")
         want = [] if spec in ("", "0") else [int(x) for x in spec.split(",")]
         t0 = time.perf_counter()
         rows = []
