@@ -40,7 +40,7 @@ def parse_variants(text: str) -> dict[str, dict]:
         kw = {}
         for kv in filter(None, body.split(",")):
             k, sep, v = kv.partition(":")
-            if not sep or k not in ("fused", "min_chunk", "num_warps", "block_n"):
+            if not sep or k not in ("fused", "min_chunk", "num_warps", "block_n") or not v.strip().isdigit():
                 raise SystemExit(f"--variants: {kv!r} in {name}: expected fused|min_chunk|num_warps|block_n:INT")
             kw[k] = bool(int(v)) if k == "fused" else int(v)
         out[name] = kw
