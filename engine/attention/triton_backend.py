@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.attention.base import AttentionBackend, AttentionLayerSpec, RopeKV
 from engine.attention.metadata import ForwardBatch
-from engine.kernels.triton.paged_attention import MAX_SPLITS, SMALL_BATCH, default_block_n
+from engine.kernels.triton.paged_attention import BLOCK_N, BLOCK_NS, MAX_SPLITS, WARPS, default_block_ns
 
 
 class TritonBackend(AttentionBackend):
@@ -87,7 +87,7 @@ class TritonBackend(AttentionBackend):
         lens = torch.ones(4, dtype=torch.int32, device=dev)
         q = torch.zeros(4, h, d, dtype=dt, device=dev)
         cfg = self.decode_cfg
-        tiles = [cfg["block_n"]] if cfg["block_n"] else sorted({default_block_n(1), default_block_n(SMALL_BATCH + 1)})
+        tiles = [cfg["block_n"]] if cfg["block_n"] else default_block_ns()
         for s in (1 << i for i in range(MAX_SPLITS.bit_length())):  # every power of two up to MAX_SPLITS
             for bn in tiles:  # both tile sizes the launcher picks by batch size
                 self._decode(q[:1], k_cache, v_cache, bt[:1], lens[:1], spec.scale, spec.window, num_splits=s,
@@ -174,15 +174,17 @@ def _decode_knobs() -> dict:
     default_block_n (32 keys per tile up to 8 sequences, else 64)."""
     cfg = {}
     for key, name, default, ok in (("min_chunk", "ANVIL_DECODE_MIN_CHUNK", 0, lambda v: v >= 0),
-                                   ("num_warps", "ANVIL_DECODE_WARPS", 4, lambda v: v in (1, 2, 4, 8)),
-                                   ("block_n", "ANVIL_DECODE_BLOCK_N", None, lambda v: v in (None, 16, 32, 64, 128))):
+                                   ("num_warps", "ANVIL_DECODE_WARPS", 4, lambda v: v in WARPS),
+                                   ("block_n", "ANVIL_DECODE_BLOCK_N", None, lambda v: v is None or v in BLOCK_NS)):
         raw = os.environ.get(name, "")
         try:
             cfg[key] = int(raw) if raw else default
         except ValueError:
             raise ValueError(f"{name}={raw!r}: expected an integer") from None
         if not ok(cfg[key]):
-            raise ValueError(f"{name}={raw!r}: out of range (min_chunk >= 0, warps 1/2/4/8, block_n 16/32/64/128)")
-    if cfg["min_chunk"] % (cfg["block_n"] or 64):
-        raise ValueError(f"ANVIL_DECODE_MIN_CHUNK={cfg['min_chunk']}: a multiple of the block_n {cfg['block_n'] or 64}")
+            raise ValueError(f"{name}={raw!r}: out of range (min_chunk >= 0, warps {'/'.join(map(str, WARPS))}, "
+                             f"block_n {'/'.join(map(str, BLOCK_NS))})")
+    tile = cfg["block_n"] or BLOCK_N  # the largest default_block_n picks
+    if cfg["min_chunk"] % tile:
+        raise ValueError(f"ANVIL_DECODE_MIN_CHUNK={cfg['min_chunk']}: a multiple of the block_n {tile}")
     return cfg

@@ -179,6 +179,8 @@ def _paged_decode_merge_kernel(
 
 BLOCK_N = 64  # keys per tile above SMALL_BATCH sequences (and the unit choose_num_splits counts chunks in)
 SMALL_BATCH = 8
+BLOCK_NS = (16, 32, 64, 128)  # the keys per tile the launcher takes
+WARPS = (1, 2, 4, 8)  # the split kernel's warps it takes
 
 
 def default_block_n(batch: int) -> int:
@@ -187,6 +189,11 @@ def default_block_n(batch: int) -> int:
     5.61 / 6.30 / 11.64 at 32 vs 6.07 / 7.22 / 11.36 at 64, batch 8 8.39 / 15.96 / 44.59 vs 9.86 / 17.34 / 44.34;
     at batch 32, 64 keys win (4,096 keys: 133 vs 144 µs, results/gpu/core-h200/decode-attn-629952e/README.md)."""
     return 32 if batch <= SMALL_BATCH else BLOCK_N
+
+
+def default_block_ns() -> tuple[int, ...]:
+    """Every tile size default_block_n picks (what a warm-up compiles)."""
+    return tuple(sorted({default_block_n(1), default_block_n(SMALL_BATCH + 1)}))
 
 
 MAX_SPLITS = 32  # a power of two
@@ -263,7 +270,7 @@ def paged_decode_attention(
     assert seq_lens.dtype == torch.int32 and seq_lens.shape[0] >= b
     assert page & (page - 1) == 0, f"block size {page} must be a power of two"
     block_n = default_block_n(b) if block_n is None else block_n
-    assert block_n in (16, 32, 64, 128) and num_warps in (1, 2, 4, 8), f"block_n {block_n}, num_warps {num_warps}"
+    assert block_n in BLOCK_NS and num_warps in WARPS, f"block_n {block_n}, num_warps {num_warps}"
     assert min_chunk >= 0 and min_chunk % block_n == 0, f"min_chunk {min_chunk}: a multiple of block_n {block_n}"
     if num_splits is None:
         num_splits = choose_num_splits(b, hkv, block_tables.shape[1] * page)
