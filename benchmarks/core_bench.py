@@ -3,8 +3,9 @@ batch 1/8/32 with weight bandwidth against the copy bandwidth measured in the sa
 prompt, host time per step, continuous vs static batching on a random workload, and long-context chunked prefill
 peak memory. Writes one JSON.
 
-  python benchmarks/core_bench.py --out results/gpu/core-h200.json [--parts decode,cb,long] [--preset llama-3-8b]
+  python benchmarks/core_bench.py --out results/gpu/core-h200.json [--parts decode,cb,long,ttft] [--preset llama-3-8b]
       [--quant rtn|nf4]   (the Linears quantized first: int4 g128 RTN / NF4; weight bytes as stored)
+      [--options JSON]    (EngineConfig fields for the decode and ttft parts) [--ttft-lens 1024,2048,4096]
 """
 
 from __future__ import annotations
@@ -106,10 +107,11 @@ def timed_generate(llm: LLM, prompts, max_tokens) -> tuple[list, float, dict]:
                         "calls": calls}  # fmt: skip
 
 
-def decode_part(lm, copy_gbs: float, quant: str | None = None) -> dict:
+def decode_part(lm, copy_gbs: float, quant: str | None = None, options: dict | None = None) -> dict:
     c = lm.config
     weight_bytes = lm.model.decode_weight_bytes() if quant else c.decode_read_params * 2
-    llm = LLM(lm, EngineConfig(max_num_seqs=32, max_model_len=2304, max_num_batched_tokens=8192))
+    base = {"max_num_seqs": 32, "max_model_len": 2304, "max_num_batched_tokens": 8192}
+    llm = LLM(lm, EngineConfig.from_options({**base, **(options or {})}))
     out: dict = {"info": llm.info(), "weight_gb": weight_bytes / 1e9, "copy_gb_s": copy_gbs, "decode": {}}
     for b in (1, 8, 32):
         prompts = _prompts(b, 128, c.vocab_size, b)
@@ -140,6 +142,30 @@ def decode_part(lm, copy_gbs: float, quant: str | None = None) -> dict:
         ttft.append((o.token_times[0] - t0) * 1e3)
     out["ttft_2048_ms"] = {"median": statistics.median(ttft), "all": ttft}
     print(f"TTFT 2048: {statistics.median(ttft):.2f} ms", flush=True)
+    _release(llm)
+    return out
+
+
+def ttft_part(lm, lens: list[int], options: dict | None = None, runs: int = 7) -> dict:
+    """TTFT (ms, wall: generate called -> the first token on the host) of one fresh prompt per length, alone in the
+    engine: the median of `runs` after one warm-up call at that length (so one-time per-shape costs stay out)."""
+    c = lm.config
+    base = {"max_num_seqs": 4, "max_model_len": max(lens) + 64, "max_num_batched_tokens": max(8192, max(lens))}
+    llm = LLM(lm, EngineConfig.from_options({**base, **(options or {})}))
+    info = llm.info()
+    out: dict = {"options": options or {}, "fresh_attention": info.get("fresh_attention"),
+                 "fresh_pad": info.get("fresh_pad"), "ttft_ms": {}}  # fmt: skip
+    for n in lens:
+        p = _prompts(1, n, c.vocab_size, 7)
+        llm.generate(p, max_tokens=1)
+        ts = []
+        for _ in range(runs):
+            _sync()
+            t0 = time.perf_counter()
+            (o,) = llm.generate(p, max_tokens=1)
+            ts.append((o.token_times[0] - t0) * 1e3)
+        out["ttft_ms"][str(n)] = {"median": statistics.median(ts), "min": min(ts), "all": ts}
+        print(f"TTFT {n}: {statistics.median(ts):.2f} ms (min {min(ts):.2f}) {options or ''}", flush=True)
     _release(llm)
     return out
 
@@ -245,7 +271,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
     ap.add_argument("--cb", default="512,32,2048,16,512", help="requests,prompt_lo,prompt_hi,out_lo,out_hi")
     ap.add_argument("--quant", default=None, choices=["rtn", "nf4"], help="quantize the Linears first (int4 g128 / NF4)")
+    ap.add_argument("--options", default="{}", help="EngineConfig fields as JSON for the decode and ttft parts, "
+                    'e.g. \'{"fresh_attention": "sdpa", "fresh_pad": 256}\'')
+    ap.add_argument("--ttft-lens", default="1024,2048,4096", help="--parts ttft: prompt lengths (tokens)")
     args = ap.parse_args()
+    try:
+        options = json.loads(args.options)
+        if not isinstance(options, dict):
+            raise ValueError(f"expected a JSON object of EngineConfig fields, got {args.options!r}")
+        EngineConfig.from_options(options)
+    except (ValueError, TypeError) as e:
+        ap.error(f"--options: {e}")
     parts = args.parts.split(",")
     cuda = args.device == "cuda"
     if not cuda and "decode" in parts:
@@ -257,7 +293,7 @@ def main() -> None:
                                       "python": platform.python_version(), "threads": torch.get_num_threads(),
                                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
            "engine": engine.__version__, "model": args.model or f"synthetic:{args.preset}", "dtype": dtype,
-           "quant": args.quant,
+           "quant": args.quant, "options": options,
            "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ANVIL_") and k != "ANVIL_COMMIT"}}  # fmt: skip
     if cuda:
         res["copy_gb_s"] = copy_bandwidth_gb_s()
@@ -274,7 +310,9 @@ def main() -> None:
     for part in parts:
         try:
             if part == "decode":
-                res["decode"] = decode_part(lm, res["copy_gb_s"], args.quant)
+                res["decode"] = decode_part(lm, res["copy_gb_s"], args.quant, options)
+            elif part == "ttft":
+                res["ttft"] = ttft_part(lm, [int(x) for x in args.ttft_lens.split(",")], options)
             elif part == "cb":
                 res["continuous_batching"] = cb_part(lm, n, (plo, phi), (olo, ohi), 256 if cuda else 64, 32 if cuda else 8)
             elif part == "long":

@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from engine import LLM, EngineConfig
 from engine.presets import synthetic
@@ -89,23 +89,66 @@ def b1(lm, graphs: bool, n_tok: int = 64) -> dict:
 
 
 def prefill(lm, n: int, runs: int = 3) -> dict:
-    """The kernels of one fresh prefill of n tokens (TTFT: max_tokens=1), averaged over `runs`, with wall TTFT."""
+    """The kernels of one fresh prefill of n tokens (TTFT: max_tokens=1), averaged over `runs`, with wall TTFT and
+    its timeline: `timeline` splits each TTFT into the host lead (generate called -> first kernel), the GPU-busy time,
+    the idle gaps between kernels (the largest named by the kernels around them) and the tail (last kernel -> the
+    token on the host); `forward_return_ms` is when the model's forward returned on the host (forward hooks),
+    after the call: a value below the GPU's end means the host ran ahead of the GPU."""
     llm = LLM(lm, EngineConfig(max_num_seqs=4, max_model_len=n + 64, max_num_batched_tokens=max(8192, n)))
     p = torch.randint(0, lm.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(1)).tolist()
     llm.generate(p, max_tokens=1)
     torch.cuda.synchronize()
-    ttft = []
+    ttft, marks, fwd = [], [], []
+    hooks = [lm.model.register_forward_hook(lambda *a: fwd.append(time.perf_counter()))]
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(runs):
+        for i in range(runs):
             t0 = time.perf_counter()
-            (o,) = llm.generate(p, max_tokens=1)
+            with record_function(f"anvil.ttft.{i}"):
+                (o,) = llm.generate(p, max_tokens=1)
             ttft.append(1e3 * (o.token_times[0] - t0))
-        torch.cuda.synchronize()
+            marks.append((t0, o.token_times[0], [f for f in fwd if f >= t0]))
+            fwd.clear()
+            torch.cuda.synchronize()
+    for h in hooks:
+        h.remove()
     res = {"prompt": n, "ttft_ms": ttft, "median_step_ms": sorted(ttft)[len(ttft) // 2], "wall_s": sum(ttft) / 1e3,
-           **kernel_table(prof, runs)}  # fmt: skip
+           **kernel_table(prof, runs), "timeline": timeline(prof, marks)}  # fmt: skip
     del llm
     torch.cuda.empty_cache()
     return res
+
+
+def timeline(prof, marks: list[tuple[float, float, list[float]]], top: int = 12) -> list[dict]:
+    """Per run (the profiler range anvil.ttft.i opened at perf_counter time t0, the token at t1): lead, busy, idle
+    gaps and tail in ms on the profiler's clock (t1 mapped through the range's start), and the largest gaps."""
+    ranges = {e.name: e.time_range.start for e in prof.events() if e.name.startswith("anvil.ttft.")}
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA and e.device_resource_id is not None)
+    out = []
+    for i, (t0, t1, fwd) in enumerate(marks):
+        start = ranges.get(f"anvil.ttft.{i}")
+        if start is None:
+            continue
+        end = start + (t1 - t0) * 1e6
+        ks = [k for k in kernels if start <= k[0] and k[1] <= end]
+        if not ks:
+            continue
+        busy, idle, last, gaps = 0.0, 0.0, ks[0][0], []
+        prev = ks[0][2]
+        for s, e, name in ks:
+            if s > last:
+                idle += s - last
+                gaps.append((s - last, prev[:60], name[:60]))
+            busy += max(0.0, e - max(s, last))
+            if e > last:
+                last, prev = e, name
+        gaps.sort(reverse=True)
+        out.append({"ttft_ms": (end - start) / 1e3, "lead_ms": (ks[0][0] - start) / 1e3, "busy_ms": busy / 1e3,
+                    "idle_ms": idle / 1e3, "tail_ms": (end - last) / 1e3, "kernels": len(ks),
+                    "gaps_over_20us": sum(1 for g in gaps if g[0] > 20),
+                    "forward_return_ms": [(f - t0) * 1e3 for f in fwd], "gpu_end_ms": (last - start) / 1e3,
+                    "largest_gaps": [{"us": g, "after": a, "before": b} for g, a, b in gaps[:top]]})  # fmt: skip
+    return out
 
 
 def _cb_workload(lm, n: int, max_seqs: int, budget: int):
@@ -230,6 +273,12 @@ def main() -> None:
             for r in v["top"][:25]:
                 print(f"  {r.get('critical_us_per_step', 0):9.1f} us {r['us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x "
                       f"{r.get('critical_pct', r['pct']):5.1f}%  {r['name'][:80]}")
+            for t in v.get("timeline", []):
+                print(f"  timeline: ttft {t['ttft_ms']:.2f} ms = lead {t['lead_ms']:.2f} + busy {t['busy_ms']:.2f} + idle "
+                      f"{t['idle_ms']:.2f} ({t['gaps_over_20us']} gaps > 20 us) + tail {t['tail_ms']:.2f}; forward returned at "
+                      f"{[round(f, 2) for f in t['forward_return_ms']]} ms, GPU done at {t['gpu_end_ms']:.2f}")
+                for g in t["largest_gaps"][:6]:
+                    print(f"    gap {g['us']:8.1f} us after {g['after']} before {g['before']}")
             for r in v.get("cpu_top", [])[:20]:
                 print(f"  host {r['self_us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x  {r['name'][:90]}")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|decode-ab|int4-tc2|int4-prologue|decode-attn OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|decode-ab|int4-tc2|int4-prologue|decode-attn|ttft OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -261,6 +261,28 @@ for f in sorted(glob.glob(sys.argv[1] + "/core-bench-*.json")):
     d = json.load(open(f))["decode"]
     print(f.split("/")[-1], {b: round(r["decode_tok_s"], 1) for b, r in d["decode"].items()},
           "ttft", round(d["ttft_2048_ms"]["median"], 2))
+PY
+  ;;
+ttft)  # where a fresh prompt's TTFT goes: prefill attention (ours vs SDPA's backends, 1k / 2k / 4k), the prefill's
+  # timeline under the profiler (host lead, GPU busy, idle gaps, tail), then core_bench's ttft part once per OPTIONS
+  # entry (';'-separated EngineConfig JSON objects, "{}" for the defaults), in that order
+  python3 -m engine.kernels.build > "$out/build.log" 2>&1
+  timeout "${KERNEL_TIMEOUT:-90}" python3 benchmarks/bench_attention.py --lens "${ATTN_LENS:-1024,2048,4096}" --extend 0 \
+    --out "$out/attention.json" 2>&1 | tail -30 > "$out/attention.log"
+  timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_core.py --parts prefill --prefill-len "${PREFILL_LEN:-2048}" \
+    --out "$out/profile-prefill.json" 2>&1 | tail -40 > "$out/profile-prefill.log"
+  i=0
+  IFS=';' read -ra opts <<< "${OPTIONS:-{\}}"
+  for o in "${opts[@]}"; do
+    i=$((i + 1))
+    timeout "${BENCH_TIMEOUT:-90}" python3 benchmarks/core_bench.py --parts ttft --options "$o" \
+      --ttft-lens "${TTFT_LENS:-1024,2048,4096}" --out "$out/ttft-$i.json" 2>&1 | tail -6 > "$out/ttft-$i.log"
+  done
+  python3 - "$out" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/ttft-*.json")):
+    d = json.load(open(f))["ttft"]
+    print(f.split("/")[-1], d["options"], {n: round(r["median"], 2) for n, r in d["ttft_ms"].items()})
 PY
   ;;
 *)

@@ -114,13 +114,16 @@ class TritonBackend(AttentionBackend):
                           k_cache, v_cache, k_out=k_out)  # fmt: skip  [T, H, D]
         if a.all_decode:
             return self._decode_all(q, a, spec, k_cache, v_cache, prefetch)
+        v_rows = qkv[:, (h + hkv) * d :].view(t, hkv, d)
+        if sdpa and not nd:  # the step is fresh prompts only: SDPA's output is the layer's, no copy into `out`
+            return self._sdpa_call(q, k_out, v_rows, a.num_seqs, spec).reshape(t, h * d)
         out = torch.empty_like(q)
         if nd:
             self._decode(q[:nd], k_cache, v_cache, a.block_tables[:nd], a.seq_lens[:nd], spec.scale, spec.window,
                          num_splits=self.num_splits(nd, hkv, a.max_seq_len), out=out[:nd], fused=self.fused_merge,
                          **self.decode_cfg)  # fmt: skip
         if sdpa:
-            self._fresh(q, k_out, qkv[:, (h + hkv) * d :].view(t, hkv, d), a, spec, out, nd, a.num_seqs)
+            self._fresh(q, k_out, v_rows, a, spec, out, nd, a.num_seqs)
         else:  # every prompt row of the step in one launch, over the cache rope_kv has just written
             self._prefill(q, k_cache, v_cache, a.block_tables, a.cu_seqlens_q, a.seq_lens, spec.scale, spec.window,
                           nd, a.num_seqs - nd, a.max_q_len, out=out)  # fmt: skip
@@ -146,26 +149,28 @@ class TritonBackend(AttentionBackend):
         out[s0:s1] = o.reshape(s1 - s0, spec.n_heads, spec.head_dim)
 
     def _sdpa_call(self, q, k, v, m: int, spec: AttentionLayerSpec) -> torch.Tensor:
-        """Causal SDPA over m prompts of one length packed in q [m*n, H, D], k/v [m*n, Hkv, D], their length padded
-        to a multiple of fresh_pad (when > 0); returns [m, n, H, D]."""
+        """Causal SDPA over m prompts of one length packed in q [m*n, H, D], k/v [m*n, Hkv, D] (any row stride), their
+        length padded to a multiple of fresh_pad (when > 0); returns [m, n, H, D]. Unpadded, the inputs go in as
+        strided [m, heads, n, D] views of the step's own rows and GQA as SDPA's enable_gqa (no K/V repeated or
+        copied); flash and cuDNN then write the output token-major, so the returned transpose is a plain view."""
         h, hkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
         n = q.shape[0] // m
         p = -(-n // self.fresh_pad) * self.fresh_pad if self.fresh_pad else n
 
-        def heads(t, nh):  # [m*n, nh, D] -> [m, H, p, D]: zero rows after the prompt, KV heads repeated for GQA
+        def heads(t, nh):  # [m*n, nh, D] -> [m, nh, p, D]: zero rows after the prompt when padded
             t = t.view(m, n, nh, d)
             if p != n:
                 t = F.pad(t, (0, 0, 0, 0, 0, p - n))
-            t = t.transpose(1, 2)
-            return t if nh == h else t.repeat_interleave(h // nh, dim=1)
+            return t.transpose(1, 2)
 
         x, kk, vv = heads(q, h), heads(k, hkv), heads(v, hkv)
+        gqa = hkv != h
         if self.fresh_attention == "flash":
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale)  # [m, H, p, D]
+                o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale, enable_gqa=gqa)
         else:
-            o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale)
-        return o[:, :, :n].transpose(1, 2)
+            o = F.scaled_dot_product_attention(x, kk, vv, is_causal=True, scale=spec.scale, enable_gqa=gqa)
+        return o[:, :, :n].transpose(1, 2)  # [m, H, p, D] -> [m, n, H, D]
 
 
 def _decode_knobs() -> dict:

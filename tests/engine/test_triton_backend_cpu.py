@@ -80,6 +80,12 @@ def test_padded_fresh_sdpa_equals_exact_length_call_on_random_inputs():
     kk, vv = k.view(m, n, 2, 16)[1, :, 0], v.view(m, n, 2, 16)[1, :, 0]
     w = torch.softmax(q.view(m, n, 8, 16)[1, -1, 3] @ kk.T * 0.25, dim=-1)
     torch.testing.assert_close(ref[1, -1, 3], w @ vv, atol=1e-5, rtol=1e-5)
+    # k / v as the backend passes them: strided row views of one wide [T, heads * D] buffer (v is a slice of qkv)
+    wide = torch.randn(m * n, (8 + 2 + 2) * 16, generator=g)
+    wide[:, 8 * 16 :] = torch.cat([k, v], dim=1).view(m * n, 4 * 16)
+    ks, vs = wide[:, 8 * 16 : 10 * 16].view(m * n, 2, 16), wide[:, 10 * 16 :].view(m * n, 2, 16)
+    assert not ks.is_contiguous() and not vs.is_contiguous()
+    torch.testing.assert_close(TritonBackend("sdpa")._sdpa_call(q, ks, vs, m, spec), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="^fresh_pad: expected an int >= 0, got -1"):
         TritonBackend(fresh_pad=-1)
 
