@@ -1,5 +1,7 @@
-"""Prefill / extend attention on the GPU: the Triton paged prefill kernel against torch SDPA (cuDNN and flash
-backends) on the Llama-3-8B head layout (32 query / 8 KV heads, d128, bf16, causal), CUDA events, median.
+"""Prefill / extend attention on the GPU: the Triton paged prefill kernel, and on fresh prompts the TMA fresh-prompt
+kernel (engine/kernels/triton/fresh_prefill.py, `triton_fresh_*`: k contiguous, v a column slice of qkv, as the
+engine calls it), against torch SDPA (cuDNN and flash backends, GQA through enable_gqa on strided views) on the
+Llama-3-8B head layout (32 query / 8 KV heads, d128, bf16, causal), CUDA events, median.
 TFLOP/s counts the causal half: 2 * 2 * H * D * sum over queries of the keys each attends.
 
   python benchmarks/bench_attention.py --out results/gpu/attention.json [--lens 4096,16384] [--extend 2048]
@@ -9,8 +11,9 @@ TFLOP/s counts the causal half: 2 * 2 * H * D * sum over queries of the keys eac
 config of SWEEP (BLOCK_M rows = tokens x GQA group, BLOCK_N keys per tile, num_warps, num_stages, optional maxnreg)
 on the fresh / extend cases; each config's output is first checked against the SDPA output (|err| <= 1e-2 +
 2e-2 |ref|) and only timed when it matches. A config that fails to compile or launch (e.g. out of shared memory) is
-recorded with its error. Configs stop being tried once --budget seconds have passed. The best config per case and
-the default heuristic's time are printed and saved.
+recorded with its error. FRESH_SWEEP (the fresh kernel's configs, WS = warp-specialized key loop) runs first, on the
+fresh cases, checked the same way. Configs stop being tried once --budget seconds have passed. The best config
+per kernel and case and the default heuristic's time are printed and saved.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from engine.kernels.triton import fresh_prefill
 from engine.kernels.triton.paged_prefill import clamp_config, default_config, paged_prefill_attention
 
 H, HKV, D, PAGE = 32, 8, 128, 16
@@ -38,6 +42,12 @@ SWEEP = [  # the likeliest first: --budget cuts the tail
     (128, 32, 8, 7), (64, 64, 4, 5),
     (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 5), (64, 32, 4, 5), (256, 32, 16, 5),
     (256, 64, 16, 5), (64, 64, 4, 2), (64, 128, 4, 2),
+]  # fmt: skip
+# the TMA fresh-prompt kernel's configs (BLOCK_M, BLOCK_N, num_warps, num_stages, WS), timed on the fresh cases
+FRESH_SWEEP = [
+    (128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 64, 8, 4, False),
+    (128, 32, 8, 4, False), (256, 64, 16, 3, False), (256, 128, 16, 2, False), (64, 64, 4, 3, False),
+    (128, 64, 8, 3, True), (128, 128, 8, 2, True),
 ]  # fmt: skip
 
 
@@ -72,8 +82,11 @@ def make_case(n_ctx: int, q_len: int, window: int = 0, dtype=torch.bfloat16) -> 
     vc[perm[pos // PAGE].long(), :, pos % PAGE] = v
     qpos = n_ctx - q_len + torch.arange(q_len)
     seen = qpos + 1 if window <= 0 else torch.clamp(qpos + 1, max=window)
+    qkv = torch.zeros(n_ctx, (H + 2 * HKV) * D, device=dev, dtype=dtype)  # the engine's layout: v inside qkv
+    v_rows = qkv[:, (H + HKV) * D :].view(n_ctx, HKV, D)
+    v_rows.copy_(v)
     return {
-        "n_ctx": n_ctx, "q_len": q_len, "window": window, "q": q, "k": k, "v": v, "kc": kc, "vc": vc,
+        "n_ctx": n_ctx, "q_len": q_len, "window": window, "q": q, "k": k, "v": v, "kc": kc, "vc": vc, "v_rows": v_rows,
         "bt": perm[None, :], "cu": torch.tensor([0, q_len], device=dev, dtype=torch.int32),
         "lens": torch.tensor([n_ctx], device=dev, dtype=torch.int32), "scale": D**-0.5,
         "flops": 4 * H * D * int(seen.sum()),
@@ -83,6 +96,16 @@ def make_case(n_ctx: int, q_len: int, window: int = 0, dtype=torch.bfloat16) -> 
 def run_kernel(c: dict, config: dict | None = None) -> torch.Tensor:
     return paged_prefill_attention(c["q"], c["kc"], c["vc"], c["bt"], c["cu"], c["lens"], c["scale"], c["window"],
                                    0, 1, c["q_len"], config=config)  # fmt: skip
+
+
+def run_fresh(c: dict, config: dict | None = None) -> torch.Tensor:
+    """The TMA fresh-prompt kernel as the engine calls it: rotated k contiguous, v a column slice of qkv."""
+    return fresh_prefill.fresh_prefill_attention(c["q"], c["k"], c["v_rows"], c["cu"], c["scale"], 0, 1, c["q_len"],
+                                                 config=config)  # fmt: skip
+
+
+def fresh_ok(c: dict) -> bool:
+    return c["q_len"] == c["n_ctx"] and c["window"] <= 0 and fresh_prefill.supported(H, HKV, D, c["q"].device) is None
 
 
 def sdpa(c: dict, res: dict) -> torch.Tensor | None:
@@ -124,32 +147,46 @@ def case(c: dict) -> tuple[dict, torch.Tensor | None]:
            "default_config": default_config(c["q_len"], H // HKV, D, c["q"].dtype, c["q"].device)}  # fmt: skip
     out_t = run_kernel(c)
     res["triton_paged_ms"] = timed(lambda: run_kernel(c))
+    out_f = None
+    if fresh_ok(c):
+        res["fresh_default_config"] = fresh_prefill.default_config(c["q_len"], H // HKV, D, c["q"].dtype, c["q"].device)
+        out_f = run_fresh(c)
+        res["triton_fresh_ms"] = timed(lambda: run_fresh(c))
     ref = sdpa(c, res)
     if ref is not None:
         res["triton_max_abs_err"] = (out_t.float() - ref.float()).abs().max().item()
+        if out_f is not None:
+            res["triton_fresh_max_abs_err"] = (out_f.float() - ref.float()).abs().max().item()
     return add_tflops(res, c["flops"]), ref
 
 
 def sweep(cases: list[tuple[dict, torch.Tensor]], budget_s: float) -> list[dict]:
-    """Every config of SWEEP on every case: check against the SDPA output, then time."""
+    """Every config of FRESH_SWEEP (the TMA fresh kernel) on the fresh cases, then every config of SWEEP (the paged
+    kernel) on every case: check against the SDPA output, then time."""
     rows, t0 = [], time.time()
-    for bm, bn, w, s, *reg in SWEEP:
-        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, **({"maxnreg": reg[0]} if reg else {})}
-        for c, ref in cases:
-            row = {"n_ctx": c["n_ctx"], "q_len": c["q_len"], "window": c["window"], "config": cfg,
-                   "launched": clamp_config(cfg, c["q_len"], H // HKV)}  # fmt: skip
+    fresh_cases = [(c, ref) for c, ref in cases if fresh_ok(c)]
+    runs = [("fresh", run_fresh, fresh_prefill.clamp_config, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w,
+                                                              "num_stages": s, "WS": ws}, fresh_cases)
+            for bm, bn, w, s, ws in FRESH_SWEEP]  # fmt: skip
+    runs += [("paged", run_kernel, clamp_config, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s,
+                                                  **({"maxnreg": reg[0]} if reg else {})}, cases)
+             for bm, bn, w, s, *reg in SWEEP]  # fmt: skip
+    for kernel, run, clamp, cfg, todo in runs:
+        for c, ref in todo:
+            row = {"kernel": kernel, "n_ctx": c["n_ctx"], "q_len": c["q_len"], "window": c["window"], "config": cfg,
+                   "launched": clamp(cfg, c["q_len"], H // HKV)}  # fmt: skip
             if time.time() - t0 > budget_s:
                 row["skipped"] = "budget"
                 rows.append(row)
                 continue
             try:
-                o = run_kernel(c, cfg)
+                o = run(c, cfg)
                 torch.cuda.synchronize()
                 err = (o.float() - ref.float()).abs()
                 row["max_abs_err"] = err.max().item()
                 row["ok"] = bool((err <= 1e-2 + 2e-2 * ref.float().abs()).all().item())
                 if row["ok"]:
-                    row["ms"] = timed(lambda c=c, cfg=cfg: run_kernel(c, cfg))
+                    row["ms"] = timed(lambda c=c, cfg=cfg, run=run: run(c, cfg))
                     row["tflops"] = c["flops"] / (row["ms"] * 1e-3) / 1e12
             except Exception as e:  # compile / launch failure (e.g. out of shared memory)
                 row["ok"] = False
@@ -162,7 +199,7 @@ def sweep(cases: list[tuple[dict, torch.Tensor]], budget_s: float) -> list[dict]
 def best_per_case(rows: list[dict]) -> list[dict]:
     best = {}
     for r in rows:
-        key = (r["n_ctx"], r["q_len"], r["window"])
+        key = (r["kernel"], r["n_ctx"], r["q_len"], r["window"])
         if r.get("ms") and (key not in best or r["ms"] < best[key]["ms"]):
             best[key] = r
     return list(best.values())
@@ -258,10 +295,12 @@ def main() -> None:
         result["sweep"] = sweep(cases, args.budget)
         result["best"] = best_per_case(result["sweep"])
         default_ms = {(r["n_ctx"], r["q_len"], r["window"]): r["triton_paged_ms"] for r in rows}
+        fresh_ms = {(r["n_ctx"], r["q_len"], r["window"]): r.get("triton_fresh_ms") for r in rows}
         for b in result["best"]:
-            print("best", b["n_ctx"], b["q_len"], b["window"], b["config"], round(b["ms"], 3), "ms",
-                  round(b["tflops"], 1), "TFLOP/s; default config",
-                  round(default_ms[(b["n_ctx"], b["q_len"], b["window"])], 3), "ms")  # fmt: skip
+            key = (b["n_ctx"], b["q_len"], b["window"])
+            dflt = (fresh_ms if b["kernel"] == "fresh" else default_ms)[key]
+            print("best", b["kernel"], *key, b["config"], round(b["ms"], 3), "ms", round(b["tflops"], 1),
+                  "TFLOP/s; default config", dflt and round(dflt, 3), "ms")  # fmt: skip
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

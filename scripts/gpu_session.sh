@@ -263,12 +263,16 @@ for f in sorted(glob.glob(sys.argv[1] + "/core-bench-*.json")):
           "ttft", round(d["ttft_2048_ms"]["median"], 2))
 PY
   ;;
-ttft)  # where a fresh prompt's TTFT goes: prefill attention (ours vs SDPA's backends, 1k / 2k / 4k), the prefill's
+ttft)  # where a fresh prompt's TTFT goes: the TMA fresh kernel's GPU tests (TESTS=0 skips), prefill attention (our
+  # paged and TMA fresh kernels vs SDPA's backends at ATTN_LENS; SWEEP=<seconds> adds the config sweeps), the prefill's
   # timeline under the profiler (host lead, GPU busy, idle gaps, tail), then core_bench's ttft part once per OPTIONS
   # entry (';'-separated EngineConfig JSON objects, "{}" for the defaults), in that order
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
+  [ "${TESTS:-1}" = 0 ] || timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider --tb=short -rfs \
+    tests/engine/test_fresh_prefill_gpu.py 2>&1 | tail -12 > "$out/fresh-tests.log"
   timeout "${KERNEL_TIMEOUT:-90}" python3 benchmarks/bench_attention.py --lens "${ATTN_LENS:-1024,2048,4096}" --extend 0 \
-    --out "$out/attention.json" 2>&1 | tail -30 > "$out/attention.log"
+    $([ -n "${SWEEP:-}" ] && echo --sweep --window 0 --budget "$SWEEP") --out "$out/attention.json" 2>&1 | tail -40 \
+    > "$out/attention.log"
   timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_core.py --parts prefill --prefill-len "${PREFILL_LEN:-2048}" \
     --out "$out/profile-prefill.json" 2>&1 | tail -40 > "$out/profile-prefill.log"
   i=0

@@ -1,8 +1,9 @@
 """The CUDA attention backend: Triton RoPE + paged KV write, split-KV decode, and for the prompt rows of a step
-either one batched SDPA call (fresh prompts of one length: flash / cuDNN) or one launch of the Triton paged
-prefill kernel for all of them (chunks over a cached prefix, sliding windows, speculative verification, mixed
-lengths). Decode rows come first in every batch. EngineConfig.fresh_attention picks the fresh prompts' path: sdpa
-(torch's choice of kernel), flash (SDPA limited to FlashAttention-2), triton (the paged kernel for them too);
+either one batched SDPA call (fresh prompts of one length: flash / cuDNN), one launch of the TMA fresh-prompt kernel
+(fresh prompts of any lengths) or one launch of the Triton paged prefill kernel for all of them (chunks over a
+cached prefix, sliding windows, speculative verification, mixed lengths). Decode rows come first in every batch.
+EngineConfig.fresh_attention picks the fresh prompts' path: sdpa (torch's choice of kernel), flash (SDPA limited to
+FlashAttention-2), tma (engine/kernels/triton/fresh_prefill.py, sm_90+), triton (the paged kernel for them too);
 EngineConfig.fresh_pad > 0 pads the SDPA call's length up to a multiple of it (zero rows after the prompt, which
 causal masking keeps out of the real rows) so cuDNN builds one plan per bucket, warmed at start-up, not one per
 new prompt length.
@@ -25,10 +26,10 @@ class TritonBackend(AttentionBackend):
     name = "triton"
 
     def __init__(self, fresh_attention: str = "triton", fresh_pad: int = 0, warm_fresh_upto: int = 0) -> None:
-        from engine.kernels.triton import fused, paged_attention, paged_prefill
+        from engine.kernels.triton import fresh_prefill, fused, paged_attention, paged_prefill
 
-        if fresh_attention not in ("sdpa", "flash", "triton"):
-            raise ValueError(f"fresh_attention: expected sdpa, flash or triton, got {fresh_attention!r}")
+        if fresh_attention not in ("sdpa", "flash", "triton", "tma"):
+            raise ValueError(f"fresh_attention: expected sdpa, flash, triton or tma, got {fresh_attention!r}")
         if isinstance(fresh_pad, bool) or not isinstance(fresh_pad, int) or fresh_pad < 0:
             raise ValueError(f"fresh_pad: expected an int >= 0, got {fresh_pad!r}")
         self.fresh_attention, self.fresh_pad, self.warm_fresh_upto = fresh_attention, fresh_pad, warm_fresh_upto
@@ -36,6 +37,9 @@ class TritonBackend(AttentionBackend):
         self._decode = paged_attention.paged_decode_attention
         self._choose_splits = paged_attention.choose_num_splits
         self._prefill = paged_prefill.paged_prefill_attention
+        self._fresh_tma = fresh_prefill.fresh_prefill_attention
+        self._tma_supported = fresh_prefill.supported
+        self.tma_fallback: dict[str, str] = {}  # fresh_attention = tma: head layouts it cannot take -> why
         self.num_sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
         # ANVIL_QKV_ROPE=1 (an experiment, off): a one-token decode step rotates and writes the cache inside the
         # batch-1 qkv GEMV (engine/kernels/triton/gemv.py linear_rope) instead of a RoPE + KV write kernel after it
@@ -71,8 +75,11 @@ class TritonBackend(AttentionBackend):
         return o.view(q.shape[0], spec.n_heads * spec.head_dim)
 
     def info(self) -> dict:
+        extra = {}
+        if self.fresh_attention == "tma":  # head layouts that fell back to the paged kernel, and why
+            extra["fresh_tma_fallback"] = {k: why for k, why in self.tma_fallback.items() if why}
         return {**super().info(), "qkv_rope": self.qkv_rope_on, "decode_fused_merge": self.fused_merge,
-                "prefetch_wo_max_batch": self.prefetch_max_b, "decode": dict(self.decode_cfg)}
+                "prefetch_wo_max_batch": self.prefetch_max_b, "decode": dict(self.decode_cfg), **extra}
 
     def num_splits(self, batch_size: int, n_kv_heads: int, max_seq_len: int) -> int:
         return self._choose_splits(batch_size, n_kv_heads, max_seq_len, self.num_sms)
@@ -98,7 +105,14 @@ class TritonBackend(AttentionBackend):
             ln = torch.full((3,), q_len + 3, dtype=torch.int32, device=dev)
             for first in (0, 1, 2):
                 self._prefill(qq, k_cache, v_cache, bt, cu, ln, spec.scale, spec.window, first, 3 - first, q_len)
-        if self.fresh_pad and self.fresh_attention != "triton" and not spec.window:  # one plan per bucket, now
+        if self._tma(spec):  # the fresh kernel's BLOCK_M variants, first sequence 0, 1 and other, as above
+            for q_len in (1, 3, 8, 12, 24, 100, 300):
+                qq = torch.zeros(3 * q_len, h, d, dtype=dt, device=dev)
+                kv = torch.zeros(3 * q_len, spec.n_kv_heads, d, dtype=dt, device=dev)
+                cu = torch.arange(0, 4 * q_len, q_len, dtype=torch.int32, device=dev)
+                for first in (0, 1, 2):
+                    self._fresh_tma(qq, kv, kv, cu, spec.scale, first, 3 - first, q_len)
+        if self.fresh_pad and self.fresh_attention in ("sdpa", "flash") and not spec.window:  # one plan per bucket
             for n in range(self.fresh_pad, self.warm_fresh_upto + 1, self.fresh_pad):
                 x = torch.zeros(n, h, d, dtype=dt, device=dev)
                 kv = torch.zeros(n, spec.n_kv_heads, d, dtype=dt, device=dev)
@@ -108,8 +122,9 @@ class TritonBackend(AttentionBackend):
         a = batch.attn
         t, h, hkv, d = qkv.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim
         nd = a.num_decodes
-        sdpa = self.fresh_attention != "triton" and not a.all_decode and self._sdpa(a, spec)
-        k_out = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device) if sdpa else None
+        fresh = None if a.all_decode else self._fresh_kind(a, spec)  # "sdpa" | "tma" | None (the paged kernel)
+        sdpa = fresh == "sdpa"
+        k_out = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device) if fresh else None
         q = self._rope_kv(qkv, cos_sin, batch.positions, h, hkv, d, batch.seq_idx, a.block_tables,
                           k_cache, v_cache, k_out=k_out)  # fmt: skip  [T, H, D]
         if a.all_decode:
@@ -124,10 +139,36 @@ class TritonBackend(AttentionBackend):
                          **self.decode_cfg)  # fmt: skip
         if sdpa:
             self._fresh(q, k_out, v_rows, a, spec, out, nd, a.num_seqs)
+        elif fresh == "tma":  # every prompt row of the step: fresh prompts, over their own rows' K/V
+            self._fresh_tma(q, k_out, v_rows, a.cu_seqlens_q, spec.scale, nd, a.num_seqs - nd, a.max_q_len, out=out)
         else:  # every prompt row of the step in one launch, over the cache rope_kv has just written
             self._prefill(q, k_cache, v_cache, a.block_tables, a.cu_seqlens_q, a.seq_lens, spec.scale, spec.window,
                           nd, a.num_seqs - nd, a.max_q_len, out=out)  # fmt: skip
         return out.view(t, h * d)
+
+    def _fresh_kind(self, a, spec: AttentionLayerSpec) -> str | None:
+        """How this step's prompt rows attend: "sdpa" (fresh_attention sdpa / flash and _sdpa admits the step), "tma"
+        (fresh_attention tma: every prompt row belongs to a fresh prompt, no window, a head layout the kernel
+        takes), None: the paged kernel."""
+        if self.fresh_attention == "triton" or spec.window:
+            return None
+        if self.fresh_attention != "tma":
+            return "sdpa" if self._sdpa(a, spec) else None
+        qs, lens = a.query_start, a.seq_lens_host
+        if not self._tma(spec) or any(qs[b + 1] - qs[b] != lens[b] for b in range(a.num_decodes, a.num_seqs)):
+            return None
+        return "tma"
+
+    def _tma(self, spec: AttentionLayerSpec) -> bool:
+        """fresh_attention = tma and the kernel takes this layer's heads here (else the reason is kept for info())."""
+        if self.fresh_attention != "tma" or spec.window:
+            return False
+        key = f"{spec.n_heads}/{spec.n_kv_heads}x{spec.head_dim}"
+        if key not in self.tma_fallback:
+            dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+            why = self._tma_supported(spec.n_heads, spec.n_kv_heads, spec.head_dim, dev)
+            self.tma_fallback[key] = why or ""
+        return not self.tma_fallback[key]
 
     @staticmethod
     def _sdpa(a, spec: AttentionLayerSpec) -> bool:

@@ -203,7 +203,7 @@ def test_engine_config_validation_names_the_key():
         EngineConfig(kv_fraction=1.5)
     with pytest.raises(ValueError, match="^attention_backend"):
         EngineConfig(attention_backend="flash")
-    with pytest.raises(ValueError, match="^fresh_attention: expected one of sdpa, flash, triton, got 'cudnn'"):
+    with pytest.raises(ValueError, match="^fresh_attention: expected one of sdpa, flash, triton, tma, got 'cudnn'"):
         EngineConfig.from_options({"fresh_attention": "cudnn"})
     for bad in (-64, True, 6.5):
         with pytest.raises(ValueError, match=f"^fresh_pad: expected an int >= 0 \\(0: no padding\\), got {bad!r}"):

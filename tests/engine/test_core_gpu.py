@@ -177,7 +177,7 @@ def test_mixed_steps_replayed_as_graph_rows_equal_reference_loop(preset, cap):
     assert (st["graph_mixed"] > 0) == (cap > 0) and (st["eager"] == 0) == (cap > 0), st
 
 
-@pytest.mark.parametrize("fresh, pad", [("flash", 0), ("triton", 0), ("sdpa", 64)])
+@pytest.mark.parametrize("fresh, pad", [("flash", 0), ("triton", 0), ("sdpa", 64), ("tma", 0)])
 def test_fresh_attention_choices_on_gpu_equal_reference_loop(fresh, pad):
     # fresh prompts of one length (SDPA's case) through FlashAttention-2 only, through the paged Triton kernel, or
     # through SDPA's default (cuDNN) padded to 64-row buckets (warmed at start-up up to 256 tokens)
