@@ -55,6 +55,7 @@ SCRIPT = textwrap.dedent(
     if case == "gqa":  # 4:1, d64: lengths 37 / 1 / 100 / 5 in one call; then first_seq 2 with 16-key tiles
         check(8, 2, 64, [37, 1, 100, 5], 0)
         check(8, 2, 64, [37, 1, 100, 5], 2, config=small)
+        check(8, 2, 64, [37, 1, 100, 5], 0, config={**small, "WS": True})  # the warp-specialized loop's branch
     elif case == "mha":  # 1:1, d32, and 8:1 d16 (8 heads a token: BLOCK_M 64 = 8 tokens)
         check(4, 4, 32, [33, 64, 7], 0)
         check(4, 4, 32, [33, 64, 7], 1, config={"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1})

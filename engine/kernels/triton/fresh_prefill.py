@@ -37,27 +37,43 @@ from engine.kernels.triton.paged_prefill import LOG2E
 
 
 @triton.jit
+def _fresh_tile(
+    acc, l_i, m_i, q, k_desc, v_desc, row, col, s0, pos, qk_scale,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """One key tile s0 .. s0 + BLOCK_N - 1 (at global row `row`) into the online softmax; MASKED: causal (key <= pos)."""
+    k = k_desc.load([row, col])  # [BLOCK_N, D]
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)  # [M, N] fp32
+    if MASKED:
+        offs_n = s0 + tl.arange(0, BLOCK_N)
+        s = tl.where(offs_n[None, :] <= pos[:, None], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = v_desc.load([row, col])  # [BLOCK_N, D]
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fresh_tiles(
     acc, l_i, m_i, q, k_desc, v_desc, row0, col, pos, start, end, qk_scale,
     BLOCK_N: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over key tiles start, start + BLOCK_N, .. < end of the sequence whose row 0 is row0."""
-    for s0 in tl.range(start, end, BLOCK_N, warp_specialize=WS):
-        k = k_desc.load([row0 + s0, col])  # [BLOCK_N, D]
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)  # [M, N] fp32
-        if MASKED:
-            offs_n = s0 + tl.arange(0, BLOCK_N)
-            s = tl.where(offs_n[None, :] <= pos[:, None], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = v_desc.load([row0 + s0, col])  # [BLOCK_N, D]
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
+    """Key tiles start, start + BLOCK_N, .. < end of the sequence whose row 0 is row0. WS: the loop warp-specialized
+    (a separate branch, so a Triton without tl.range(warp_specialize=) fails only when asked for it)."""
+    if WS:
+        for s0 in tl.range(start, end, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _fresh_tile(acc, l_i, m_i, q, k_desc, v_desc, row0 + s0, col, s0, pos, qk_scale,
+                                        BLOCK_N, PREC, MASKED)  # fmt: skip
+    else:
+        for s0 in range(start, end, BLOCK_N):
+            acc, l_i, m_i = _fresh_tile(acc, l_i, m_i, q, k_desc, v_desc, row0 + s0, col, s0, pos, qk_scale,
+                                        BLOCK_N, PREC, MASKED)  # fmt: skip
     return acc, l_i, m_i
 
 
