@@ -151,6 +151,10 @@ class AsyncLLM:
         self.dead: str | None = None  # why the engine thread stopped on an error
         self.snapshot: dict = self.core.scheduler.stats()  # replaced by the engine thread after each step
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
+        # the engine thread's time (seconds): in step() calls (device waits included), and between two consecutive
+        # steps while requests were in flight (commands, the hand-off to the event loop, and waiting for the GIL
+        # that thread holds): with a busy GPU, step time minus the core's device wait is the host's share
+        self.timing = {"steps": 0, "step_s": 0.0, "between_steps_s": 0.0}
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -244,6 +248,7 @@ class AsyncLLM:
     # ---------------------------------------------------------------- the engine thread
     def _run(self) -> None:
         busy = False
+        last = None  # when the previous step() returned, while requests were in flight
         try:
             while True:
                 with self._cond:
@@ -261,8 +266,18 @@ class AsyncLLM:
                             refused.append((arg.request_id, str(e)))
                     else:
                         self.core.abort(arg)
-                outs = self.llm.step() if self.llm.has_unfinished() else []
+                outs = []
+                if self.llm.has_unfinished():
+                    t0 = time.perf_counter()
+                    if last is not None:
+                        self.timing["between_steps_s"] += t0 - last
+                    outs = self.llm.step()
+                    last = time.perf_counter()
+                    self.timing["steps"] += 1
+                    self.timing["step_s"] += last - t0
                 busy = self.llm.has_unfinished()
+                if not busy:
+                    last = None
                 self.snapshot = self.core.scheduler.stats()
                 if outs or refused:
                     self._loop.call_soon_threadsafe(self._dispatch, outs, refused)

@@ -28,7 +28,8 @@ class EngineCore:
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.inflight: StepHandle | None = None
-        self.stats = {"steps": 0, "tokens": 0, "prompt_tokens": 0, "generated": 0}
+        # device_wait_s: host seconds step() spent blocked on the device (reading a step's tokens)
+        self.stats = {"steps": 0, "tokens": 0, "prompt_tokens": 0, "generated": 0, "device_wait_s": 0.0}
         self.spec = None  # speculative decoding (engine/spec/step.py): its own synchronous step
         if config.spec != "none":
             from engine.spec.step import SpecDecoder
@@ -80,8 +81,10 @@ class EngineCore:
 
     def _process(self, h: StepHandle) -> list[RequestOutput]:
         """Append the step's tokens (now on the host), finish requests that stop, report what changed."""
+        t0 = time.perf_counter()
         toks = h.wait()
         now = time.perf_counter()
+        self.stats["device_wait_s"] += now - t0
         outs = []
         for req, t in zip(h.requests, toks, strict=True):
             req.num_pending -= 1

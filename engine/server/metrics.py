@@ -42,6 +42,14 @@ class _EngineCollector:
                        pc.get("query_tokens", 0))  # fmt: skip
         yield _counter("prefix_cache_hits", "prompt tokens found in the prefix cache", pc.get("hit_tokens", 0))
         yield _counter("prefix_cache_evictions", "idle cached blocks evicted", pc.get("evictions", 0))
+        tm, core = self.llm.timing, self.llm.core.stats
+        yield _counter("engine_step_seconds", "seconds the engine thread spent in step() (device waits included)",
+                       tm["step_s"])  # fmt: skip
+        yield _counter("engine_device_wait_seconds", "of engine_step_seconds, blocked on the device for a step's "
+                       "tokens (near the step time: the GPU is the bound; near 0: the host is)",
+                       core.get("device_wait_s", 0.0))  # fmt: skip
+        yield _counter("engine_between_steps_seconds", "engine-thread seconds between consecutive steps with requests "
+                       "in flight (commands, hand-off to the event loop, waiting for the GIL)", tm["between_steps_s"])  # fmt: skip
         steps = CounterMetricFamily(PREFIX + "engine_steps", "forwards by path: graph (a decode step's CUDA graph), "
                                     "graph_mixed (a mixed step's tokens as rows of one), eager", labels=["path"])  # fmt: skip
         for path, n in dict(getattr(self.llm.core.runner, "steps", {})).items():

@@ -228,3 +228,17 @@ def test_metrics_parse_and_count(server, client):
         assert name in m, name
     assert m["anvil:generation_tokens_total"] >= 4 and m["anvil:time_to_first_token_seconds_count"] >= 1
     assert m["anvil:e2e_request_latency_seconds_count"] >= m["anvil:time_to_first_token_seconds_count"]
+
+
+def test_engine_thread_timing_in_metrics(server, client):
+    # the engine thread's step time, the core's device wait within it and the time between steps: on the CPU the
+    # forward is host work, so the device wait stays a small share of the step time; every counter grows with work
+    before = server.metrics()
+    client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    server.wait_idle()
+    m = server.metrics()
+    step = m["anvil:engine_step_seconds_total"] - before["anvil:engine_step_seconds_total"]
+    wait = m["anvil:engine_device_wait_seconds_total"] - before["anvil:engine_device_wait_seconds_total"]
+    between = m["anvil:engine_between_steps_seconds_total"] - before["anvil:engine_between_steps_seconds_total"]
+    assert step > 0 and 0 <= wait < 0.5 * step and between >= 0, (step, wait, between)
+    assert server.engine.timing["steps"] >= 8  # one step per token at least (the prompt in one)
