@@ -322,8 +322,8 @@ class EngineConfig:
     # prompt row (no per-shape cost); sdpa = one SDPA call, torch's kernel choice (cuDNN on sm_90: faster on long
     # prompts, but it builds a plan per new shape, ~60 ms on the H200 for each new prompt length); flash = SDPA
     # limited to FlashAttention-2 (a one-time ~13 ms start, no per-shape plan); tma = our fresh-prompt kernel over the
-    # prompts' own K/V rows through TMA (engine/kernels/triton/fresh_prefill.py; sm_90+, any mix of lengths, no
-    # per-shape cost; elsewhere the paged kernel, the reason in info()). Serving prompts of varied lengths: triton
+    # prompts' own K/V rows through TMA (engine/kernels/triton/fresh_prefill.py; sm_90+, any mix of lengths up to a
+    # sliding window, no per-shape cost; elsewhere the paged kernel, the reason in info()). Serving prompts of varied lengths: triton
     # (results/gpu/serving-h200/fresh-attention-479d3d7/).
     fresh_attention: str = "triton"
     # sdpa / flash: pad a fresh prompt's SDPA call up to a multiple of this many tokens (zero rows after the prompt;

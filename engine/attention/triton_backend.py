@@ -148,20 +148,23 @@ class TritonBackend(AttentionBackend):
 
     def _fresh_kind(self, a, spec: AttentionLayerSpec) -> str | None:
         """How this step's prompt rows attend: "sdpa" (fresh_attention sdpa / flash and _sdpa admits the step), "tma"
-        (fresh_attention tma: every prompt row belongs to a fresh prompt, no window, a head layout the kernel
-        takes), None: the paged kernel."""
-        if self.fresh_attention == "triton" or spec.window:
+        (fresh_attention tma: every prompt row belongs to a fresh prompt no longer than the sliding window, if any,
+        which then masks nothing; a head layout the kernel takes), None: the paged kernel."""
+        if self.fresh_attention == "triton":
             return None
         if self.fresh_attention != "tma":
-            return "sdpa" if self._sdpa(a, spec) else None
+            return "sdpa" if not spec.window and self._sdpa(a, spec) else None
         qs, lens = a.query_start, a.seq_lens_host
-        if not self._tma(spec) or any(qs[b + 1] - qs[b] != lens[b] for b in range(a.num_decodes, a.num_seqs)):
+        prompts = range(a.num_decodes, a.num_seqs)
+        if not self._tma(spec) or any(qs[b + 1] - qs[b] != lens[b] for b in prompts):
+            return None
+        if spec.window and max(lens[b] for b in prompts) > spec.window:
             return None
         return "tma"
 
     def _tma(self, spec: AttentionLayerSpec) -> bool:
         """fresh_attention = tma and the kernel takes this layer's heads here (else the reason is kept for info())."""
-        if self.fresh_attention != "tma" or spec.window:
+        if self.fresh_attention != "tma":
             return False
         key = f"{spec.n_heads}/{spec.n_kv_heads}x{spec.head_dim}"
         if key not in self.tma_fallback:

@@ -56,23 +56,27 @@ SCRIPT = textwrap.dedent(
         assert bool(calls) == (fresh == "sdpa"), (fresh, len(calls))
         assert set(lens) == ({16, 32} if pad else {5, 17} if fresh == "sdpa" else set()), (fresh, pad, set(lens))
     # fresh_attention="tma": fresh prompt rows of any lengths in one launch of the TMA kernel (step 1 holds fresh chunks
-    # of 20, 5 and 15 tokens in its 40-token budget); chunks over a cached prefix and windowed layers (mistral's)
-    # through the paged kernel; greedy tokens equal the reference loop's either way
+    # of 20, 5 and 15 tokens in its 40-token budget); chunks over a cached prefix through the paged kernel, and so
+    # are fresh prompts longer than mistral's 16-token window (shorter ones: the window masks nothing, TMA again);
+    # greedy tokens equal the reference loop's either way
+    short = [prompts[1], prompts[2][:15], prompts[0][:13]]  # 5, 15 and 13 tokens: within the window, one step
     for preset, windowed in (("tiny-test", False), ("tiny-test-mistral", True)):
         lm = synthetic(preset, seed=3)
-        ref = [Generator(lm, 1, 96).generate([p], 6)[0].tokens for p in prompts]
+        ref = [Generator(lm, 1, 96).generate([p], 6)[0].tokens for p in prompts + short]
         llm = LLM(lm, EngineConfig(max_num_seqs=4, max_model_len=96, max_num_batched_tokens=40, prefill_chunk=20,
                                    attention_backend="triton", fresh_attention="tma"))
         be = llm.core.runner.backend
         seen, real_tma = [], be._fresh_tma
         be._fresh_tma = lambda *a, **k: seen.append(a[5:8]) or real_tma(*a, **k)
         got = [o.tokens for o in llm.generate(prompts, max_tokens=6)]
-        assert got == ref, (preset, got, ref)
+        assert got == ref[:3], (preset, got, ref)
         assert llm.info()["fresh_tma_fallback"] == {}, llm.info()
-        if windowed:
-            assert seen == [], seen
-        else:  # (first sequence, sequences, longest) per layer of step 1
-            assert seen[:2] == [(0, 3, 20)] * 2, seen
+        # (first sequence, sequences, longest) per layer of step 1; the window (16) is below its 20-token chunk
+        assert seen[:2] == ([] if windowed else [(0, 3, 20)] * 2), seen
+        seen.clear()
+        got = [o.tokens for o in llm.generate(short, max_tokens=6)]
+        assert got == ref[3:], (preset, got, ref)
+        assert seen[:2] == [(0, 3, 15)] * 2, (preset, seen)  # all three fresh prompts in step 1
     print("OK")
     """
 )

@@ -1,5 +1,5 @@
-"""Causal attention of fresh prompts (every query from position 0: no cached prefix, no sliding window) over the
-prompts' own K/V rows, loaded through TMA (Triton tensor descriptors, sm_90+), with its launcher; oracle:
+"""Causal attention of fresh prompts (every query from position 0: no cached prefix; no sliding window, or one no
+shorter than the prompt, which then masks nothing) over the prompts' own K/V rows, loaded through TMA (Triton tensor descriptors, sm_90+), with its launcher; oracle:
 engine/attention/torch_ref.py (and SDPA in benchmarks/bench_attention.py).
 
 Why a second prefill kernel: paged_prefill gathers every K/V tile through the block table (a page-id load, then
@@ -22,7 +22,7 @@ Layout and work split, as in paged_prefill:
     measure on the GPU (off by default).
 
 Requirements (checked by `supported`): head_dim a power of two in 16..256, GROUP a power of two, q rows with
-stride(1) == D; the engine routes other shapes (and windows, cached prefixes) to paged_prefill.
+stride(1) == D; the engine routes other shapes (and cached prefixes, prompts longer than a window) to paged_prefill.
 """
 
 from __future__ import annotations
