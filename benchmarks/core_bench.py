@@ -6,6 +6,7 @@ peak memory. Writes one JSON.
   python benchmarks/core_bench.py --out results/gpu/core-h200.json [--parts decode,cb,long,ttft] [--preset llama-3-8b]
       [--quant rtn|nf4]   (the Linears quantized first: int4 g128 RTN / NF4; weight bytes as stored)
       [--options JSON]    (EngineConfig fields for the decode and ttft parts) [--ttft-lens 1024,2048,4096]
+      [--batches 1,8,32]  (decode batch sizes)
 """
 
 from __future__ import annotations
@@ -107,13 +108,14 @@ def timed_generate(llm: LLM, prompts, max_tokens) -> tuple[list, float, dict]:
                         "calls": calls}  # fmt: skip
 
 
-def decode_part(lm, copy_gbs: float, quant: str | None = None, options: dict | None = None) -> dict:
+def decode_part(lm, copy_gbs: float, quant: str | None = None, options: dict | None = None,
+                batches: tuple[int, ...] = (1, 8, 32)) -> dict:  # fmt: skip
     c = lm.config
     weight_bytes = lm.model.decode_weight_bytes() if quant else c.decode_read_params * 2
-    base = {"max_num_seqs": 32, "max_model_len": 2304, "max_num_batched_tokens": 8192}
+    base = {"max_num_seqs": max(32, *batches), "max_model_len": 2304, "max_num_batched_tokens": 8192}
     llm = LLM(lm, EngineConfig.from_options({**base, **(options or {})}))
     out: dict = {"info": llm.info(), "weight_gb": weight_bytes / 1e9, "copy_gb_s": copy_gbs, "decode": {}}
-    for b in (1, 8, 32):
+    for b in batches:
         prompts = _prompts(b, 128, c.vocab_size, b)
         llm.generate(prompts, max_tokens=8)  # warm-up
         runs = []
@@ -274,6 +276,7 @@ def main() -> None:
     ap.add_argument("--options", default="{}", help="EngineConfig fields as JSON for the decode and ttft parts, "
                     'e.g. \'{"fresh_attention": "sdpa", "fresh_pad": 256}\'')
     ap.add_argument("--ttft-lens", default="1024,2048,4096", help="--parts ttft: prompt lengths (tokens)")
+    ap.add_argument("--batches", default="1,8,32", help="--parts decode: batch sizes (max_num_seqs: the largest, >= 32)")
     args = ap.parse_args()
     try:
         options = json.loads(args.options)
@@ -310,7 +313,8 @@ def main() -> None:
     for part in parts:
         try:
             if part == "decode":
-                res["decode"] = decode_part(lm, res["copy_gb_s"], args.quant, options)
+                res["decode"] = decode_part(lm, res["copy_gb_s"], args.quant, options,
+                                            tuple(int(x) for x in args.batches.split(",")))
             elif part == "ttft":
                 res["ttft"] = ttft_part(lm, [int(x) for x in args.ttft_lens.split(",")], options)
             elif part == "cb":

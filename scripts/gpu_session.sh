@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|decode-ab|int4-tc2|int4-prologue|decode-attn|ttft OUT_DIR
+# usage: bash scripts/gpu_session.sh kernels|core|int4|spec|serve-long|spec-gpu|first-call|serve-fresh|serve-mixed|nf4-bnb|int4-cuda|int4-profile|int4-mma|int4-mma-suite|int4-stages|int4-tc|int4-tc-ncu|decode-ab|int4-tc2|int4-prologue|decode-attn|ttft|skinny OUT_DIR
 # The lent-GPU runs behind results/gpu/*-h200/: one part per device call, results under OUT_DIR. Run from a checkout
 # (or a `git archive` of a commit, with ANVIL_COMMIT naming it); caches stay under /tmp.
 set -u
@@ -261,6 +261,34 @@ for f in sorted(glob.glob(sys.argv[1] + "/core-bench-*.json")):
     d = json.load(open(f))["decode"]
     print(f.split("/")[-1], {b: round(r["decode_tok_s"], 1) for b, r in d["decode"].items()},
           "ttft", round(d["ttft_2048_ms"]["median"], 2))
+PY
+  ;;
+skinny)  # the TMA skinny GEMM (engine/kernels/triton/skinny_tma.py) as a GEMV-tuner candidate for decode buckets
+  # 2..64: its GPU tests (TESTS=0 skips), then core_bench's decode part at BATCHES (default 1,8,32,64) without it
+  # (ANVIL_GEMV_TMA=0) and with it, in that order; prints tok/s per batch and, per (role, M), the tuner's best
+  # config, cuBLAS and the best TMA config (us)
+  python3 -m engine.kernels.build > "$out/build.log" 2>&1
+  [ "${TESTS:-1}" = 0 ] || timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider --tb=short -rfs \
+    tests/engine/test_skinny_tma_gpu.py 2>&1 | tail -12 > "$out/skinny-tests.log"
+  for tma in 0 1; do
+    ANVIL_GEMV_TMA=$tma timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/core_bench.py --parts decode \
+      --batches "${BATCHES:-1,8,32,64}" --out "$out/decode-tma$tma.json" 2>&1 | tail -8 > "$out/decode-tma$tma.log"
+  done
+  python3 - "$out" <<'PY'
+import json, sys
+for tma in (0, 1):
+    try:
+        d = json.load(open(f"{sys.argv[1]}/decode-tma{tma}.json"))["decode"]
+    except (OSError, KeyError) as e:
+        print("tma", tma, "no result:", e)
+        continue
+    print("tma", tma, {b: round(r["decode_tok_s"], 1) for b, r in d["decode"].items()})
+    if tma:
+        for r in d["info"].get("gemv", []):
+            t = {k: v for k, v in r["us"].items() if k.startswith("tma")}
+            bt = min(t, key=t.get) if t else None
+            print(f"  {r['role']:7s} m={r['m']:2d} best {r['best']:18s} {r['us'][r['best']]:7.2f} us  cublas "
+                  f"{r['us'].get('cublas', 0):7.2f}  tma {bt} {t.get(bt, 0):7.2f}  rejected {len(r['rejected'])}")
 PY
   ;;
 ttft)  # where a fresh prompt's TTFT goes: the TMA fresh kernel's GPU tests (TESTS=0 skips), prefill attention (our

@@ -9,7 +9,7 @@ import torch
 from engine.model.layers.linear import Linear, UnquantizedLinearMethod
 from engine.model.llama import Transformer
 
-MAX_TUNED_M = 32
+MAX_TUNED_M = 64  # decode buckets up to here get a tuned GEMV (the TMA kernel's range); larger ones cuBLAS
 
 
 class GemvLinearMethod(UnquantizedLinearMethod):
@@ -70,7 +70,7 @@ def roles(model: Transformer) -> list[tuple[str, list[torch.Tensor], list[torch.
 
 def install(model: Transformer, buckets: list[int], mode: str) -> tuple[object, list[dict]]:
     """Give every dense Linear of a CUDA model the GemvLinearMethod; tune (mode "tune") or fix (mode "triton")
-    the GEMV per decode bucket <= 32. Returns (tuner, report rows). Linears with another method are left alone."""
+    the GEMV per decode bucket <= MAX_TUNED_M. Returns (tuner, report rows). Linears with another method are left alone."""
     from engine.kernels.triton import gemv
     from engine.kernels.triton.tune import GemvTuner
 

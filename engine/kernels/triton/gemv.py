@@ -200,7 +200,7 @@ def _gemv_dot_kernel(
 
 @dataclass(frozen=True)
 class GemvConfig:
-    kind: str  # "fma" (M == 1 only) | "dot" | "cublas"
+    kind: str  # "fma" (M == 1 only) | "dot" | "tma" (2 <= M <= 64, sm_90+: engine/kernels/triton/skinny_tma.py) | "cublas"
     block_n: int = 0
     block_k: int = 0
     num_warps: int = 4
@@ -247,12 +247,23 @@ WIDE_DOT_CONFIGS = [  # 32 < M <= 128 (short prefills): x tiles grow with M, so 
     GemvConfig("dot", 64, 128, 8, 3),
 ]
 MAX_DOT_M = 128
+TMA_CONFIGS = [  # (BN W rows, BK): W as the wgmma's M side; shared memory <= 192 KB at M = 64
+    GemvConfig("tma", 64, 128, 4, 5),
+    GemvConfig("tma", 64, 128, 4, 6),
+    GemvConfig("tma", 128, 128, 4, 4),
+    GemvConfig("tma", 128, 64, 8, 6),
+    GemvConfig("tma", 32, 256, 4, 4),
+    GemvConfig("tma", 64, 64, 4, 8),
+]
+MAX_TMA_M = 64
 
 
-def candidates(m: int) -> list[GemvConfig]:
+def candidates(m: int, tma: bool = True) -> list[GemvConfig]:
+    """The configs the tuner times at M rows (tma: include the sm_90+ TMA kernel's)."""
+    t = TMA_CONFIGS if tma and 2 <= m <= MAX_TMA_M else []
     if m > 32:
-        return [CUBLAS] + (WIDE_DOT_CONFIGS if m <= MAX_DOT_M else [])
-    return [CUBLAS] + (FMA_CONFIGS if m == 1 else []) + DOT_CONFIGS
+        return [CUBLAS] + (WIDE_DOT_CONFIGS if m <= MAX_DOT_M else []) + t
+    return [CUBLAS] + (FMA_CONFIGS if m == 1 else []) + DOT_CONFIGS + t
 
 
 def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
@@ -276,13 +287,18 @@ def linear(
     assert x.dim() == 2 and x.stride(-1) == 1 and w.stride(-1) == 1 and w.stride(0) >= k, "row-major x and w"
     assert x.shape[1] == (2 * k if act else k), f"x {tuple(x.shape)} vs w {tuple(w.shape)} (act={act})"
     assert x.dtype == w.dtype, f"x {x.dtype} vs w {w.dtype}"
-    if cfg.kind == "cublas" or (cfg.kind == "fma" and m != 1):
+    if cfg.kind == "cublas" or (cfg.kind == "fma" and m != 1) or cfg.kind == "tma":
         if act:  # one Triton kernel on the GPU rather than torch's silu + mul
             from engine.kernels.triton.fused import silu_and_mul
 
             xin = silu_and_mul(x) if x.is_cuda else silu_and_mul_torch(x)
         else:
             xin = x
+        if cfg.kind == "tma":
+            from engine.kernels.triton.skinny_tma import skinny_tma
+
+            return skinny_tma(xin, w, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, bias=bias,
+                              residual=residual, out=out)  # fmt: skip
         y = torch.nn.functional.linear(xin, w, bias)
         if residual is not None:
             y = residual + y

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import statistics
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from engine.kernels.triton import gemv
 from engine.worker.graph_capture import gc_paused
 
 log = logging.getLogger(__name__)
+TMA = os.environ.get("ANVIL_GEMV_TMA", "1") != "0"  # "0": leave the TMA skinny GEMM out of the candidates (A/B runs)
 
 
 @dataclass
@@ -86,6 +88,7 @@ class GemvTuner:
         """weights: every layer's [N, K] matrix of one role (all the same shape). norm: the role takes the RMSNorm
         as its prologue (qkv, w13), timed as the step runs it — fused into the batch-1 fma GEMV (every program
         re-reads x for the rms, so configs with many programs pay more), else a norm kernel before the GEMV."""
+        from engine.kernels.triton import skinny_tma
         from engine.kernels.triton.fused import rms_norm
 
         gc.collect()  # no dead engine left to be freed inside the captures below (engine/worker/graph_capture.py)
@@ -108,7 +111,8 @@ class GemvTuner:
         res = TuneResult(m, n, k, act, best="cublas")
         nbytes = sum(w.numel() * w.element_size() for w in weights)
         kmax = triton.next_power_of_2(k)
-        for cfg in gemv.candidates(m):
+        tma = TMA and skinny_tma.supported(x[:, :k], weights[0]) is None  # sm_90+, aligned rows
+        for cfg in gemv.candidates(m, tma):
             name = str(cfg)
             if cfg.kind != "cublas" and cfg.block_k > kmax:
                 continue
@@ -133,7 +137,7 @@ class GemvTuner:
             res.gbs[name] = round(nbytes / len(weights) / (us * 1e-6) / 1e9, 1)
         best = min(res.us, key=res.us.get)
         res.best = best
-        self.choice[key] = next(c for c in gemv.candidates(m) if str(c) == best)
+        self.choice[key] = next(c for c in gemv.candidates(m, tma) if str(c) == best)
         self.results.append(res)
         log.info("gemv m=%d n=%d k=%d act=%s: %s %.1f us (cublas %.1f us)", m, n, k, act, best, res.us[best],
                  res.us.get("cublas", float("nan")))  # fmt: skip
