@@ -323,9 +323,10 @@ class EngineConfig:
     # prompts, but it builds a plan per new shape, ~60 ms on the H200 for each new prompt length); flash = SDPA
     # limited to FlashAttention-2 (a one-time ~13 ms start, no per-shape plan); tma = our fresh-prompt kernel over the
     # prompts' own K/V rows through TMA (engine/kernels/triton/fresh_prefill.py; sm_90+, any mix of lengths up to a
-    # sliding window, no per-shape cost; elsewhere the paged kernel, the reason in info()). Serving prompts of varied lengths: triton
-    # (results/gpu/serving-h200/fresh-attention-479d3d7/).
-    fresh_attention: str = "triton"
+    # sliding window, no per-shape cost; elsewhere the paged kernel, the reason in info()), the default: 16-27% faster
+    # than the paged kernel from 2,048 tokens on the H100 (results/gpu/core-h100/ttft-cae533b/). Serving prompts of
+    # varied lengths: not sdpa (results/gpu/serving-h200/fresh-attention-479d3d7/).
+    fresh_attention: str = "tma"
     # sdpa / flash: pad a fresh prompt's SDPA call up to a multiple of this many tokens (zero rows after the prompt;
     # causal masking keeps them out of the real rows), so cuDNN builds one plan per bucket (all warmed at start-up,
     # up to the longest one-step prompt) instead of one per new prompt length. 0 = exact lengths.

@@ -25,7 +25,7 @@ from engine.kernels.triton.paged_attention import BLOCK_N, BLOCK_NS, MAX_SPLITS,
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def __init__(self, fresh_attention: str = "triton", fresh_pad: int = 0, warm_fresh_upto: int = 0) -> None:
+    def __init__(self, fresh_attention: str = "tma", fresh_pad: int = 0, warm_fresh_upto: int = 0) -> None:
         from engine.kernels.triton import fresh_prefill, fused, paged_attention, paged_prefill
 
         if fresh_attention not in ("sdpa", "flash", "triton", "tma"):

@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
         assert llm.info()["attention_backend"] == "triton"
         got = [o.tokens for o in llm.generate(prompts, max_tokens=6)]
         assert got == ref, (preset, got, ref)
-    # fresh_attention="triton" (the default): fresh prompts through the paged kernel too (no SDPA call at all);
+    # fresh_attention="triton": fresh prompts through the paged kernel too (no SDPA call at all);
     # "sdpa": tiny-test has no sliding window, so its fresh prompts take one SDPA call
     import torch.nn.functional as F
     lm = synthetic("tiny-test", seed=3)
