@@ -1,6 +1,7 @@
 """Where a streaming server's host time goes, per thread: `bench serve` in a subprocess on loopback, C concurrent
 streaming clients (token-id prompts, EOS ignored) from this process, and the server's CPU seconds per thread from
-/proc (Linux): the engine thread (named anvil-engine), the event loop (the main thread: HTTP, SSE, detokenizing)
+/proc (Linux): the engine thread (named anvil-engine; threads it starts inherit the name, e.g. torch's CPU pool in a
+CPU run, and are counted with it), the event loop (the main thread: HTTP, SSE, detokenizing)
 and the rest (torch's CPU threads, uvicorn's helpers). With the server's /metrics: per streamed token the event
 loop's CPU, per engine step the engine thread's CPU, its step time, the device wait inside it and the time between
 steps. A GPU-bound server shows a device wait near the step time; a host-bound one a wait near zero or time between
@@ -28,8 +29,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) of the process's threads, summed by role: engine / loop (the main thread) / other."""
+def thread_cpu(pid: int, counts: dict[str, int] | None = None) -> dict[str, float]:
+    """CPU seconds (user + system, in clock ticks: 10 ms on most kernels) of the process's threads, summed by role:
+    engine / loop (the main thread) / other; `counts` (if given) gets the number of threads of each role."""
     tick = os.sysconf("SC_CLK_TCK")
     out = {"engine": 0.0, "loop": 0.0, "other": 0.0}
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -40,6 +42,8 @@ def thread_cpu(pid: int) -> dict[str, float]:
             continue
         role = "engine" if name == "anvil-engine" else "loop" if task.name == str(pid) else "other"
         out[role] += (int(f[11]) + int(f[12])) / tick
+        if counts is not None:
+            counts[role] = counts.get(role, 0) + 1
     return out
 
 
@@ -122,7 +126,8 @@ def main() -> None:
         for i, c in enumerate(levels):
             m0, cpu0 = metrics(base), thread_cpu(proc.pid)
             chunks, wall = asyncio.run(load(base, c, args.prompt, args.max_tokens, seed=100 * (i + 1)))
-            m1, cpu1 = metrics(base), thread_cpu(proc.pid)
+            threads: dict[str, int] = {}
+            m1, cpu1 = metrics(base), thread_cpu(proc.pid, threads)
 
             def d(name: str, m0=m0, m1=m1) -> float:
                 return m1.get(name, 0.0) - m0.get(name, 0.0)
@@ -131,7 +136,7 @@ def main() -> None:
             steps = max(1.0, sum(d(k) for k in m1 if k.startswith("anvil:engine_steps_total{")))  # forwards, by path
             cpu = {k: cpu1[k] - cpu0[k] for k in cpu0}
             row = {"concurrency": c, "requests": c, "tokens": toks, "sse_chunks": chunks, "wall_s": wall,
-                   "output_tok_s": toks / wall, "engine_steps": steps, "cpu_s": cpu,
+                   "output_tok_s": toks / wall, "engine_steps": steps, "cpu_s": cpu, "threads": threads,
                    "loop_cpu_us_per_token": 1e6 * cpu["loop"] / max(toks, 1),
                    "engine_cpu_us_per_step": 1e6 * cpu["engine"] / steps,
                    "step_ms": 1e3 * d("anvil:engine_step_seconds_total") / steps,

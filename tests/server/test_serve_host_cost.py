@@ -30,6 +30,8 @@ def test_serve_host_cost_reports_threads_and_engine_timing(tmp_path):
         assert row["tokens"] == 5 * c  # every token generated (the server may put several in one SSE chunk)
         assert c <= row["sse_chunks"] <= 5 * c + c
         assert row["engine_steps"] >= 5 and row["step_ms"] > 0 and row["wall_s"] > 0
-        assert row["cpu_s"]["engine"] > 0 and row["cpu_s"]["loop"] > 0  # the engine thread was found by its name
+        # the engine thread found by its name (threads it starts inherit the name: torch's CPU pool on a CPU run)
+        assert row["threads"]["engine"] >= 1 and row["threads"]["loop"] == 1
+        assert min(row["cpu_s"].values()) >= 0  # clock ticks: a short run may spend less than one
         assert row["device_wait_ms_per_step"] >= 0 and row["between_steps_ms"] >= 0
     assert "c=3: 15 tokens" in r.stdout
