@@ -265,7 +265,7 @@ PY
   ;;
 skinny)  # the TMA skinny GEMM (engine/kernels/triton/skinny_tma.py) as a GEMV-tuner candidate for decode buckets
   # 2..64: its GPU tests (TESTS=0 skips), then core_bench's decode part at BATCHES (default 1,8,32,64) without it
-  # (ANVIL_GEMV_TMA=0) and with it, in that order; prints tok/s per batch and, per (role, M), the tuner's best
+  # (ANVIL_GEMV_TMA=0) and with it (=1), in that order; prints tok/s per batch and, per (role, M), the tuner's best
   # config, cuBLAS and the best TMA config (us)
   python3 -m engine.kernels.build > "$out/build.log" 2>&1
   [ "${TESTS:-1}" = 0 ] || timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider --tb=short -rfs \

@@ -4,12 +4,17 @@ into the batch-1 fma GEMV and the residual add into the dot GEMV."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from engine.model.layers.linear import Linear, UnquantizedLinearMethod
 from engine.model.llama import Transformer
 
-MAX_TUNED_M = 64  # decode buckets up to here get a tuned GEMV (the TMA kernel's range); larger ones cuBLAS
+# ANVIL_GEMV_TMA=1 (opt-in until it has run on a GPU): the TMA skinny GEMM (engine/kernels/triton/skinny_tma.py)
+# joins the candidates at 2..64 rows, and buckets up to 64 are tuned; else buckets up to 32. Larger ones: cuBLAS.
+GEMV_TMA = os.environ.get("ANVIL_GEMV_TMA", "0") == "1"
+MAX_TUNED_M = 64 if GEMV_TMA else 32
 
 
 class GemvLinearMethod(UnquantizedLinearMethod):
@@ -84,7 +89,7 @@ def install(model: Transformer, buckets: list[int], mode: str) -> tuple[object, 
             if mode == "triton":  # fixed configs, for tests
                 tuner.choice[(bs, n, k, act)] = gemv.FMA_CONFIGS[1] if bs == 1 else gemv.DOT_CONFIGS[0]
                 continue
-            r = tuner.tune(ws, bs, act=act, biases=biases, norm=role in ("qkv", "w13"))  # as apply() runs them
+            r = tuner.tune(ws, bs, act=act, biases=biases, norm=role in ("qkv", "w13"), tma=GEMV_TMA)  # as apply() runs them
             report.append({"role": role, **r.__dict__})
     method = GemvLinearMethod(tuner)
     for mod in model.modules():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import statistics
 from dataclasses import dataclass, field
 
@@ -18,7 +17,6 @@ from engine.kernels.triton import gemv
 from engine.worker.graph_capture import gc_paused
 
 log = logging.getLogger(__name__)
-TMA = os.environ.get("ANVIL_GEMV_TMA", "1") != "0"  # "0": leave the TMA skinny GEMM out of the candidates (A/B runs)
 
 
 @dataclass
@@ -84,6 +82,7 @@ class GemvTuner:
         biases: list[torch.Tensor | None] | None = None,
         reps: int = 5,
         norm: bool = False,
+        tma: bool = False,
     ) -> TuneResult:
         """weights: every layer's [N, K] matrix of one role (all the same shape). norm: the role takes the RMSNorm
         as its prologue (qkv, w13), timed as the step runs it — fused into the batch-1 fma GEMV (every program
@@ -111,7 +110,7 @@ class GemvTuner:
         res = TuneResult(m, n, k, act, best="cublas")
         nbytes = sum(w.numel() * w.element_size() for w in weights)
         kmax = triton.next_power_of_2(k)
-        tma = TMA and skinny_tma.supported(x[:, :k], weights[0]) is None  # sm_90+, aligned rows
+        tma = tma and skinny_tma.supported(x[:, :k], weights[0]) is None  # asked for, sm_90+, aligned rows
         for cfg in gemv.candidates(m, tma):
             name = str(cfg)
             if cfg.kind != "cublas" and cfg.block_k > kmax:
