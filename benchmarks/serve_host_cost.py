@@ -153,8 +153,12 @@ def main() -> None:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    commit = os.environ.get("ANVIL_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                                              capture_output=True, text=True).stdout.strip() or None
+    from engine.server.app import server_io  # what the server process picked (the same environment)
+
     env = {"machine": platform.machine(), "cpu": platform.processor(), "cores": os.cpu_count(),
-           "python": platform.python_version(), "commit": os.environ.get("ANVIL_COMMIT"),
+           "python": platform.python_version(), "commit": commit, "server_io": "/".join(server_io()),
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     try:
         import torch

@@ -7,7 +7,8 @@
 # (.whl/ is git-ignored) and carry them:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #     --platform any -d .whl/serve fastapi starlette uvicorn pydantic pydantic-core annotated-types \
-#     typing-inspection typing-extensions h11 anyio sniffio idna httpx httpcore certifi opentelemetry-api
+#     typing-inspection typing-extensions h11 anyio sniffio idna httpx httpcore certifi opentelemetry-api \
+#     httptools uvloop   (C event loop and HTTP parser: bench serve uses them where installed)
 # device tool: run(command="bash scripts/serve_gpu.sh $OUT", carry=[".whl/serve"], kind="nvidia-h200")
 # SERVE_OPTIONS="k=v ..." adds `--option k=v` per pair to the server (EngineConfig fields); SUITE picks another suite.
 set -euo pipefail

@@ -246,6 +246,7 @@ class Serving:
         sent = [0] * len(streams)  # characters of text sent per choice (completions' text_offset)
         obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
         head = {"id": self._id(job), "object": obj, "created": job.created, "model": self.model_name}
+        head_json = json.dumps(head, separators=(",", ":")).encode()[:-1]  # the chunk's bytes up to "choices"
         started = [False] * len(streams)  # chat: the role rides on a choice's first chunk (so it carries a token)
         async for i, out in self._outputs(streams):
             if out.finish_reason == "error":
@@ -262,18 +263,30 @@ class Serving:
                 yield self._chunk(job, head, i, out, sent, usage, finished=False)
                 out = StreamOutput(out.request_id, "", [], [], None, True, out.finish_reason, out.num_prompt_tokens,
                                    out.num_output_tokens, out.num_cached_tokens)  # fmt: skip
-            yield self._chunk(job, head, i, out, sent, usage, started=started)
+            yield self._chunk(job, head, i, out, sent, usage, started=started, head_json=head_json)
         else:
             if job.include_usage:
                 yield _event({**head, "choices": [], "usage": usage.body()})
         yield b"data: [DONE]\n\n"
 
     def _chunk(self, job: Job, head: dict, i: int, out: StreamOutput, sent: list[int], usage: _Usage,
-               finished: bool = True, started: list[bool] | None = None) -> bytes:  # fmt: skip
-        """One SSE chunk of choice i (finished=False: the output's tokens without its finish_reason)."""
+               finished: bool = True, started: list[bool] | None = None, head_json: bytes | None = None) -> bytes:  # fmt: skip
+        """One SSE chunk of choice i (finished=False: the output's tokens without its finish_reason). With head_json
+        (the head's JSON without its closing brace), a plain token chunk — no logprobs or usage, a completion or a
+        started chat choice's content — is assembled from it and the encoded text: the same bytes as the general
+        path below, which builds and encodes the whole dict (~3x the event loop's time per token there)."""
+        reason = out.finish_reason if finished else None
+        if head_json is not None and job.logprobs is None and not job.continuous_usage:
+            if job.kind != "chat":
+                sent[i] += len(out.text)
+                return b"".join((b"data: ", head_json, b',"choices":[{"index":%d,"logprobs":null,"finish_reason":' % i,
+                                 _json(reason), b',"text":', _json(out.text), b',"stop_reason":null}]}\n\n'))  # fmt: skip
+            if started is not None and started[i] and reason is None:
+                sent[i] += len(out.text)
+                return b"".join((b"data: ", head_json, b',"choices":[{"index":%d,"logprobs":null,"finish_reason":null,' % i,
+                                 b'"delta":{"content":', _json(out.text), b"}}]}\n\n"))  # fmt: skip
         lp = self._logprobs(job, out.token_ids, out.logprobs or [], sent[i]) if job.logprobs is not None else None
         sent[i] += len(out.text)
-        reason = out.finish_reason if finished else None
         c = {"index": i, "logprobs": lp, "finish_reason": reason}
         if job.kind == "chat":
             c["delta"] = {"content": out.text} if out.text or reason is None else {}
@@ -330,3 +343,7 @@ class _Usage:
 
 def _event(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _json(value: str | None) -> bytes:
+    return json.dumps(value).encode()
