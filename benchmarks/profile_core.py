@@ -26,6 +26,13 @@ from engine.presets import synthetic
 from harness.envinfo import gpu_record
 
 
+def is_kernel(e) -> bool:
+    """A device-side event of the profile that is GPU work (kernel, copy, memset), not the GPU-side copy of a
+    record_function range (`anvil.ttft.i`), which spans every kernel of its run and its idle gaps too."""
+    return (e.device_type == torch.autograd.DeviceType.CUDA and e.device_resource_id is not None
+            and not getattr(e, "is_user_annotation", False) and not e.name.startswith("anvil."))  # fmt: skip
+
+
 def kernel_table(prof, steps: int, top: int = 30) -> dict:
     """CUDA kernel time by name (us per step), the total, and the union of busy intervals (overlaps counted once).
     `critical_us_per_step` splits the busy time among the kernels: each kernel is charged from where the kernels
@@ -34,7 +41,7 @@ def kernel_table(prof, steps: int, top: int = 30) -> dict:
     by = defaultdict(lambda: [0.0, 0, 0.0])
     spans = []
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_resource_id is not None:
+        if is_kernel(e):
             by[e.name][0] += e.time_range.elapsed_us()
             by[e.name][1] += 1
             spans.append((e.time_range.start, e.time_range.end, e.name))
@@ -122,8 +129,7 @@ def timeline(prof, marks: list[tuple[float, float, list[float]]], top: int = 12)
     """Per run (the profiler range anvil.ttft.i opened at perf_counter time t0, the token at t1): lead, busy, idle
     gaps and tail in ms on the profiler's clock (t1 mapped through the range's start), and the largest gaps."""
     ranges = {e.name: e.time_range.start for e in prof.events() if e.name.startswith("anvil.ttft.")}
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                     if e.device_type == torch.autograd.DeviceType.CUDA and e.device_resource_id is not None)
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events() if is_kernel(e))
     out = []
     for i, (t0, t1, fwd) in enumerate(marks):
         start = ranges.get(f"anvil.ttft.{i}")
