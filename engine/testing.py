@@ -90,3 +90,18 @@ def write_random_checkpoint(
     """A random checkpoint of `config` in the HF layout under `path` (created)."""
     state = {k: v.to(dtype) for k, v in random_hf_state(config, seed, std, norm_std).items()}
     return save_checkpoint(path, config, state, shards)
+
+
+def run_script(code: str, *args: str, interpret: bool = True, timeout: float = 900, **env: str) -> str:
+    """Run `code` in a fresh Python (cwd on PYTHONPATH) with the Triton interpreter on (interpret=True: it must be
+    set before any kernel is defined, hence the subprocess) or off (an AOT compile check), extra env vars added;
+    assert it exits 0 with its last line "OK". Returns its stdout."""
+    import os
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    full.update(PYTHONPATH=os.getcwd(), **env, **({"TRITON_INTERPRET": "1"} if interpret else {}))
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=full)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout

@@ -7,13 +7,12 @@ wgmma, shared memory within the SM's 227 KiB."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+
+from engine.testing import run_script
 
 pytest.importorskip("triton", reason="the Triton interpreter needs the triton package")
 
@@ -70,9 +69,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("case", ["gqa", "mha", "d128"])
 def test_fresh_prefill_kernel_equals_reference_under_the_interpreter(case):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
-    r = subprocess.run([sys.executable, "-c", SCRIPT, case], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+    run_script(SCRIPT, case, timeout=600)
 
 
 def test_supported_names_what_it_cannot_take():
@@ -122,7 +119,4 @@ COMPILE = textwrap.dedent(
 
 def test_the_default_hopper_config_compiles_for_sm90_with_tma_loads():
     pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas) to compile")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.getcwd()
-    r = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+    run_script(COMPILE, interpret=False, timeout=600)

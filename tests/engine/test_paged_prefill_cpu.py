@@ -5,12 +5,11 @@ GQA 4:1 / 3:1 / 1:1, head_dim 64 / 32 / 24 (padded to BLOCK_D), sliding windows,
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from engine.testing import run_script
 
 pytest.importorskip("triton", reason="the Triton interpreter needs the triton package")
 
@@ -82,9 +81,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("case", ["gqa", "mha", "window", "d128"])
 def test_paged_prefill_kernel_equals_reference_under_the_interpreter(case):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
-    r = subprocess.run([sys.executable, "-c", SCRIPT, case], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+    run_script(SCRIPT, case, timeout=600)
 
 
 COMPILE = textwrap.dedent(
@@ -129,7 +126,4 @@ def test_the_default_hopper_config_compiles_for_sm90_with_pipelined_kv_loads():
     fits in shared memory, uses wgmma, and keeps the K/V copies of a later tile in flight while a tile is computed
     (a Triton upgrade that changes the stage mapping fails here: re-run the --sweep)."""
     pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas) to compile")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.getcwd()
-    r = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+    run_script(COMPILE, interpret=False, timeout=600)

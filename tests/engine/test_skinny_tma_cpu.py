@@ -7,13 +7,12 @@ dispatch of the "tma" kind (SwiGLU first, as for cuBLAS)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+
+from engine.testing import run_script
 
 pytest.importorskip("triton", reason="the Triton interpreter needs the triton package")
 
@@ -69,9 +68,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("case", ["ragged", "configs", "fp16"])
 def test_skinny_tma_equals_float64_under_the_interpreter(case):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
-    r = subprocess.run([sys.executable, "-c", SCRIPT, case], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+    run_script(SCRIPT, case, timeout=600)
 
 
 def test_supported_names_what_it_cannot_take():
@@ -79,7 +76,6 @@ def test_supported_names_what_it_cannot_take():
 
     x, w = torch.randn(4, 64), torch.randn(32, 64)
     assert supported(x, w) == "not a CUDA tensor"  # outside the interpreter, on the CPU
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
     code = textwrap.dedent(
         """
         import torch
@@ -92,8 +88,7 @@ def test_supported_names_what_it_cannot_take():
         print("OK")
         """
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+    run_script(code, timeout=300)
 
 
 def test_the_tuner_offers_tma_configs_only_where_they_run():
@@ -139,7 +134,4 @@ COMPILE = textwrap.dedent(
 
 def test_every_tma_config_compiles_for_sm90_with_tma_loads():
     pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas) to compile")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.getcwd()
-    r = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+    run_script(COMPILE, interpret=False, timeout=900)

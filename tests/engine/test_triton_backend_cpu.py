@@ -5,13 +5,12 @@ gives the reference loop's greedy tokens."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+
+from engine.testing import run_script
 
 pytest.importorskip("triton", reason="the Triton interpreter needs the triton package")
 
@@ -113,9 +112,7 @@ def test_padded_fresh_sdpa_equals_exact_length_call_on_random_inputs():
 
 
 def test_triton_backend_dispatch_equals_reference_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
-    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+    run_script(SCRIPT, timeout=900)
 
 
 KERNELS = textwrap.dedent(
@@ -157,9 +154,7 @@ KERNELS = textwrap.dedent(
 def test_gemv_and_argmax_kernels_equal_torch_under_the_interpreter():
     """The fma GEMV (double-buffered weight tiles, PDL off on the CPU) with each prologue / epilogue, the dot GEMV,
     and the two-stage argmax (ties across blocks) against torch at sizes that are not multiples of the tiles."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
-    r = subprocess.run([sys.executable, "-c", KERNELS], capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+    run_script(KERNELS, timeout=900)
 
 
 QKV_ROPE = textwrap.dedent(
@@ -216,9 +211,7 @@ QKV_ROPE = textwrap.dedent(
 
 
 def test_qkv_projection_with_rope_epilogue_equals_the_unfused_path_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd(), "ANVIL_QKV_ROPE": "1"}
-    r = subprocess.run([sys.executable, "-c", QKV_ROPE], capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+    run_script(QKV_ROPE, timeout=900, ANVIL_QKV_ROPE="1")
 
 
 DECODE = textwrap.dedent(
@@ -269,9 +262,7 @@ DECODE = textwrap.dedent(
 
 
 def test_split_kv_decode_and_its_fused_merge_equal_the_reference_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
-    r = subprocess.run([sys.executable, "-c", DECODE], capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+    run_script(DECODE, timeout=900)
 
 
 @pytest.mark.parametrize(

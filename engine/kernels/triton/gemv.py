@@ -271,6 +271,20 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(x[..., :f]) * x[..., f:]
 
 
+def epilogue_out(x: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                 out: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """The output [M, N] of a GEMV kernel (out, or a new tensor), with bias [N] and residual [M, N] checked."""
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    assert out.shape == (m, n) and out.stride(-1) == 1
+    if bias is not None:
+        assert bias.shape == (n,) and bias.stride(0) == 1
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.stride(-1) == 1 and residual.dtype == x.dtype
+    return out
+
+
 def linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -306,15 +320,9 @@ def linear(
             out.copy_(y)
             return out
         return y
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    assert out.shape == (m, n) and out.stride(-1) == 1
-    if bias is not None:
-        assert bias.shape == (n,) and bias.stride(0) == 1
-    if residual is not None:
-        assert residual.shape == (m, n) and residual.stride(-1) == 1 and residual.dtype == x.dtype
-        if cfg.kind == "fma":  # linear_fused carries the fma residual epilogue
-            return linear_fused(x, w, cfg, bias=bias, act=act, residual=residual, out=out)
+    out = epilogue_out(x, n, bias, residual, out)
+    if residual is not None and cfg.kind == "fma":  # linear_fused carries the fma residual epilogue
+        return linear_fused(x, w, cfg, bias=bias, act=act, residual=residual, out=out)
     even_k = k % cfg.block_k == 0
     grid = (triton.cdiv(n, cfg.block_n),)
     b_arg = bias if bias is not None else w

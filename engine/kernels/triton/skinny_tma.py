@@ -89,18 +89,14 @@ def skinny_tma(
     be the residual itself."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    from engine.kernels.triton.gemv import epilogue_out
+
     m, k = x.shape
     n = w.shape[0]
     assert w.shape[1] == k and x.dtype == w.dtype, f"x {tuple(x.shape)} {x.dtype} vs w {tuple(w.shape)} {w.dtype}"
     why = supported(x, w)
     assert why is None, why
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    assert out.shape == (m, n) and out.stride(-1) == 1
-    if bias is not None:
-        assert bias.shape == (n,) and bias.stride(0) == 1
-    if residual is not None:
-        assert residual.shape == (m, n) and residual.stride(-1) == 1 and residual.dtype == x.dtype
+    out = epilogue_out(x, n, bias, residual, out)
     block_m = max(16, triton.next_power_of_2(m))
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, block_k])
     w_desc = TensorDescriptor(w, [n, k], [w.stride(0), 1], [block_n, block_k])
