@@ -18,13 +18,14 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from harness.scenarios.serving import launched_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,12 +80,6 @@ async def load(base: str, n: int, prompt: int, max_tokens: int, seed: int) -> tu
         return sum(got), time.perf_counter() - t0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -101,27 +96,13 @@ def main() -> None:
         ap.error("per-thread CPU times come from /proc: Linux only")
     levels = [int(x) for x in args.concurrency.split(",")]
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     top = max(levels)
     opts = [f"max_num_seqs={max(top, 4)}", *args.option]
-    cmd = [sys.executable, "-m", "harness", "serve", args.model, "--port", str(port), "--device", args.device,
-           "--dtype", dtype, "--log-level", "warning", *(x for o in opts for x in ("--option", o))]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "harness", "serve", args.model, "--host", "{host}", "--port", "{port}",
+           "--device", args.device, "--dtype", dtype, "--log-level", "warning",
+           *(x for o in opts for x in ("--option", o))]  # fmt: skip
     rows = []
-    try:
-        deadline = time.monotonic() + args.start_timeout
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"bench serve exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"bench serve not healthy after {args.start_timeout:.0f} s")
-            time.sleep(0.25)
+    with launched_server(cmd, {}, timeout_s=args.start_timeout, with_process=True) as (base, proc):
         asyncio.run(load(base, 4, args.prompt, 4, seed=1))  # warm-up
         for i, c in enumerate(levels):
             m0, cpu0 = metrics(base), thread_cpu(proc.pid)
@@ -147,12 +128,6 @@ def main() -> None:
                   f"loop {row['loop_cpu_us_per_token']:.1f} us CPU/token, engine {row['engine_cpu_us_per_step']:.0f} "
                   f"us CPU/step, step {row['step_ms']:.2f} ms (device wait {row['device_wait_ms_per_step']:.2f}, "
                   f"between {row['between_steps_ms']:.2f})", flush=True)  # fmt: skip
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     commit = os.environ.get("ANVIL_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                                               capture_output=True, text=True).stdout.strip() or None
     from engine.server.app import server_io  # what the server process picked (the same environment)

@@ -148,10 +148,10 @@ def _tail(path: str, n: int = 2000) -> str:
 
 @contextlib.contextmanager
 def launched_server(cmd: list[str] | str, fill: dict[str, str], timeout_s: float = 120.0,
-                    log_path: str | os.PathLike | None = None) -> Iterator[str]:
-    """Start a server process, wait until GET {base}/v1/models answers, yield its base_url, then stop it.
-    Its stdout + stderr go to `log_path` (a pipe nobody drains would block a chatty server once it fills); without
-    one, to a temporary file removed afterwards."""
+                    log_path: str | os.PathLike | None = None, with_process: bool = False) -> Iterator:
+    """Start a server process, wait until GET {base}/v1/models answers, yield its base_url (with_process: the pair
+    base_url, Popen), then stop it. Its stdout + stderr go to `log_path` (a pipe nobody drains would block a chatty
+    server once it fills); without one, to a temporary file removed afterwards."""
     import httpx
 
     fill = dict(fill)
@@ -186,7 +186,7 @@ def launched_server(cmd: list[str] | str, fill: dict[str, str], timeout_s: float
                 raise RuntimeError(f"server not ready after {timeout_s:.0f} s: {argv}\nlast output ({log}):\n"
                                    f"{_tail(log)}")
             time.sleep(0.25)
-        yield base
+        yield (base, proc) if with_process else base
     finally:
         proc.terminate()
         try:
