@@ -125,12 +125,13 @@ class LLM:
     @torch.inference_mode()
     def hidden_states(self, prompt_ids: list[int]) -> list[torch.Tensor]:
         """Float32 CPU [len, dim] per decoder layer (its output after the residual add), for layer-wise parity."""
-        self.model.capture_hidden = True
-        try:
-            self.core.prompt_logits(list(prompt_ids))
-            return [h.float().cpu() for h in self.model.hidden]
-        finally:
-            self.model.capture_hidden, self.model.hidden = False, []
+        with self.core.runner.lock:  # the model's capture flag, shared with any other engine over the same model
+            self.model.capture_hidden = True
+            try:
+                self.core.prompt_logits(list(prompt_ids))
+                return [h.float().cpu() for h in self.model.hidden]
+            finally:
+                self.model.capture_hidden, self.model.hidden = False, []
 
     def info(self) -> dict:
         return self.core.info()

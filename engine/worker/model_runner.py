@@ -13,6 +13,7 @@ import array
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -51,9 +52,19 @@ class StepHandle:
         return self.host.tolist()
 
 
+def model_lock(model: Transformer) -> threading.RLock:
+    """The lock of a model object, shared by every runner over it (created with the first)."""
+    lock = model.__dict__.get("_anvil_lock")
+    if lock is None:
+        lock = threading.RLock()
+        object.__setattr__(model, "_anvil_lock", lock)
+    return lock
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int) -> None:
         self.model, self.config, self.max_model_len = model, config, max_model_len
+        self.lock = model_lock(model)
         c = self.mc = model.config
         self.device, self.dtype = model.device, model.dtype
         cuda = self.cuda = self.device.type == "cuda"
@@ -196,11 +207,14 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """The model over this runner's KV pool: every eager forward comes here. The pool and backend are re-attached
         to the model's layers first when another runner over the same model object (a second LLM) has taken them
-        (captured graphs keep the pointers they were captured with)."""
-        att = self.model.layers[0].attention
-        if att.k_cache is None or att.k_cache.data_ptr() != self.pool.k.data_ptr() or att.backend is not self.backend:
-            self.model.bind(self.backend, self.pool.k, self.pool.v)
-        return self.model(batch)
+        (captured graphs keep the pointers they were captured with); the model's lock makes that re-attach and the
+        forward one step for runners stepping in different threads (a server's engine thread beside a reference
+        LLM in the same process)."""
+        with self.lock:
+            att = self.model.layers[0].attention
+            if att.k_cache is None or att.k_cache.data_ptr() != self.pool.k.data_ptr() or att.backend is not self.backend:
+                self.model.bind(self.backend, self.pool.k, self.pool.v)
+            return self.model(batch)
 
     # ---------------------------------------------------------------- batches
     def _tensor(self, data, dtype) -> torch.Tensor:
@@ -299,12 +313,13 @@ class ModelRunner:
         if not want_hidden and self.graphs is not None and nd == b and self.graphs.bucket(b) is not None:
             return self.graphs.run(ids, pos, lens, tables, [], None), sampled, None
         batch = self._batch(ids, pos, seq, qs, lens, tables, nd, rows)
-        self.model.capture_hidden = want_hidden
-        try:
-            logits = self.forward(batch)
-            hidden = self.model.norm(self.model.hidden[-1][batch.logits_indices]) if want_hidden else None
-        finally:
-            self.model.capture_hidden, self.model.hidden = False, []
+        with self.lock:  # capture_hidden and hidden are the model's, shared with any other runner over it
+            self.model.capture_hidden = want_hidden
+            try:
+                logits = self.forward(batch)
+                hidden = self.model.norm(self.model.hidden[-1][batch.logits_indices]) if want_hidden else None
+            finally:
+                self.model.capture_hidden, self.model.hidden = False, []
         return logits, sampled, hidden
 
     def _patch(self, input_ids: torch.Tensor, patch: list[tuple[int, int]], prev: StepHandle) -> None:
