@@ -274,6 +274,10 @@ skinny)  # the TMA skinny GEMM (engine/kernels/triton/skinny_tma.py) as a GEMV-t
     ANVIL_GEMV_TMA=$tma timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/core_bench.py --parts decode \
       --batches "${BATCHES:-1,8,32,64}" --out "$out/decode-tma$tma.json" 2>&1 | tail -8 > "$out/decode-tma$tma.log"
   done
+  # EXTRA_TESTS="tests/engine/test_core_gpu.py -k fresh": more GPU tests in the same call, after the timings
+  # shellcheck disable=SC2086
+  [ -z "${EXTRA_TESTS:-}" ] || timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider --tb=short \
+    -rfs $EXTRA_TESTS 2>&1 | tail -12 > "$out/extra-tests.log"
   python3 - "$out" <<'PY'
 import json, sys
 for tma in (0, 1):
