@@ -276,17 +276,15 @@ class Serving:
         started chat choice's content — is assembled from it and the encoded text: the same bytes as the general
         path below, which builds and encodes the whole dict (~3x the event loop's time per token there)."""
         reason = out.finish_reason if finished else None
+        offset, sent[i] = sent[i], sent[i] + len(out.text)
         if head_json is not None and job.logprobs is None and not job.continuous_usage:
             if job.kind != "chat":
-                sent[i] += len(out.text)
                 return b"".join((b"data: ", head_json, b',"choices":[{"index":%d,"logprobs":null,"finish_reason":' % i,
                                  _json(reason), b',"text":', _json(out.text), b',"stop_reason":null}]}\n\n'))  # fmt: skip
             if started is not None and started[i] and reason is None:
-                sent[i] += len(out.text)
                 return b"".join((b"data: ", head_json, b',"choices":[{"index":%d,"logprobs":null,"finish_reason":null,' % i,
                                  b'"delta":{"content":', _json(out.text), b"}}]}\n\n"))  # fmt: skip
-        lp = self._logprobs(job, out.token_ids, out.logprobs or [], sent[i]) if job.logprobs is not None else None
-        sent[i] += len(out.text)
+        lp = self._logprobs(job, out.token_ids, out.logprobs or [], offset) if job.logprobs is not None else None
         c = {"index": i, "logprobs": lp, "finish_reason": reason}
         if job.kind == "chat":
             c["delta"] = {"content": out.text} if out.text or reason is None else {}

@@ -63,8 +63,12 @@ def model_lock(model: Transformer) -> threading.RLock:
 
 class ModelRunner:
     def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int) -> None:
-        self.model, self.config, self.max_model_len = model, config, max_model_len
         self.lock = model_lock(model)
+        with self.lock:  # the warm-up, pool binding, tuning and graph capture run the shared model over this runner's
+            self._setup(model, config, max_model_len)  # pools: not while another runner's forward is on it
+
+    def _setup(self, model: Transformer, config: EngineConfig, max_model_len: int) -> None:
+        self.model, self.config, self.max_model_len = model, config, max_model_len
         c = self.mc = model.config
         self.device, self.dtype = model.device, model.dtype
         cuda = self.cuda = self.device.type == "cuda"

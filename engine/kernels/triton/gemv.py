@@ -301,7 +301,7 @@ def linear(
     assert x.dim() == 2 and x.stride(-1) == 1 and w.stride(-1) == 1 and w.stride(0) >= k, "row-major x and w"
     assert x.shape[1] == (2 * k if act else k), f"x {tuple(x.shape)} vs w {tuple(w.shape)} (act={act})"
     assert x.dtype == w.dtype, f"x {x.dtype} vs w {w.dtype}"
-    if cfg.kind == "cublas" or (cfg.kind == "fma" and m != 1) or cfg.kind == "tma":
+    if cfg.kind in ("cublas", "tma") or (cfg.kind == "fma" and m != 1):  # SwiGLU as its own kernel first
         if act:  # one Triton kernel on the GPU rather than torch's silu + mul
             from engine.kernels.triton.fused import silu_and_mul
 
