@@ -74,11 +74,14 @@ def serve(
     try:
         from engine.async_llm import AsyncLLM
         from engine.server import build_app, run_server
+        from engine.server.app import server_io
     except ModuleNotFoundError as exc:
         err.print(f"[red]error:[/red] {exc.name} is missing: pip install -e '.[serve]'", highlight=False)
         raise typer.Exit(2) from None
     key = api_key or os.environ.get("ANVIL_API_KEY") or None
     app = build_app(AsyncLLM(llm, max_waiting=max_queue), served_model_name or model, key)
+    loop, http = server_io()
     err.print(f"anvil serving {served_model_name or model} on http://{host}:{port} (max_model_len "
-              f"{llm.core.max_model_len}, {llm.core.blocks.num_usable} KV blocks)", highlight=False)  # fmt: skip
+              f"{llm.core.max_model_len}, {llm.core.blocks.num_usable} KV blocks; event loop {loop}, HTTP {http})",
+              highlight=False)  # fmt: skip
     run_server(app, host, port, log_level)

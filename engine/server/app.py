@@ -151,7 +151,6 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
             await super().shutdown(sockets)
 
     loop, http = server_io()
-    log.info("serving on http://%s:%d (event loop %s, HTTP parser %s)", host, port, loop, http)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s,
                             access_log=False, loop=loop, http=http)  # fmt: skip
     _Server(config).run()
