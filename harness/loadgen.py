@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from adapters.sse import SSEParser
+from harness.http_stream import CLIENTS, make_client
 from harness.metrics import percentile, stdev
 
 # Words that are one token each in the Llama / Mistral vocabularies (leading space), for text-only servers.
@@ -168,6 +170,7 @@ class LoadConfig:
     ignore_eos: bool = True  # ask for exactly max_tokens (vLLM / llama.cpp extension field)
     temperature: float = 0.0
     include_usage: bool = True  # ask for a final usage chunk (exact output token counts)
+    http_client: str = "anvil"  # anvil (harness/http_stream.py, lean) | httpx (its CPU cost per chunk is ~4x)
 
     def validate(self) -> None:
         check_target(self.base_url, self.allow_remote)
@@ -185,6 +188,8 @@ class LoadConfig:
             raise LoadgenError(f"max_duration_s must be in (0, 86400], got {self.max_duration_s}")
         if self.endpoint not in ("/v1/completions", "/v1/chat/completions"):
             raise LoadgenError(f"endpoint must be /v1/completions or /v1/chat/completions, got {self.endpoint!r}")
+        if self.http_client not in CLIENTS:
+            raise LoadgenError(f"http_client must be one of {', '.join(CLIENTS)}, got {self.http_client!r}")
 
 
 def check_target(base_url: str, allow_remote: bool = False) -> None:
@@ -278,7 +283,7 @@ def _body(cfg: LoadConfig, req: RequestSpec) -> dict:
 
 
 async def send_one(client, cfg: LoadConfig, req: RequestSpec, index: int, t0: float) -> RequestOutcome:
-    """Send one streaming request and time every token event on the host clock."""
+    """Send one streaming request and time every token event on the host clock (when its bytes arrived)."""
     out = RequestOutcome(
         index=index, start=time.perf_counter() - t0, prompt_len=req.prompt_len, max_tokens=req.max_tokens
     )
@@ -286,18 +291,14 @@ async def send_one(client, cfg: LoadConfig, req: RequestSpec, index: int, t0: fl
     last = sent
     events = 0
     try:
-        async with (
-            asyncio.timeout(cfg.request_timeout_s),
-            client.stream("POST", cfg.base_url.rstrip("/") + cfg.endpoint, json=_body(cfg, req)) as resp,
-        ):
+        async with asyncio.timeout(cfg.request_timeout_s), client.post(cfg.endpoint, _body(cfg, req)) as resp:
             if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")[:300]
+                text = (await resp.read()).decode(errors="replace")[:300]
                 out.error = f"HTTP {resp.status_code}: {text}"
                 return out
             parser = SSEParser()  # the project's one SSE parser (framing, split lines, comments)
             finished = False
-            async for chunk in resp.aiter_bytes():
-                now = time.perf_counter()
+            async for now, chunk in resp.pieces():
                 for ev in parser.feed(chunk):
                     if ev.done:
                         finished = True
@@ -345,14 +346,9 @@ class LoadResult:
 
 
 async def run_load_async(cfg: LoadConfig, requests: list[RequestSpec], warmup: list[RequestSpec]) -> LoadResult:
-    import httpx
-
     cfg.validate()
     limit = cfg.concurrency or max(1, len(requests))
-    timeout = httpx.Timeout(cfg.request_timeout_s, connect=min(30.0, cfg.request_timeout_s))
-    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
-    # trust_env=False: a proxy from the environment must never see (or redirect) benchmark traffic.
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+    async with make_client(cfg.http_client, cfg.base_url, limit, cfg.request_timeout_s) as client:
         t_w = time.perf_counter()
         warm = [await send_one(client, cfg, r, -1, t_w) for r in warmup]
         sem = asyncio.Semaphore(limit)
@@ -396,7 +392,21 @@ def run_load(cfg: LoadConfig, work: Workload) -> LoadResult:
     """Build the requests and run the load (blocking). Warm-up requests use the same workload, other seeds."""
     cfg.validate()
     reqs = build_requests(work, cfg.num_requests + cfg.warmup_requests)
-    return asyncio.run(run_load_async(cfg, reqs[cfg.warmup_requests :], reqs[: cfg.warmup_requests]))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(run_load_async(cfg, reqs[cfg.warmup_requests :], reqs[: cfg.warmup_requests]))
+
+
+def _loop_factory():
+    """uvloop's event loop where installed (the `serve` extra; its socket reads and polling cost the client about
+    half of asyncio's per streamed chunk), else asyncio's. Env ANVIL_LOADGEN_LOOP=asyncio forces asyncio's."""
+    if os.environ.get("ANVIL_LOADGEN_LOOP", "") != "asyncio":
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop
+        except ImportError:
+            pass
+    return None
 
 
 def _stats(prefix: str, xs_s: list[float], out: dict[str, float]) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from harness import loadgen
 from harness import metrics as M
+from harness.http_stream import CLIENTS
 from harness.loadgen import LengthDist, LoadConfig, LoadgenError, Workload
 from harness.scenarios import Param
 from harness.telemetry import Telemetry, flat_metrics
@@ -57,6 +58,8 @@ PARAMS = {
     "seed": Param(int, 0, sweep=True, help="prompts and arrivals; a list runs one cell per seed (run-to-run spread, "
                   "and prompts no earlier cell sent, so no prefix-cache hits across cells)"),
     "telemetry_interval_s": Param(float, 0.2, min=0.01),
+    "http_client": Param(str, "anvil", help="the load generator's HTTP client: anvil (lean, the default) | httpx "
+                         "(~4x its CPU per streamed chunk: A/B runs of what the client adds to TPOT / ITL)"),
 }
 OWN_TELEMETRY = True  # samples around the measured phase only (not warm-up or server start)
 KEY_METRICS = (
@@ -69,6 +72,8 @@ KEY_METRICS = (
 def validate(params: dict, engines: tuple[str, ...]) -> tuple[str, str] | None:
     if params["endpoint"] not in ("/v1/completions", "/v1/chat/completions"):
         return "endpoint", f"expected /v1/completions or /v1/chat/completions, got {params['endpoint']!r}"
+    if params["http_client"] not in CLIENTS:
+        return "http_client", f"expected one of {', '.join(CLIENTS)}, got {params['http_client']!r}"
     if params["prompt_format"] not in ("ids", "text"):
         return "prompt_format", f"expected ids or text, got {params['prompt_format']!r}"
     if not params["range_ratio"] < 1:
@@ -111,6 +116,7 @@ def plan(
         request_timeout_s=float(p["request_timeout_s"]),
         max_duration_s=float(p["max_duration_s"]),
         allow_remote=bool(p["allow_remote"]),
+        http_client=str(p["http_client"]),
     )
     cfg.validate()
     if p["prompt_format"] == "ids" and not p["dataset"] and vocab_size < 11:
