@@ -46,7 +46,6 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from engine.kernels import ext  # noqa: E402
 from engine.kernels.triton.int4_dequant import int4_dequantize  # noqa: E402

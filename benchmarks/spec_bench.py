@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import engine  # noqa: E402
 from engine import LLM, EngineConfig  # noqa: E402
@@ -187,7 +186,7 @@ def time_forward(llm: LLM, batch: int, q_len: int, ctx: int, reps: int, graph: b
         if graph and q_len == 1 and r.graphs is not None:
             fn = lambda: r.graphs.run(ids, pos, lens, tables, [], None)  # noqa: E731
         else:
-            b = r._batch(ids, pos, [i for i in range(batch) for _ in range(q_len)],
+            b = r.build_batch(ids, pos, [i for i in range(batch) for _ in range(q_len)],
                          [i * q_len for i in range(batch + 1)], lens, tables, batch if q_len == 1 else 0,
                          list(range(batch * q_len)))  # fmt: skip
             fn = lambda: r.model(b)  # noqa: E731

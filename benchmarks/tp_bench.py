@@ -29,8 +29,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from engine.config import EngineConfig  # noqa: E402
 from engine.distributed import launch, state  # noqa: E402
 

@@ -116,7 +116,7 @@ class EngineCore:
             raise ValueError(f"prompt of {n} tokens needs {self.blocks.blocks_for(n)} KV blocks, {self.blocks.num_free} free")
         try:
             r = self.runner
-            batch = r._batch(prompt_ids, list(range(n)), [0] * n, [0, n], [n], [tmp.block_ids], 0, None)
+            batch = r.build_batch(prompt_ids, list(range(n)), [0] * n, [0, n], [n], [tmp.block_ids], 0, None)
             return r.forward(batch).float().cpu()
         finally:
             self.blocks.free(tmp)

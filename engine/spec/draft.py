@@ -69,7 +69,7 @@ class DraftModelProposer(Proposer):
             self.graph_steps += 1
             return g.run(ids, pos, lens, tables, [], None)
         self.eager_steps += 1
-        return self.runner.forward(self.runner._batch(ids, pos, seq, qs, lens, tables, nd, rows))
+        return self.runner.forward(self.runner.build_batch(ids, pos, seq, qs, lens, tables, nd, rows))
 
     def _pick(self, logits: torch.Tensor, reqs: list[Request], states: list[_State]):
         """Draft tokens [n] (host) and, per request, q [V] for sampling ones (None for greedy)."""

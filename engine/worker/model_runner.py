@@ -202,7 +202,7 @@ class ModelRunner:
         self.model.bind(self.backend, tmp.k, tmp.v)
         t = min(self.config.max_num_batched_tokens, self.max_model_len)
         n_logits = min(self.config.max_num_seqs, t)
-        batch = self._batch([1] * t, list(range(t)), [0] * t, [0, t], [t], [[0] * math.ceil(t / self.config.block_size)],
+        batch = self.build_batch([1] * t, list(range(t)), [0] * t, [0, t], [t], [[0] * math.ceil(t / self.config.block_size)],
                             0, list(range(t - n_logits, t)))  # fmt: skip
         self.model(batch)
         torch.cuda.synchronize(self.device)
@@ -233,7 +233,7 @@ class ModelRunner:
             t = torch.tensor(data, dtype=dtype, pin_memory=self.cuda)
         return t.to(self.device, non_blocking=True) if self.cuda else t
 
-    def _batch(self, ids, positions, seq_idx, query_start, seq_lens, tables, num_decodes, logits_rows) -> ForwardBatch:
+    def build_batch(self, ids, positions, seq_idx, query_start, seq_lens, tables, num_decodes, logits_rows) -> ForwardBatch:
         ncols = -(-max(1, max(len(t) for t in tables)) // 16) * 16  # a multiple of 16: one Triton specialization
         padded = [t + [0] * (ncols - len(t)) for t in tables]
         meta = AttentionMetadata(
@@ -286,7 +286,7 @@ class ModelRunner:
             self.steps["graph_mixed"] += 1
         else:
             self.steps["eager"] += 1
-            batch = self._batch(ids, pos, seq, qs, lens, tables, nd, rows)
+            batch = self.build_batch(ids, pos, seq, qs, lens, tables, nd, rows)
             if patch:
                 self._patch(batch.input_ids, patch, prev)
             logits = self.forward(batch)  # [N, V]
@@ -316,7 +316,7 @@ class ModelRunner:
         b, nd = len(lens), sched.num_decodes
         if not want_hidden and self.graphs is not None and nd == b and self.graphs.bucket(b) is not None:
             return self.graphs.run(ids, pos, lens, tables, [], None), sampled, None
-        batch = self._batch(ids, pos, seq, qs, lens, tables, nd, rows)
+        batch = self.build_batch(ids, pos, seq, qs, lens, tables, nd, rows)
         with self.lock:  # capture_hidden and hidden are the model's, shared with any other runner over it
             self.model.capture_hidden = want_hidden
             try:
