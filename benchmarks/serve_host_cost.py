@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from adapters.sse import SSEParser
+from harness.http_stream import StreamClient
 from harness.scenarios.serving import launched_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,21 +62,22 @@ def metrics(base: str) -> dict[str, float]:
 
 
 async def load(base: str, n: int, prompt: int, max_tokens: int, seed: int) -> tuple[int, float]:
-    """n concurrent streaming completions; (SSE data chunks received, wall seconds)."""
+    """n concurrent streaming completions (the load generator's lean client, harness/http_stream.py); (SSE data
+    chunks received, wall seconds)."""
 
-    async def one(c: httpx.AsyncClient, i: int) -> int:
+    async def one(c: StreamClient, i: int) -> int:
         body = {"prompt": [3 + (seed + i * 7919 + j * 31) % 250 for j in range(prompt)], "max_tokens": max_tokens,
                 "temperature": 0, "stream": True, "ignore_eos": True}  # fmt: skip
         chunks = 0
-        async with c.stream("POST", "/v1/completions", json=body) as r:
+        async with c.post("/v1/completions", body) as r:
             if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-            async for line in r.aiter_lines():
-                chunks += line.startswith("data: {")
+                raise RuntimeError(f"HTTP {r.status_code}: {(await r.read())[:300]!r}")
+            parser = SSEParser()
+            async for _, piece in r.pieces():
+                chunks += sum(ev.data.startswith("{") for ev in parser.feed(piece))
         return chunks
 
-    limits = httpx.Limits(max_connections=n + 8)
-    async with httpx.AsyncClient(base_url=base, timeout=600, trust_env=False, limits=limits) as c:
+    async with StreamClient(base, max_connections=n + 8) as c:
         t0 = time.perf_counter()
         got = await asyncio.gather(*(one(c, i) for i in range(n)))
         return sum(got), time.perf_counter() - t0
