@@ -1,6 +1,6 @@
 """What the load generator itself costs and adds to what it measures: the harness's client against a paced fake
 engine (a raw asyncio server in a subprocess that, every `--step-ms`, writes one OpenAI-style SSE chunk to each open
-stream: a decode step of C sequences), for each HTTP client (anvil's harness/http_stream.py, httpx) and event loop
+stream: a decode step of C sequences), for each HTTP client (anvil's adapters/http_stream.py, httpx) and event loop
 (uvloop, asyncio). Per run: the client's CPU µs per streamed chunk (getrusage of this process), the stream rate, and
 TPOT p50 / ITL p99 as measured beside the server's own mean step period over the same run (the truth the client
 should report). Writes one JSON.

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from adapters.sse import SSEParser
-from harness.http_stream import StreamClient
+from adapters.http_stream import StreamClient
 from harness.scenarios.serving import launched_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def metrics(base: str) -> dict[str, float]:
 
 
 async def load(base: str, n: int, prompt: int, max_tokens: int, seed: int) -> tuple[int, float]:
-    """n concurrent streaming completions (the load generator's lean client, harness/http_stream.py); (SSE data
+    """n concurrent streaming completions (the load generator's lean client, adapters/http_stream.py); (SSE data
     chunks received, wall seconds)."""
 
     async def one(c: StreamClient, i: int) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from adapters.sse import SSEParser
-from harness.http_stream import CLIENTS, make_client
+from adapters.http_stream import CLIENTS, make_client
 from harness.metrics import percentile, stdev
 
 # Words that are one token each in the Llama / Mistral vocabularies (leading space), for text-only servers.
@@ -170,7 +170,7 @@ class LoadConfig:
     ignore_eos: bool = True  # ask for exactly max_tokens (vLLM / llama.cpp extension field)
     temperature: float = 0.0
     include_usage: bool = True  # ask for a final usage chunk (exact output token counts)
-    http_client: str = "anvil"  # anvil (harness/http_stream.py, lean) | httpx (its CPU cost per chunk is ~4x)
+    http_client: str = "anvil"  # anvil (adapters/http_stream.py, lean) | httpx (its CPU cost per chunk is ~4x)
 
     def validate(self) -> None:
         check_target(self.base_url, self.allow_remote)

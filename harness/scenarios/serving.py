@@ -26,7 +26,7 @@ from typing import Any
 
 from harness import loadgen
 from harness import metrics as M
-from harness.http_stream import CLIENTS
+from adapters.http_stream import CLIENTS
 from harness.loadgen import LengthDist, LoadConfig, LoadgenError, Workload
 from harness.scenarios import Param
 from harness.telemetry import Telemetry, flat_metrics

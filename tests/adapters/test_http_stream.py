@@ -1,4 +1,4 @@
-"""The load generator's HTTP/1.1 client (harness/http_stream.py) against raw servers that frame answers every legal
+"""The load generator's HTTP/1.1 client (adapters/http_stream.py) against raw servers that frame answers every legal
 way (chunked in pieces split anywhere, Content-Length, close-delimited), reuse and close connections, and break the
 framing."""
 
@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from harness.http_stream import HTTPStreamError, StreamClient, make_client
+from adapters.http_stream import HTTPStreamError, StreamClient, make_client
 
 
 def _chunked(parts: list[bytes], ext: bool = False, trailer: bool = False) -> bytes:
@@ -174,7 +174,7 @@ def test_both_clients_give_the_loadgen_the_same_outcomes(kind):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "harness"))
     from fake_openai import FakeOpenAIServer
 
     from harness.loadgen import LengthDist, LoadConfig, Workload, run_load
