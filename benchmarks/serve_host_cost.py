@@ -25,8 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from adapters.sse import SSEParser
 from adapters.http_stream import StreamClient
+from adapters.sse import SSEParser
 from harness.scenarios.serving import launched_server
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from adapters.sse import SSEParser
 from adapters.http_stream import CLIENTS, make_client
+from adapters.sse import SSEParser
 from harness.metrics import percentile, stdev
 
 # Words that are one token each in the Llama / Mistral vocabularies (leading space), for text-only servers.

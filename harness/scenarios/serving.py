@@ -24,9 +24,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from adapters.http_stream import CLIENTS
 from harness import loadgen
 from harness import metrics as M
-from adapters.http_stream import CLIENTS
 from harness.loadgen import LengthDist, LoadConfig, LoadgenError, Workload
 from harness.scenarios import Param
 from harness.telemetry import Telemetry, flat_metrics
