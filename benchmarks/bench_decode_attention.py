@@ -8,8 +8,9 @@ between two layers' attention), minus a graph of the flushes alone; median of --
   python benchmarks/bench_decode_attention.py --out OUT.json --batches 1 --ctx 256,4096 \\
       --variants "base=;fused=fused:1;fused-mc256=fused:1,min_chunk:256"
 
-A variant is name=key:value,... over paged_decode_attention's knobs (fused 0/1, min_chunk, num_warps, block_n);
-NUM_SPLITS is what the engine picks for the batch at --max-len (choose_num_splits), as in its decode graphs.
+A variant is name=key:value,... over paged_decode_attention's knobs (fused 0/1, min_chunk, num_warps, block_n,
+num_stages) and num_splits; without num_splits, NUM_SPLITS is what the engine picks for the batch at --max-len
+(choose_num_splits), as in its decode graphs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ DEFAULT_VARIANTS = (
 )
 
 
+KNOBS = ("fused", "min_chunk", "num_warps", "block_n", "num_stages", "num_splits")  # num_splits: instead of the engine's
+
+
 def parse_variants(text: str) -> dict[str, dict]:
     """'name=k:v,k:v;name2=...' -> {name: {k: int(v)}} (fused as a bool); a malformed item is an error."""
     out: dict[str, dict] = {}
@@ -40,8 +44,8 @@ def parse_variants(text: str) -> dict[str, dict]:
         kw = {}
         for kv in filter(None, body.split(",")):
             k, sep, v = kv.partition(":")
-            if not sep or k not in ("fused", "min_chunk", "num_warps", "block_n") or not v.strip().isdigit():
-                raise SystemExit(f"--variants: {kv!r} in {name}: expected fused|min_chunk|num_warps|block_n:INT")
+            if not sep or k not in KNOBS or not v.strip().isdigit():
+                raise SystemExit(f"--variants: {kv!r} in {name}: expected {'|'.join(KNOBS)}:INT")
             kw[k] = bool(int(v)) if k == "fused" else int(v)
         out[name] = kw
     return out
@@ -100,13 +104,15 @@ def run_case(c: dict, variants: dict[str, dict], flush, layers: int, iters: int)
     ref = RP.paged_decode_attention(c["q"].double(), c["kc"].double(), c["vc"].double(), c["bt"], c["sl"], D**-0.5)
     rows = []
     for name, kw in variants.items():
-        row = {"variant": name, "knobs": kw, "batch": c["b"], "ctx": c["ctx"], "num_splits": c["splits"]}
+        kw = dict(kw)
+        splits = kw.pop("num_splits", c["splits"])
+        row = {"variant": name, "knobs": kw, "batch": c["b"], "ctx": c["ctx"], "num_splits": splits}
         try:
-            ws = workspace(c["b"], H, D, c["splits"], "cuda")
+            ws = workspace(c["b"], H, D, splits, "cuda")
             out = torch.empty_like(c["q"])
 
-            def fn(kw=kw, ws=ws, out=out):
-                paged_decode_attention(c["q"], c["kc"], c["vc"], c["bt"], c["sl"], D**-0.5, num_splits=c["splits"],
+            def fn(kw=kw, ws=ws, out=out, splits=splits):
+                paged_decode_attention(c["q"], c["kc"], c["vc"], c["bt"], c["sl"], D**-0.5, num_splits=splits,
                                        out=out, ws=ws, **kw)  # fmt: skip
 
             fn()

@@ -245,6 +245,7 @@ def paged_decode_attention(
     min_chunk: int = 0,
     num_warps: int = 4,
     block_n: int | None = None,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """q [B, H, D]; k_cache/v_cache [NB, Hkv, PAGE, D] (last dim contiguous); block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (0 = padding row -> zeros). Returns out [B, H, D] in q.dtype. Graph-safe: no host sync.
@@ -255,8 +256,8 @@ def paged_decode_attention(
     keys, all of its heads' in one load, and when one split holds every key (n_act = 1) that split writes the output.
     min_chunk: the fewest keys a split takes (a multiple of block_n; 0 = the sequence spread over all num_splits
     splits in BLOCK_N-key chunks): a short sequence then sits in one split or few, so fewer partials to merge.
-    num_warps / block_n: the split kernel's warps and keys per tile (tuning knobs: benchmarks/bench_decode_attention.py);
-    block_n None: default_block_n(B).
+    num_warps / block_n / num_stages: the split kernel's warps, keys per tile and software-pipeline depth of its key
+    loop (tuning knobs: benchmarks/bench_decode_attention.py); block_n None: default_block_n(B).
     prefetch: a contiguous CUDA tensor that the split programs ask L2 for, spread over them (the next projection's
     weights, while batch-1 attention leaves HBM idle; the values are not touched)."""
     b, h, d = q.shape
@@ -271,6 +272,7 @@ def paged_decode_attention(
     assert page & (page - 1) == 0, f"block size {page} must be a power of two"
     block_n = default_block_n(b) if block_n is None else block_n
     assert block_n in BLOCK_NS and num_warps in WARPS, f"block_n {block_n}, num_warps {num_warps}"
+    assert 1 <= num_stages <= 6, f"num_stages {num_stages}"
     assert min_chunk >= 0 and min_chunk % block_n == 0, f"min_chunk {min_chunk}: a multiple of block_n {block_n}"
     if num_splits is None:
         num_splits = choose_num_splits(b, hkv, block_tables.shape[1] * page)
@@ -301,7 +303,7 @@ def paged_decode_attention(
         HEAD_DIM=d, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, PREC=prec, FUSED=fused,
         SPLITS_PAD=triton.next_power_of_2(num_splits),
         pf_ptr=pf if pf is not None else lse, pf_lines=num_lines(pf) if pf is not None else 0, PF=pf is not None,
-        PF_BLOCK=PF_BLOCK, num_warps=num_warps, num_stages=2, **launch(),
+        PF_BLOCK=PF_BLOCK, num_warps=num_warps, num_stages=num_stages, **launch(),
     )  # fmt: skip
     if fused:
         return out
