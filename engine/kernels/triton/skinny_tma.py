@@ -1,6 +1,6 @@
 """Skinny GEMM y[M, N] = x[M, K] @ W[N, K]^T (+ bias) (+ residual) for decode batches (2 <= M <= 64) on sm_90+,
-with the operands swapped and loaded through TMA (Triton tensor descriptors); the GEMV tuner's "tma" kind, a
-candidate by default on sm_90+ (ANVIL_GEMV_TMA=0 leaves it out; engine/worker/tuning.py).
+with the operands swapped and loaded through TMA (Triton tensor descriptors); the GEMV tuner's "tma" kind, offered
+with ANVIL_GEMV_TMA=1 (engine/worker/tuning.py; opt-in until the core's GPU tests pass with it).
 
 Why: at M = 32 the decode step is still bound by reading W once, yet the `dot` GEMV (x as the MMA's M side,
 padded to 16/32 rows, W tiles through cp.async) and cuBLAS reach 2.7-3.7 TB/s on the H200 where the batch-1

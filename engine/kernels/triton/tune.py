@@ -83,10 +83,14 @@ class GemvTuner:
         reps: int = 5,
         norm: bool = False,
         tma: bool = False,
+        residual: bool = False,
     ) -> TuneResult:
         """weights: every layer's [N, K] matrix of one role (all the same shape). norm: the role takes the RMSNorm
         as its prologue (qkv, w13), timed as the step runs it — fused into the batch-1 fma GEMV (every program
-        re-reads x for the rms, so configs with many programs pay more), else a norm kernel before the GEMV."""
+        re-reads x for the rms, so configs with many programs pay more), else a norm kernel before the GEMV.
+        residual: the role adds the residual stream in its epilogue (wo, w2), so every config is checked and timed
+        with that epilogue: a kernel variant's shared memory grows with it (a TMA config tuned without it ran out
+        of shared memory in the decode graph's capture: float32, H100, results/gpu/core-h100/skinny-16f03ba/)."""
         from engine.kernels.triton import skinny_tma
         from engine.kernels.triton.fused import rms_norm
 
@@ -98,10 +102,13 @@ class GemvTuner:
         biases = biases or [None] * len(weights)
         x = torch.randn(m, 2 * k if act else k, device=dev, dtype=dt)
         nw = torch.rand(k, device=dev, dtype=dt) + 0.5 if norm and not act else None
+        r = torch.randn(m, n, device=dev, dtype=dt) if residual else None
 
         def call(cfg, w, b):
             if nw is None:
-                return gemv.linear(x, w, b, act=act, cfg=cfg)
+                if r is not None and cfg.kind == "fma" and m == 1:  # as apply() runs it
+                    return gemv.linear_fused(x, w, cfg, bias=b, act=act, residual=r)
+                return gemv.linear(x, w, b, act=act, cfg=cfg, residual=r)
             if cfg.kind == "fma" and m == 1:
                 return gemv.linear_fused(x, w, cfg, bias=b, norm_weight=nw, eps=1e-5)
             return gemv.linear(rms_norm(x, nw, 1e-5)[0], w, b, act=act, cfg=cfg)
