@@ -1,9 +1,9 @@
 """A lean HTTP/1.1 client for the load generator: POST a JSON body, read the streamed answer as it arrives.
 
 Why not httpx: at a GPU server's streaming rate (~10k SSE chunks/s at 64 concurrent streams) httpx's stack
-(httpcore, h11, anyio) costs the client ~95 us of CPU per chunk on a 2-core CPU — 83% of a core at a 6.36 ms step —
-and what the client spends there shows up in every engine's measured TPOT and ITL (benchmarks/loadgen_cost.py,
-results/cpu/loadgen-cost/). This client is an asyncio Protocol: the body is de-framed (chunked, Content-Length or
+(httpcore, h11, anyio) costs the client 54-68 µs of CPU per chunk on a 2-core CPU, half a core or more, against
+18-21 µs here; past one core's worth of chunks the client falls behind and what it spends shows up in the TPOT and
+ITL it reports (benchmarks/loadgen_cost.py, results/cpu/loadgen-cost/). This client is an asyncio Protocol: the body is de-framed (chunked, Content-Length or
 close-delimited) in `data_received`, and each piece is stamped with its arrival time there, before any task runs.
 
 Scope: what a benchmark client needs and nothing more — http and https (stdlib ssl), keep-alive connections reused
@@ -70,7 +70,7 @@ class _Proto(asyncio.Protocol):
         now = time.perf_counter()
         self.got_bytes = True
         if self.head_done is None or self.done:
-            return  # bytes outside a request: ignored (the connection is not reused, see Response.reusable)
+            return  # bytes outside an answer (a server speaking out of turn): dropped
         if not self.head_done.done():
             self.head += data
             end = self.head.find(b"\r\n\r\n")
