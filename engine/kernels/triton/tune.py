@@ -64,6 +64,27 @@ def _time_ms(fn, reps: int) -> list[float]:
     return out
 
 
+def candidate_call(x: torch.Tensor, act: bool, norm_weight: torch.Tensor | None = None,
+                   residual: torch.Tensor | None = None):
+    """call(cfg, w, b): y for one candidate config the way GemvLinearMethod.apply (engine/worker/tuning.py) runs it
+    in the step — the RMSNorm prologue (fused into the batch-1 fma GEMV, else a norm kernel first) or the residual
+    epilogue, so the tuner checks and times the very kernel variant the step launches."""
+    from engine.kernels.triton.fused import rms_norm
+
+    m = x.shape[0]
+
+    def call(cfg: gemv.GemvConfig, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if norm_weight is None:
+            if cfg.kind == "fma" and m == 1 and (residual is not None or act):
+                return gemv.linear_fused(x, w, cfg, bias=b, act=act, residual=residual)
+            return gemv.linear(x, w, b, act=act, cfg=cfg, residual=residual)
+        if cfg.kind == "fma" and m == 1:
+            return gemv.linear_fused(x, w, cfg, bias=b, norm_weight=norm_weight, eps=1e-5)
+        return gemv.linear(rms_norm(x, norm_weight, 1e-5)[0], w, b, act=act, cfg=cfg)
+
+    return call
+
+
 class GemvTuner:
     """Maps (m, n, k, act) -> GemvConfig. Untuned keys use cuBLAS."""
 
@@ -92,7 +113,6 @@ class GemvTuner:
         with that epilogue: a kernel variant's shared memory grows with it (a TMA config tuned without it ran out
         of shared memory in the decode graph's capture: float32, H100, results/gpu/core-h100/skinny-16f03ba/)."""
         from engine.kernels.triton import skinny_tma
-        from engine.kernels.triton.fused import rms_norm
 
         gc.collect()  # no dead engine left to be freed inside the captures below (engine/worker/graph_capture.py)
 
@@ -103,15 +123,7 @@ class GemvTuner:
         x = torch.randn(m, 2 * k if act else k, device=dev, dtype=dt)
         nw = torch.rand(k, device=dev, dtype=dt) + 0.5 if norm and not act else None
         r = torch.randn(m, n, device=dev, dtype=dt) if residual else None
-
-        def call(cfg, w, b):
-            if nw is None:
-                if r is not None and cfg.kind == "fma" and m == 1:  # as apply() runs it
-                    return gemv.linear_fused(x, w, cfg, bias=b, act=act, residual=r)
-                return gemv.linear(x, w, b, act=act, cfg=cfg, residual=r)
-            if cfg.kind == "fma" and m == 1:
-                return gemv.linear_fused(x, w, cfg, bias=b, norm_weight=nw, eps=1e-5)
-            return gemv.linear(rms_norm(x, nw, 1e-5)[0], w, b, act=act, cfg=cfg)
+        call = candidate_call(x, act, nw, r)
 
         ref = call(gemv.CUBLAS, weights[0], biases[0]).float()
         res = TuneResult(m, n, k, act, best="cublas")
