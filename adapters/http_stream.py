@@ -296,8 +296,7 @@ class StreamClient:
             try:
                 yield resp
             finally:
-                if resp.reusable:
-                    proto._reset()
+                if resp.reusable:  # _exchange resets it before its next request
                     self._idle.append(proto)
                 else:
                     if proto.transport is not None:

@@ -24,10 +24,10 @@ class GemvLinearMethod(UnquantizedLinearMethod):
     """Shares one GemvTuner across every Linear of the model (its choices are keyed by shape)."""
 
     def __init__(self, tuner) -> None:
-        from engine.kernels.triton import fused, gemv
+        from engine.kernels.triton import gemv
 
         self.tuner = tuner
-        self._gemv, self._norm = gemv, fused.rms_norm
+        self._gemv = gemv
 
     def matmul(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return self.apply(layer, x)
@@ -37,13 +37,8 @@ class GemvLinearMethod(UnquantizedLinearMethod):
         m = x.shape[0]
         n, k = w.shape
         cfg = self.tuner.get(m, n, k, act) if m <= MAX_TUNED_M else self._gemv.CUBLAS
-        if cfg.kind == "fma" and m == 1 and not (norm is not None and act):
-            return self._gemv.linear_fused(x, w, cfg, bias=layer.bias, act=act, residual=residual,
-                                           norm_weight=None if norm is None else norm.weight,
-                                           eps=0.0 if norm is None else norm.eps)  # fmt: skip
-        if norm is not None:
-            x = self._norm(x, norm.weight, norm.eps)[0]
-        return self._gemv.linear(x, w, layer.bias, act=act, cfg=cfg, residual=residual)
+        return self._gemv.step_linear(x, w, cfg, layer.bias, act=act, norm_weight=None if norm is None else norm.weight,
+                                      eps=0.0 if norm is None else norm.eps, residual=residual)  # fmt: skip
 
     def fused_rope(self, layer, x, norm, rope):
         """The batch-1 fma GEMV with RoPE + the KV write as its epilogue (gemv.linear_rope), when the tuned config

@@ -380,6 +380,28 @@ def linear_fused(
     return out
 
 
+def step_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    cfg: GemvConfig,
+    bias: torch.Tensor | None = None,
+    act: bool = False,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A dense projection of the decode step under config cfg, with its prologue (RMSNorm: fused into the batch-1
+    fma GEMV, else a norm kernel first; SwiGLU with act) and residual epilogue — the one dispatch that
+    GemvLinearMethod.apply runs and the tuner times (engine/kernels/triton/tune.py)."""
+    if cfg.kind == "fma" and x.shape[0] == 1 and not (norm_weight is not None and act):
+        return linear_fused(x, w, cfg, bias=bias, act=act, norm_weight=norm_weight, eps=eps, residual=residual)
+    if norm_weight is not None:
+        from engine.kernels.triton.fused import rms_norm
+
+        x = rms_norm(x, norm_weight, eps)[0]
+    return linear(x, w, bias, act=act, cfg=cfg, residual=residual)
+
+
 def rope_supported(cfg: GemvConfig, n: int, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     """Whether linear_rope can run config cfg on a [n, K] qkv weight: fma, whole rotation pairs per program."""
     p = cfg.block_n // 2

@@ -66,23 +66,11 @@ def _time_ms(fn, reps: int) -> list[float]:
 
 def candidate_call(x: torch.Tensor, act: bool, norm_weight: torch.Tensor | None = None,
                    residual: torch.Tensor | None = None):
-    """call(cfg, w, b): y for one candidate config the way GemvLinearMethod.apply (engine/worker/tuning.py) runs it
-    in the step — the RMSNorm prologue (fused into the batch-1 fma GEMV, else a norm kernel first) or the residual
-    epilogue, so the tuner checks and times the very kernel variant the step launches."""
-    from engine.kernels.triton.fused import rms_norm
-
-    m = x.shape[0]
-
-    def call(cfg: gemv.GemvConfig, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if norm_weight is None:
-            if cfg.kind == "fma" and m == 1 and (residual is not None or act):
-                return gemv.linear_fused(x, w, cfg, bias=b, act=act, residual=residual)
-            return gemv.linear(x, w, b, act=act, cfg=cfg, residual=residual)
-        if cfg.kind == "fma" and m == 1:
-            return gemv.linear_fused(x, w, cfg, bias=b, norm_weight=norm_weight, eps=1e-5)
-        return gemv.linear(rms_norm(x, norm_weight, 1e-5)[0], w, b, act=act, cfg=cfg)
-
-    return call
+    """call(cfg, w, b): y for one candidate config the way the step runs it (gemv.step_linear, GemvLinearMethod.apply's
+    own dispatch: the RMSNorm prologue or the residual epilogue), so the tuner checks and times the very kernel
+    variant the step launches."""
+    return lambda cfg, w, b: gemv.step_linear(x, w, cfg, b, act=act, norm_weight=norm_weight, eps=1e-5,
+                                              residual=residual)
 
 
 class GemvTuner:
